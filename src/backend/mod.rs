@@ -1,0 +1,162 @@
+//! Backends: one per-rank endpoint trait, implemented by the CPU reference backend
+//! (and by the CUDA backend).
+
+pub mod cpu;
+
+use half::bf16;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::handle::Handle;
+use crate::routing::Layout;
+use crate::tensor::{Rows, RowsRef};
+use crate::topology::Topology;
+
+/// Options of a dispatch call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DispatchOptions {
+    /// Take BF16 input and send FP8 (E4M3, 1x128 scales) on the wire, quantized
+    /// inside dispatch; the received rows are FP8. No effect on FP8 input.
+    pub fp8_on_wire: bool,
+    /// Round each local expert's received-token count up to a multiple of this
+    /// (0 or 1: no rounding), for grouped GEMMs that want aligned segments.
+    pub expert_alignment: usize,
+}
+
+/// What one rank receives from a dispatch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchOutput {
+    /// `[R, H]` received rows (with scales if FP8), ordered by (source rank, source token).
+    pub x: Rows,
+    /// `[R, k]` expert ids translated to this rank's local ids; -1 for experts on other ranks.
+    pub topk_idx: Vec<i64>,
+    /// `[R, k]` gate weights; 0 where `topk_idx` is -1.
+    pub topk_weights: Vec<f32>,
+    /// `[experts per rank]` received tokens per local expert, rounded up to `expert_alignment`.
+    pub tokens_per_expert: Vec<usize>,
+    /// `[R]` rank each row came from.
+    pub source_rank: Vec<u32>,
+    /// `[R]` index of each row's token on its source rank.
+    pub source_token: Vec<u32>,
+}
+
+/// What one rank gets back from a combine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CombineOutput {
+    /// `[T, H]`: for each of this rank's tokens, the f32 sum of the rows that
+    /// came back for it, rounded to BF16 (zero for a token sent nowhere).
+    pub x: Vec<bf16>,
+    /// `[T, k]` summed weights, when weights were passed to combine.
+    pub topk_weights: Option<Vec<f32>>,
+}
+
+/// Rows and bytes that crossed one hop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HopCount {
+    /// Rows (token vectors).
+    pub rows: u64,
+    /// Bytes: payload, scales and per-row metadata.
+    pub bytes: u64,
+}
+
+impl HopCount {
+    pub(crate) fn add(&mut self, bytes: usize) {
+        self.rows += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+impl std::ops::AddAssign for HopCount {
+    fn add_assign(&mut self, o: Self) {
+        self.rows += o.rows;
+        self.bytes += o.bytes;
+    }
+}
+
+/// Traffic one rank put on each hop during one kind of operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    /// Rows this rank sent over the inter-node hop (to rail peers on other nodes).
+    pub inter_node: HopCount,
+    /// `[num_nodes]` inter-node rows this rank sent to each node.
+    pub inter_node_rows_to_node: Vec<u64>,
+    /// Rows this rank sent to other ranks of its node (its own and forwarded ones).
+    pub intra_node: HopCount,
+    /// Rows this rank delivered to itself.
+    pub local: HopCount,
+}
+
+impl Traffic {
+    /// Zero counters for a topology.
+    pub fn new(topology: Topology) -> Self {
+        Self { inter_node_rows_to_node: vec![0; topology.num_nodes], ..Default::default() }
+    }
+
+    /// Add another rank's (or call's) counters.
+    pub fn accumulate(&mut self, o: &Traffic) {
+        self.inter_node += o.inter_node;
+        self.intra_node += o.intra_node;
+        self.local += o.local;
+        if self.inter_node_rows_to_node.len() < o.inter_node_rows_to_node.len() {
+            self.inter_node_rows_to_node.resize(o.inter_node_rows_to_node.len(), 0);
+        }
+        for (a, b) in self.inter_node_rows_to_node.iter_mut().zip(&o.inter_node_rows_to_node) {
+            *a += b;
+        }
+    }
+}
+
+/// Cumulative traffic of one rank, by operation (since creation or the last reset).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrafficLog {
+    /// Dispatch and cached dispatch.
+    pub dispatch: Traffic,
+    /// Combine.
+    pub combine: Traffic,
+}
+
+/// One rank's endpoint of an expert-parallel group.
+///
+/// Every method that moves data is collective: all ranks of the group must call
+/// it, in the same order, with consistent arguments (same `topk`, `num_experts`,
+/// hidden size and dtype on every rank). Inputs are validated before any data
+/// moves; a rank with bad input makes every rank of the call fail with an error
+/// (its own typed error there, [`Error::PeerFailed`](crate::Error::PeerFailed) elsewhere).
+pub trait Communicator: Send {
+    /// Backend name ("cpu", "cuda").
+    fn backend_name(&self) -> &'static str;
+    /// This rank's index.
+    fn rank(&self) -> usize;
+    /// The group's topology.
+    fn topology(&self) -> Topology;
+    /// The configuration in force.
+    fn config(&self) -> &Config;
+
+    /// Send every token of `x` once to each rank that hosts one of its experts.
+    /// `topk_idx`/`topk_weights` are `[T, k]`; `layout` is `Layout::new` of `topk_idx`.
+    fn dispatch(
+        &mut self,
+        x: RowsRef<'_>,
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+        layout: &Layout,
+        options: &DispatchOptions,
+    ) -> Result<(DispatchOutput, Handle)>;
+
+    /// Dispatch new rows along the routing of an earlier dispatch, skipping the
+    /// layout and all counting. Returns the received rows, in the same order.
+    fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows>;
+
+    /// Send one BF16 row per received row (`y`: `[R, H]`) back to its source and sum
+    /// them per token in f32. With `topk_weights` (`[R, k]`) the weights are summed back too.
+    fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput>;
+
+    /// Block until every rank has reached the barrier (with the configured deadline).
+    fn barrier(&mut self) -> Result<()>;
+
+    /// Traffic counters of this rank.
+    fn traffic(&self) -> &TrafficLog;
+
+    /// Zero the traffic counters.
+    fn reset_traffic(&mut self);
+}
