@@ -35,6 +35,7 @@
 //! ```ignore
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod handle;
@@ -44,6 +45,7 @@ pub mod tensor;
 pub mod topology;
 pub mod conformance;
 pub mod oracle;
+pub mod probe;
 pub mod workload;
 
 pub use backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Traffic, TrafficLog};
