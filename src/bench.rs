@@ -404,27 +404,11 @@ fn check_against_oracle(spec: &BenchSpec, inputs: &[RankInput], runs: &[RankRun]
     let ys: Vec<Vec<bf16>> = want.iter().enumerate().map(|(r, o)| workload::expert_outputs(&o.x, r)).collect();
     let tokens: Vec<usize> = inputs.iter().map(|i| i.topk_idx.len() / w.topk).collect();
     let want_c = crate::oracle::combine(&tokens, w.hidden, w.topk, &want, &ys, None);
-    let abs = combine_abs_sums(&tokens, w.hidden, &want, &ys);
+    let abs = crate::conformance::abs_sums(&tokens, w.hidden, &want, &ys);
     for (rank, (_, _, c, _)) in checked.iter().enumerate() {
         wrong[2] += crate::conformance::count_wrong_combine(c, &want_c[rank], &abs[rank]) as u64;
     }
     wrong
-}
-
-/// `[rank][T * H]`: for each output element of combine, the sum of the absolute
-/// values of the contributions (the scale of its rounding error bound).
-pub fn combine_abs_sums(num_tokens: &[usize], hidden: usize, dispatched: &[DispatchOutput], y: &[Vec<bf16>]) -> Vec<Vec<f32>> {
-    let mut acc: Vec<Vec<f32>> = num_tokens.iter().map(|&t| vec![0f32; t * hidden]).collect();
-    for (d, out) in dispatched.iter().enumerate() {
-        for i in 0..out.source_rank.len() {
-            let (s, t) = (out.source_rank[i] as usize, out.source_token[i] as usize);
-            let dst = &mut acc[s][t * hidden..(t + 1) * hidden];
-            for (a, v) in dst.iter_mut().zip(&y[d][i * hidden..(i + 1) * hidden]) {
-                *a += v.to_f32().abs();
-            }
-        }
-    }
-    acc
 }
 
 /// Rows of `got` whose payload or scales differ from `want` (bit-exact), plus

@@ -24,10 +24,6 @@ pub struct Handle {
     pub(crate) source_rank: Vec<u32>,
     /// `[R]` token index on the source rank of each received row.
     pub(crate) source_token: Vec<u32>,
-    /// `[T, world]` token `t` of this rank was sent to rank `r`.
-    pub(crate) token_in_rank: Vec<bool>,
-    /// `[R, k]` received top-k ids (local ids, -1 elsewhere), kept for cached dispatch.
-    pub(crate) recv_topk_idx: Vec<i64>,
     /// Backend-specific plan (arrival orders, forwarding lists, device buffers).
     pub(crate) backend_state: Arc<dyn Any + Send + Sync>,
 }
@@ -73,7 +69,12 @@ impl Handle {
     }
 
     /// Check that this handle belongs to `comm_id`/`rank` and, if given, to `num_tokens` tokens.
-    pub(crate) fn check_owner(&self, comm_id: u64, rank: usize, num_tokens: Option<usize>) -> Result<()> {
+    pub(crate) fn check_owner(
+        &self,
+        comm_id: u64,
+        rank: usize,
+        num_tokens: Option<usize>,
+    ) -> Result<()> {
         if self.comm_id != comm_id || self.rank != rank {
             return Err(Error::HandleMismatch {
                 reason: format!(
@@ -85,7 +86,10 @@ impl Handle {
         if let Some(t) = num_tokens {
             if t != self.num_tokens {
                 return Err(Error::HandleMismatch {
-                    reason: format!("made for {} tokens, used with {} tokens", self.num_tokens, t),
+                    reason: format!(
+                        "made for {} tokens, used with {} tokens",
+                        self.num_tokens, t
+                    ),
                 });
             }
         }
@@ -96,6 +100,8 @@ impl Handle {
     pub(crate) fn state<T: Any + Send + Sync>(&self, backend: &str) -> Result<&T> {
         self.backend_state
             .downcast_ref::<T>()
-            .ok_or_else(|| Error::HandleMismatch { reason: format!("not made by the {backend} backend") })
+            .ok_or_else(|| Error::HandleMismatch {
+                reason: format!("not made by the {backend} backend"),
+            })
     }
 }

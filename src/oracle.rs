@@ -11,7 +11,13 @@ use crate::topology::Topology;
 use crate::workload::RankInput;
 
 /// Expected dispatch output of every rank. Inputs must be valid.
-pub fn dispatch(topology: Topology, num_experts: usize, topk: usize, inputs: &[RankInput], options: &DispatchOptions) -> Vec<DispatchOutput> {
+pub fn dispatch(
+    topology: Topology,
+    num_experts: usize,
+    topk: usize,
+    inputs: &[RankInput],
+    options: &DispatchOptions,
+) -> Vec<DispatchOutput> {
     let world = topology.world();
     let per_rank = num_experts / world;
     // What travels: FP8 input as is, BF16 input quantized when FP8 is asked for on the wire.
@@ -20,7 +26,11 @@ pub fn dispatch(topology: Topology, num_experts: usize, topk: usize, inputs: &[R
         .map(|inp| match (&inp.x, options.fp8_on_wire) {
             (Rows::Bf16 { hidden, data }, true) => {
                 let (q, s) = quant::quantize(data, *hidden);
-                Rows::Fp8 { hidden: *hidden, data: q, scales: s }
+                Rows::Fp8 {
+                    hidden: *hidden,
+                    data: q,
+                    scales: s,
+                }
             }
             (x, _) => x.clone(),
         })
@@ -33,7 +43,10 @@ pub fn dispatch(topology: Topology, num_experts: usize, topk: usize, inputs: &[R
         let mut rows: Vec<(usize, usize)> = Vec::new();
         for (src, inp) in inputs.iter().enumerate() {
             for (t, ids) in inp.topk_idx.chunks_exact(topk).enumerate() {
-                if ids.iter().any(|&e| e >= 0 && my_experts.contains(&(e as usize))) {
+                if ids
+                    .iter()
+                    .any(|&e| e >= 0 && my_experts.contains(&(e as usize)))
+                {
                     rows.push((src, t));
                 }
             }
