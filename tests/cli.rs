@@ -75,3 +75,45 @@ fn bad_arguments_are_errors_not_panics() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no-such-case-name-xyz"));
 }
+
+#[test]
+fn tiny_bench_check_writes_valid_json_with_nothing_wrong() {
+    let dir = std::env::temp_dir().join(format!("switchyard-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let cfg = dir.join("cfg.toml");
+    // The file sets channels and chunk; the flag overrides the chunk.
+    std::fs::write(&cfg, "num_channels = 3\nchunk_tokens = 8\nbuffer_tokens = 16\n").unwrap();
+    let out = switchyard(&[
+        "bench", "--backend", "auto", "--nodes", "2", "--ranks-per-node", "2", "--tokens", "48", "--hidden", "256",
+        "--topk", "4", "--experts", "16", "--dtype", "fp8", "--routing", "node-limited", "--max-nodes", "1",
+        "--warmup", "1", "--iters", "2", "--check", "--config", cfg.to_str().unwrap(), "--chunk-tokens", "4",
+        "--json", json.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stderr.contains("auto chose cpu"), "{stderr}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+
+    let report = switchyard::bench::Report::from_json(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report.results.len(), 3);
+    for r in &report.results {
+        assert_eq!(r.wrong, Some(0), "{:?}", r.op);
+        assert_eq!(r.backend, "cpu");
+        assert_eq!((r.config.num_channels, r.config.chunk_tokens, r.config.buffer_tokens), (3, 4, 16));
+        assert!(r.time_us.median > 0.0 && r.logical_gbps > 0.0);
+        assert!(r.physical_gbps.inter_node > 0.0 && r.physical_gbps.intra_node > 0.0, "{:?}", r.physical_gbps);
+    }
+    assert!(report.memcpy_gbps > 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_runs_the_conformance_cases() {
+    let out = switchyard(&["check", "--backend", "cpu", "--filter", "2x1-"]);
+    let s = text(&out.stdout);
+    let last = s.lines().last().unwrap_or("");
+    assert!(last.ends_with(" failed") && last.contains(" passed, "), "{s}");
+    assert!(out.status.success(), "{s}");
+}
