@@ -249,7 +249,8 @@ struct RankRun {
     checked: Option<(DispatchOutput, Rows, CombineOutput, Vec<bf16>)>,
 }
 
-fn time_call<T>(comm: &mut dyn Communicator, f: impl FnOnce(&mut dyn Communicator) -> Result<T>) -> Result<f64> {
+/// Barrier, then time one call on this rank (the call's output is dropped after the clock stops).
+fn time_call<T>(comm: &mut dyn Communicator, f: &mut impl FnMut(&mut dyn Communicator) -> Result<T>) -> Result<f64> {
     comm.barrier()?;
     let t0 = Instant::now();
     let out = f(comm)?;
@@ -278,12 +279,13 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     ];
 
     for (i, op) in Op::ALL.into_iter().enumerate() {
-        let mut call = |c: &mut dyn Communicator| -> Result<()> {
-            match op {
-                Op::Dispatch => c.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts).map(drop),
-                Op::DispatchCached => c.dispatch_cached(x, &handle, &opts).map(drop),
-                Op::Combine => c.combine(&y, hidden, &handle, None).map(drop),
-            }
+        // Outputs are returned, so they are dropped only after the clock stops.
+        let mut call = |c: &mut dyn Communicator| -> Result<Box<dyn std::any::Any>> {
+            Ok(match op {
+                Op::Dispatch => Box::new(c.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?),
+                Op::DispatchCached => Box::new(c.dispatch_cached(x, &handle, &opts)?),
+                Op::Combine => Box::new(c.combine(&y, hidden, &handle, None)?),
+            })
         };
         for _ in 0..spec.warmup {
             time_call(comm, &mut call)?;

@@ -60,6 +60,16 @@ pub struct Probe {
 }
 
 impl Probe {
+    /// One line: each library loadable or not, and the GPU count.
+    pub fn summary(&self) -> String {
+        let libs: Vec<String> = self
+            .libraries
+            .iter()
+            .map(|l| format!("{} {}", l.name, if l.loadable { "loads" } else if l.paths.is_empty() { "missing" } else { "present but not loadable" }))
+            .collect();
+        format!("{}, {} GPU(s)", libs.join(", "), self.gpus.len())
+    }
+
     /// The status of the library with this short name ("libcuda", ...), if probed.
     pub fn library(&self, name: &str) -> Option<&LibraryStatus> {
         self.libraries.iter().find(|l| l.name == name)
@@ -254,7 +264,7 @@ pub fn resolve_backend(choice: BackendChoice, probe: impl FnOnce() -> Probe) -> 
             } else {
                 format!("CUDA is not usable here: {}", p.reason)
             };
-            Ok((BackendKind::Cpu, format!("auto chose cpu: {why}")))
+            Ok((BackendKind::Cpu, format!("auto chose cpu: {why}; probe found: {}", p.summary())))
         }
     }
 }

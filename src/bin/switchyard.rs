@@ -78,10 +78,10 @@ struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Untimed iterations per op.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Timed iterations per op.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     iters: usize,
     /// After timing, run each op once more and compare with the serial oracle (fills #wrong).
     #[arg(long)]
