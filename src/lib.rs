@@ -46,9 +46,7 @@ pub mod tensor;
 pub mod topology;
 pub mod workload;
 
-pub use backend::{
-    CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Traffic, TrafficLog,
-};
+pub use backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Traffic, TrafficLog};
 pub use config::Config;
 pub use error::{Error, Result, Role, WaitDiagnostic};
 pub use handle::Handle;
