@@ -25,24 +25,14 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            num_channels: 2,
-            chunk_tokens: 32,
-            buffer_tokens: 128,
-            timeout_ms: 10_000,
-        }
+        Self { num_channels: 2, chunk_tokens: 32, buffer_tokens: 128, timeout_ms: 10_000 }
     }
 }
 
 impl Config {
     /// Reject values that cannot work; `origin` names where they came from.
     pub fn validate(&self) -> Result<()> {
-        let bad = |arg: &str, reason: String| {
-            Err(Error::InvalidArgument {
-                arg: arg.into(),
-                reason,
-            })
-        };
+        let bad = |arg: &str, reason: String| Err(Error::InvalidArgument { arg: arg.into(), reason });
         if self.num_channels == 0 {
             return bad("num_channels", "must be >= 1".into());
         }
@@ -52,10 +42,7 @@ impl Config {
         if self.buffer_tokens < self.chunk_tokens {
             return bad(
                 "buffer_tokens",
-                format!(
-                    "{} is smaller than one chunk ({} tokens)",
-                    self.buffer_tokens, self.chunk_tokens
-                ),
+                format!("{} is smaller than one chunk ({} tokens)", self.buffer_tokens, self.chunk_tokens),
             );
         }
         if self.timeout_ms == 0 {
@@ -66,29 +53,19 @@ impl Config {
 
     /// Read and validate a TOML config file; errors name the file and the key.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
         Self::from_toml_str(&text).map_err(|e| match e {
-            Error::InvalidArgument { arg, reason } => Error::Config {
-                path: path.into(),
-                reason: format!("key `{arg}`: {reason}"),
-            },
-            Error::Config { reason, .. } => Error::Config {
-                path: path.into(),
-                reason,
-            },
+            Error::InvalidArgument { arg, reason } => {
+                Error::Config { path: path.into(), reason: format!("key `{arg}`: {reason}") }
+            }
+            Error::Config { reason, .. } => Error::Config { path: path.into(), reason },
             other => other,
         })
     }
 
     /// Parse and validate TOML text.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config {
-            path: "<string>".into(),
-            reason: e.to_string(),
-        })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config { path: "<string>".into(), reason: e.to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -123,29 +100,21 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_types_name_the_key() {
-        let e = Config::from_toml_str("chunk_tokenz = 3")
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml_str("chunk_tokenz = 3").unwrap_err().to_string();
         assert!(e.contains("chunk_tokenz"), "{e}");
-        let e = Config::from_toml_str("chunk_tokens = \"big\"")
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml_str("chunk_tokens = \"big\"").unwrap_err().to_string();
         assert!(e.contains("chunk_tokens"), "{e}");
     }
 
     #[test]
     fn file_errors_name_the_file() {
-        let dir =
-            std::env::temp_dir().join(format!("switchyard-config-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("switchyard-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("bad.toml");
         std::fs::write(&p, "num_channels = 0\n").unwrap();
         let e = Config::from_toml_file(&p).unwrap_err();
         assert!(matches!(e, Error::Config { .. }), "{e:?}");
-        assert!(
-            e.to_string().contains("bad.toml") && e.to_string().contains("num_channels"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("bad.toml") && e.to_string().contains("num_channels"), "{e}");
         let missing = Config::from_toml_file(&dir.join("missing.toml")).unwrap_err();
         assert!(matches!(missing, Error::Io { .. }));
         std::fs::remove_dir_all(&dir).unwrap();

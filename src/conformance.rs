@@ -90,26 +90,8 @@ impl Case {
         )
         .to_lowercase();
         let max_nodes = topology.num_nodes.div_ceil(2).max(1);
-        let spec = WorkloadSpec {
-            topology,
-            tokens,
-            hidden,
-            topk,
-            num_experts,
-            dtype,
-            routing,
-            max_nodes,
-            hole_rate,
-            seed,
-        };
-        Self {
-            name,
-            spec,
-            config,
-            options,
-            cached,
-            combine_weights,
-        }
+        let spec = WorkloadSpec { topology, tokens, hidden, topk, num_experts, dtype, routing, max_nodes, hole_rate, seed };
+        Self { name, spec, config, options, cached, combine_weights }
     }
 }
 
@@ -125,270 +107,26 @@ pub fn standard_cases() -> Vec<Case> {
         buffer_tokens: buffer,
         timeout_ms: 20_000,
     };
-    let opt = |wire, align| DispatchOptions {
-        fp8_on_wire: wire,
-        expert_alignment: align,
-    };
-    let t = |n, r| Topology {
-        num_nodes: n,
-        ranks_per_node: r,
-    };
+    let opt = |wire, align| DispatchOptions { fp8_on_wire: wire, expert_alignment: align };
+    let t = |n, r| Topology { num_nodes: n, ranks_per_node: r };
     vec![
-        Case::new(
-            t(1, 1),
-            5,
-            128,
-            2,
-            4,
-            Bf16,
-            Uniform,
-            cfg(1, 2, 4),
-            opt(false, 0),
-            true,
-            true,
-            0.0,
-            1,
-        ),
-        Case::new(
-            t(1, 2),
-            0,
-            256,
-            4,
-            16,
-            Bf16,
-            Uniform,
-            cfg(2, 8, 16),
-            opt(false, 0),
-            true,
-            true,
-            0.0,
-            2,
-        ),
-        Case::new(
-            t(1, 2),
-            1,
-            128,
-            8,
-            16,
-            Fp8,
-            Uniform,
-            cfg(2, 1, 1),
-            opt(false, 0),
-            true,
-            false,
-            0.0,
-            3,
-        ),
-        Case::new(
-            t(1, 2),
-            257,
-            7168,
-            8,
-            256,
-            Bf16,
-            Uniform,
-            cfg(4, 16, 64),
-            opt(false, 0),
-            true,
-            true,
-            0.0,
-            4,
-        ),
-        Case::new(
-            t(1, 2),
-            129,
-            7168,
-            8,
-            256,
-            Bf16,
-            Zipf,
-            cfg(2, 8, 32),
-            opt(true, 0),
-            false,
-            false,
-            0.0,
-            5,
-        ),
-        Case::new(
-            t(1, 2),
-            77,
-            7168,
-            8,
-            256,
-            Fp8,
-            Uniform,
-            cfg(3, 4, 8),
-            opt(false, 4),
-            true,
-            true,
-            0.2,
-            6,
-        ),
-        Case::new(
-            t(1, 8),
-            33,
-            256,
-            8,
-            64,
-            Bf16,
-            Uniform,
-            cfg(2, 1, 2),
-            opt(false, 0),
-            true,
-            true,
-            0.1,
-            7,
-        ),
-        Case::new(
-            t(1, 8),
-            64,
-            256,
-            8,
-            64,
-            Fp8,
-            Zipf,
-            cfg(4, 8, 8),
-            opt(false, 8),
-            false,
-            true,
-            0.0,
-            8,
-        ),
-        Case::new(
-            t(2, 1),
-            99,
-            256,
-            4,
-            8,
-            Bf16,
-            Uniform,
-            cfg(2, 4, 8),
-            opt(false, 0),
-            true,
-            true,
-            0.0,
-            9,
-        ),
-        Case::new(
-            t(2, 1),
-            31,
-            128,
-            2,
-            2,
-            Bf16,
-            Uniform,
-            cfg(1, 1, 1),
-            opt(true, 0),
-            true,
-            true,
-            0.0,
-            10,
-        ),
-        Case::new(
-            t(2, 4),
-            65,
-            256,
-            8,
-            64,
-            Bf16,
-            NodeLimited,
-            cfg(2, 4, 8),
-            opt(false, 0),
-            true,
-            true,
-            0.0,
-            11,
-        ),
-        Case::new(
-            t(2, 4),
-            50,
-            512,
-            6,
-            32,
-            Fp8,
-            Uniform,
-            cfg(3, 2, 5),
-            opt(false, 2),
-            true,
-            true,
-            0.25,
-            12,
-        ),
-        Case::new(
-            t(2, 4),
-            40,
-            7168,
-            8,
-            64,
-            Bf16,
-            Uniform,
-            cfg(2, 8, 16),
-            opt(true, 0),
-            true,
-            true,
-            0.0,
-            13,
-        ),
-        Case::new(
-            t(4, 2),
-            45,
-            256,
-            8,
-            32,
-            Bf16,
-            NodeLimited,
-            cfg(2, 3, 7),
-            opt(false, 0),
-            true,
-            true,
-            0.0,
-            14,
-        ),
-        Case::new(
-            t(4, 2),
-            17,
-            128,
-            1,
-            8,
-            Bf16,
-            Zipf,
-            cfg(1, 1, 1),
-            opt(false, 0),
-            true,
-            true,
-            0.5,
-            15,
-        ),
-        Case::new(
-            t(4, 8),
-            9,
-            128,
-            8,
-            64,
-            Bf16,
-            Uniform,
-            cfg(2, 2, 4),
-            opt(false, 0),
-            true,
-            true,
-            0.1,
-            16,
-        ),
-        Case::new(
-            t(4, 8),
-            4,
-            256,
-            4,
-            32,
-            Fp8,
-            NodeLimited,
-            cfg(1, 1, 2),
-            opt(false, 0),
-            false,
-            true,
-            0.0,
-            17,
-        ),
+        Case::new(t(1, 1), 5, 128, 2, 4, Bf16, Uniform, cfg(1, 2, 4), opt(false, 0), true, true, 0.0, 1),
+        Case::new(t(1, 2), 0, 256, 4, 16, Bf16, Uniform, cfg(2, 8, 16), opt(false, 0), true, true, 0.0, 2),
+        Case::new(t(1, 2), 1, 128, 8, 16, Fp8, Uniform, cfg(2, 1, 1), opt(false, 0), true, false, 0.0, 3),
+        Case::new(t(1, 2), 257, 7168, 8, 256, Bf16, Uniform, cfg(4, 16, 64), opt(false, 0), true, true, 0.0, 4),
+        Case::new(t(1, 2), 129, 7168, 8, 256, Bf16, Zipf, cfg(2, 8, 32), opt(true, 0), false, false, 0.0, 5),
+        Case::new(t(1, 2), 77, 7168, 8, 256, Fp8, Uniform, cfg(3, 4, 8), opt(false, 4), true, true, 0.2, 6),
+        Case::new(t(1, 8), 33, 256, 8, 64, Bf16, Uniform, cfg(2, 1, 2), opt(false, 0), true, true, 0.1, 7),
+        Case::new(t(1, 8), 64, 256, 8, 64, Fp8, Zipf, cfg(4, 8, 8), opt(false, 8), false, true, 0.0, 8),
+        Case::new(t(2, 1), 99, 256, 4, 8, Bf16, Uniform, cfg(2, 4, 8), opt(false, 0), true, true, 0.0, 9),
+        Case::new(t(2, 1), 31, 128, 2, 2, Bf16, Uniform, cfg(1, 1, 1), opt(true, 0), true, true, 0.0, 10),
+        Case::new(t(2, 4), 65, 256, 8, 64, Bf16, NodeLimited, cfg(2, 4, 8), opt(false, 0), true, true, 0.0, 11),
+        Case::new(t(2, 4), 50, 512, 6, 32, Fp8, Uniform, cfg(3, 2, 5), opt(false, 2), true, true, 0.25, 12),
+        Case::new(t(2, 4), 40, 7168, 8, 64, Bf16, Uniform, cfg(2, 8, 16), opt(true, 0), true, true, 0.0, 13),
+        Case::new(t(4, 2), 45, 256, 8, 32, Bf16, NodeLimited, cfg(2, 3, 7), opt(false, 0), true, true, 0.0, 14),
+        Case::new(t(4, 2), 17, 128, 1, 8, Bf16, Zipf, cfg(1, 1, 1), opt(false, 0), true, true, 0.5, 15),
+        Case::new(t(4, 8), 9, 128, 8, 64, Bf16, Uniform, cfg(2, 2, 4), opt(false, 0), true, true, 0.1, 16),
+        Case::new(t(4, 8), 4, 256, 4, 32, Fp8, NodeLimited, cfg(1, 1, 2), opt(false, 0), false, true, 0.0, 17),
     ]
 }
 
@@ -406,54 +144,22 @@ pub struct RankResult {
 /// dispatch of the same rows, expert outputs, combine.
 pub fn run_rank(comm: &mut dyn Communicator, case: &Case, input: &RankInput) -> Result<RankResult> {
     let spec = &case.spec;
-    let layout = Layout::new(
-        &input.topk_idx,
-        spec.topk,
-        spec.num_experts,
-        comm.topology(),
-    )?;
-    let (dispatch, handle) = comm.dispatch(
-        input.x.as_ref(),
-        &input.topk_idx,
-        &input.topk_weights,
-        &layout,
-        &case.options,
-    )?;
-    let cached = if case.cached {
-        Some(comm.dispatch_cached(input.x.as_ref(), &handle, &case.options)?)
-    } else {
-        None
-    };
+    let layout = Layout::new(&input.topk_idx, spec.topk, spec.num_experts, comm.topology())?;
+    let (dispatch, handle) = comm.dispatch(input.x.as_ref(), &input.topk_idx, &input.topk_weights, &layout, &case.options)?;
+    let cached = if case.cached { Some(comm.dispatch_cached(input.x.as_ref(), &handle, &case.options)?) } else { None };
     let y = workload::expert_outputs(&dispatch.x, comm.rank());
     let weights = case.combine_weights.then_some(&dispatch.topk_weights[..]);
     let combine = comm.combine(&y, spec.hidden, &handle, weights)?;
-    Ok(RankResult {
-        dispatch,
-        cached,
-        combine,
-    })
+    Ok(RankResult { dispatch, cached, combine })
 }
 
 /// Compare every rank's results with the oracle; returns the number of wrong rows/elements.
 pub fn check_results(case: &Case, inputs: &[RankInput], results: &[RankResult]) -> usize {
     let spec = &case.spec;
-    let want = oracle::dispatch(
-        spec.topology,
-        spec.num_experts,
-        spec.topk,
-        inputs,
-        &case.options,
-    );
-    let ys: Vec<Vec<bf16>> = want
-        .iter()
-        .enumerate()
-        .map(|(r, d)| workload::expert_outputs(&d.x, r))
-        .collect();
+    let want = oracle::dispatch(spec.topology, spec.num_experts, spec.topk, inputs, &case.options);
+    let ys: Vec<Vec<bf16>> = want.iter().enumerate().map(|(r, d)| workload::expert_outputs(&d.x, r)).collect();
     let ws: Vec<Vec<f32>> = want.iter().map(|d| d.topk_weights.clone()).collect();
-    let tokens: Vec<usize> = inputs
-        .iter()
-        .map(|i| i.topk_idx.len() / spec.topk)
-        .collect();
+    let tokens: Vec<usize> = inputs.iter().map(|i| i.topk_idx.len() / spec.topk).collect();
     let weights = case.combine_weights.then_some(&ws[..]);
     let want_combine = oracle::combine(&tokens, spec.hidden, spec.topk, &want, &ys, weights);
     let abs = abs_sums(&tokens, spec.hidden, &want, &ys);
@@ -470,34 +176,33 @@ pub fn check_results(case: &Case, inputs: &[RankInput], results: &[RankResult]) 
 
 /// Run one case on the CPU backend (threads as ranks) and compare with the oracle.
 pub fn run_case_cpu(case: &Case) -> CaseReport {
-    let report = |wrong, error: Option<String>| CaseReport {
-        name: case.name.clone(),
-        wrong,
-        error,
-    };
+    match CpuCluster::new(case.spec.topology, case.config.clone()) {
+        Ok(c) => run_case_on(case, c.into_ranks().into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect()),
+        Err(e) => CaseReport { name: case.name.clone(), wrong: 0, error: Some(e.to_string()) },
+    }
+}
+
+/// Run one case on the given ranks of any backend (one thread per rank, all in
+/// this process) and compare every rank's results with the oracle.
+pub fn run_case_on(case: &Case, ranks: Vec<Box<dyn Communicator>>) -> CaseReport {
+    let report = |wrong, error: Option<String>| CaseReport { name: case.name.clone(), wrong, error };
     let inputs = match case.spec.generate() {
         Ok(i) => i,
         Err(e) => return report(0, Some(format!("bad case: {e}"))),
     };
-    let ranks = match CpuCluster::new(case.spec.topology, case.config.clone()) {
-        Ok(c) => c.into_ranks(),
-        Err(e) => return report(0, Some(e.to_string())),
-    };
+    if ranks.len() != inputs.len() {
+        return report(0, Some(format!("case needs {} ranks, backend gave {}", inputs.len(), ranks.len())));
+    }
     let results: Vec<Result<RankResult>> = thread::scope(|s| {
         let handles: Vec<_> = ranks
             .into_iter()
             .zip(&inputs)
-            .map(|(mut comm, input)| s.spawn(move || run_rank(&mut comm, case, input)))
+            .map(|(mut comm, input)| s.spawn(move || run_rank(comm.as_mut(), case, input)))
             .collect();
         handles
             .into_iter()
             .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(crate::Error::Protocol {
-                        rank: usize::MAX,
-                        detail: "rank thread panicked".into(),
-                    })
-                })
+                h.join().unwrap_or_else(|_| Err(crate::Error::Protocol { rank: usize::MAX, detail: "rank thread panicked".into() }))
             })
             .collect()
     });
@@ -514,20 +219,14 @@ pub fn run_case_cpu(case: &Case) -> CaseReport {
 /// Rows of `got` that differ from `want` (payload bytes and scales, bit-exact); a
 /// row count mismatch counts every row of the larger side.
 pub fn count_wrong_rows(got: &Rows, want: &Rows) -> usize {
-    if got.num_rows() != want.num_rows()
-        || got.hidden() != want.hidden()
-        || got.dtype() != want.dtype()
-    {
+    if got.num_rows() != want.num_rows() || got.hidden() != want.hidden() || got.dtype() != want.dtype() {
         return got.num_rows().max(want.num_rows()).max(1);
     }
     let (g, w) = (got.as_ref(), want.as_ref());
     (0..got.num_rows())
         .filter(|&i| {
             g.row_payload(i) != w.row_payload(i)
-                || g.row_scales(i)
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .ne(w.row_scales(i).iter().map(|v| v.to_bits()))
+                || g.row_scales(i).iter().map(|v| v.to_bits()).ne(w.row_scales(i).iter().map(|v| v.to_bits()))
         })
         .count()
 }
@@ -539,11 +238,7 @@ pub fn count_wrong_dispatch(got: &DispatchOutput, want: &DispatchOutput) -> usiz
     if got.source_rank.len() != rows || got.topk_idx.len() != want.topk_idx.len() {
         return rows.max(got.source_rank.len()).max(1);
     }
-    let k = if rows == 0 {
-        0
-    } else {
-        want.topk_idx.len() / rows
-    };
+    let k = if rows == 0 { 0 } else { want.topk_idx.len() / rows };
     let mut wrong = count_wrong_rows(&got.x, &want.x);
     for i in 0..rows {
         let meta_ok = got.source_rank[i] == want.source_rank[i]
@@ -552,31 +247,16 @@ pub fn count_wrong_dispatch(got: &DispatchOutput, want: &DispatchOutput) -> usiz
             && got.topk_weights[i * k..(i + 1) * k]
                 .iter()
                 .map(|v| v.to_bits())
-                .eq(want.topk_weights[i * k..(i + 1) * k]
-                    .iter()
-                    .map(|v| v.to_bits()));
+                .eq(want.topk_weights[i * k..(i + 1) * k].iter().map(|v| v.to_bits()));
         wrong += usize::from(!meta_ok);
     }
     wrong
-        + got
-            .tokens_per_expert
-            .iter()
-            .zip(&want.tokens_per_expert)
-            .filter(|(a, b)| a != b)
-            .count()
-        + got
-            .tokens_per_expert
-            .len()
-            .abs_diff(want.tokens_per_expert.len())
+        + got.tokens_per_expert.iter().zip(&want.tokens_per_expert).filter(|(a, b)| a != b).count()
+        + got.tokens_per_expert.len().abs_diff(want.tokens_per_expert.len())
 }
 
 /// `[T, H]` per rank: the sum of absolute values of the rows combined into each element.
-pub fn abs_sums(
-    num_tokens: &[usize],
-    hidden: usize,
-    dispatched: &[DispatchOutput],
-    y: &[Vec<bf16>],
-) -> Vec<Vec<f32>> {
+pub fn abs_sums(num_tokens: &[usize], hidden: usize, dispatched: &[DispatchOutput], y: &[Vec<bf16>]) -> Vec<Vec<f32>> {
     let mut acc: Vec<Vec<f32>> = num_tokens.iter().map(|&t| vec![0f32; t * hidden]).collect();
     for (d, out) in dispatched.iter().enumerate() {
         for i in 0..out.source_rank.len() {
@@ -607,11 +287,7 @@ pub fn count_wrong_combine(got: &CombineOutput, want: &CombineOutput, abs_sum: &
         .count();
     match (&got.topk_weights, &want.topk_weights) {
         (Some(g), Some(w)) if g.len() == w.len() => {
-            wrong += g
-                .iter()
-                .zip(w)
-                .filter(|(g, w)| !((*g - *w).abs() <= 1e-6 * (w.abs() + 1.0)))
-                .count();
+            wrong += g.iter().zip(w).filter(|(g, w)| !((*g - *w).abs() <= 1e-6 * (w.abs() + 1.0))).count();
         }
         (None, None) => {}
         _ => wrong += 1,
@@ -627,13 +303,7 @@ mod tests {
     fn comparisons_catch_a_single_flipped_value() {
         let case = &standard_cases()[3];
         let inputs = case.spec.generate().unwrap();
-        let want = oracle::dispatch(
-            case.spec.topology,
-            case.spec.num_experts,
-            case.spec.topk,
-            &inputs,
-            &case.options,
-        );
+        let want = oracle::dispatch(case.spec.topology, case.spec.num_experts, case.spec.topk, &inputs, &case.options);
         let mut got = want[0].clone();
         assert_eq!(count_wrong_dispatch(&got, &want[0]), 0);
         got.x.row_payload_mut(3)[5] ^= 1;
@@ -644,10 +314,7 @@ mod tests {
         let mut got = want[0].clone();
         got.source_token.swap(0, 1);
         assert_eq!(count_wrong_dispatch(&got, &want[0]), 2);
-        let c = CombineOutput {
-            x: vec![bf16::from_f32(1.0); 4],
-            topk_weights: None,
-        };
+        let c = CombineOutput { x: vec![bf16::from_f32(1.0); 4], topk_weights: None };
         let mut bad = c.clone();
         bad.x[2] = bf16::from_f32(1.5);
         assert_eq!(count_wrong_combine(&bad, &c, &[1.0; 4]), 1);

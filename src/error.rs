@@ -102,9 +102,7 @@ pub enum Error {
         second: usize,
     },
     /// A gate weight is NaN or infinite.
-    #[error(
-        "argument `{arg}`: row {token} slot {slot} is {value} (NaN and infinity are not allowed)"
-    )]
+    #[error("argument `{arg}`: row {token} slot {slot} is {value} (NaN and infinity are not allowed)")]
     NonFiniteWeight {
         /// Argument name.
         arg: &'static str,
@@ -116,9 +114,7 @@ pub enum Error {
         value: f32,
     },
     /// Experts cannot be split evenly over the ranks.
-    #[error(
-        "argument `num_experts`: {num_experts} experts cannot be split evenly over {world} ranks"
-    )]
+    #[error("argument `num_experts`: {num_experts} experts cannot be split evenly over {world} ranks")]
     ExpertsNotDivisible {
         /// Number of experts.
         num_experts: usize,

@@ -69,12 +69,7 @@ impl Handle {
     }
 
     /// Check that this handle belongs to `comm_id`/`rank` and, if given, to `num_tokens` tokens.
-    pub(crate) fn check_owner(
-        &self,
-        comm_id: u64,
-        rank: usize,
-        num_tokens: Option<usize>,
-    ) -> Result<()> {
+    pub(crate) fn check_owner(&self, comm_id: u64, rank: usize, num_tokens: Option<usize>) -> Result<()> {
         if self.comm_id != comm_id || self.rank != rank {
             return Err(Error::HandleMismatch {
                 reason: format!(
@@ -86,10 +81,7 @@ impl Handle {
         if let Some(t) = num_tokens {
             if t != self.num_tokens {
                 return Err(Error::HandleMismatch {
-                    reason: format!(
-                        "made for {} tokens, used with {} tokens",
-                        self.num_tokens, t
-                    ),
+                    reason: format!("made for {} tokens, used with {} tokens", self.num_tokens, t),
                 });
             }
         }
@@ -100,8 +92,6 @@ impl Handle {
     pub(crate) fn state<T: Any + Send + Sync>(&self, backend: &str) -> Result<&T> {
         self.backend_state
             .downcast_ref::<T>()
-            .ok_or_else(|| Error::HandleMismatch {
-                reason: format!("not made by the {backend} backend"),
-            })
+            .ok_or_else(|| Error::HandleMismatch { reason: format!("not made by the {backend} backend") })
     }
 }

@@ -48,9 +48,7 @@ pub mod topology;
 pub mod probe;
 pub mod workload;
 
-pub use backend::{
-    CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Traffic, TrafficLog,
-};
+pub use backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Traffic, TrafficLog};
 pub use config::Config;
 pub use error::{Error, Result, Role, WaitDiagnostic};
 pub use handle::Handle;

@@ -26,11 +26,7 @@ pub fn dispatch(
         .map(|inp| match (&inp.x, options.fp8_on_wire) {
             (Rows::Bf16 { hidden, data }, true) => {
                 let (q, s) = quant::quantize(data, *hidden);
-                Rows::Fp8 {
-                    hidden: *hidden,
-                    data: q,
-                    scales: s,
-                }
+                Rows::Fp8 { hidden: *hidden, data: q, scales: s }
             }
             (x, _) => x.clone(),
         })
@@ -43,10 +39,7 @@ pub fn dispatch(
         let mut rows: Vec<(usize, usize)> = Vec::new();
         for (src, inp) in inputs.iter().enumerate() {
             for (t, ids) in inp.topk_idx.chunks_exact(topk).enumerate() {
-                if ids
-                    .iter()
-                    .any(|&e| e >= 0 && my_experts.contains(&(e as usize)))
-                {
+                if ids.iter().any(|&e| e >= 0 && my_experts.contains(&(e as usize))) {
                     rows.push((src, t));
                 }
             }
@@ -117,9 +110,6 @@ pub fn combine(
     }
     acc.into_iter()
         .zip(wacc)
-        .map(|(a, w)| CombineOutput {
-            x: a.into_iter().map(bf16::from_f32).collect(),
-            topk_weights: weights.map(|_| w),
-        })
+        .map(|(a, w)| CombineOutput { x: a.into_iter().map(bf16::from_f32).collect(), topk_weights: weights.map(|_| w) })
         .collect()
 }

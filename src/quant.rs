@@ -67,24 +67,12 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
 pub fn quantize_row(row: &[bf16], out: &mut [u8], scales: &mut [f32]) {
     debug_assert_eq!(row.len(), out.len());
     debug_assert_eq!(row.len(), scales.len() * SCALE_GROUP);
-    for ((group, dst), scale) in row
-        .chunks_exact(SCALE_GROUP)
-        .zip(out.chunks_exact_mut(SCALE_GROUP))
-        .zip(scales.iter_mut())
-    {
+    for ((group, dst), scale) in row.chunks_exact(SCALE_GROUP).zip(out.chunks_exact_mut(SCALE_GROUP)).zip(scales.iter_mut()) {
         let amax = group.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
         if amax == 0.0 || !amax.is_finite() {
             // Zero group: scale 1, all +0. (Non-finite inputs are the caller's bug; saturate them.)
-            *scale = if amax == 0.0 {
-                1.0
-            } else {
-                f32::MAX / E4M3_MAX
-            };
-            let inv = if amax == 0.0 {
-                1.0
-            } else {
-                E4M3_MAX / f32::MAX
-            };
+            *scale = if amax == 0.0 { 1.0 } else { f32::MAX / E4M3_MAX };
+            let inv = if amax == 0.0 { 1.0 } else { E4M3_MAX / f32::MAX };
             for (d, v) in dst.iter_mut().zip(group) {
                 *d = e4m3_from_f32(v.to_f32() * inv);
             }
@@ -117,10 +105,7 @@ pub fn quantize(x: &[bf16], hidden: usize) -> (Vec<u8>, Vec<f32>) {
 /// Dequantize one row of E4M3 bytes with its scales to f32.
 pub fn dequantize_row(data: &[u8], scales: &[f32], hidden: usize) -> Vec<f32> {
     debug_assert_eq!(data.len(), hidden);
-    data.iter()
-        .enumerate()
-        .map(|(i, &b)| e4m3_to_f32(b) * scales[i / SCALE_GROUP])
-        .collect()
+    data.iter().enumerate().map(|(i, &b)| e4m3_to_f32(b) * scales[i / SCALE_GROUP]).collect()
 }
 
 /// Largest error quantization may make on an element `x` of a group with scale `scale`:
@@ -194,28 +179,19 @@ mod tests {
     #[test]
     fn group_scale_is_amax_over_448_and_dequant_is_within_bound() {
         let hidden = 256;
-        let row: Vec<bf16> = (0..hidden)
-            .map(|i| bf16::from_f32(((i as f32) * 0.37).sin() * 3.0))
-            .collect();
+        let row: Vec<bf16> = (0..hidden).map(|i| bf16::from_f32(((i as f32) * 0.37).sin() * 3.0)).collect();
         let (q, s) = quantize(&row, hidden);
         for g in 0..2 {
-            let amax = row[g * 128..(g + 1) * 128]
-                .iter()
-                .fold(0f32, |m, v| m.max(v.to_f32().abs()));
+            let amax = row[g * 128..(g + 1) * 128].iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
             assert_eq!(s[g], amax / 448.0);
         }
         let deq = dequantize_row(&q, &s, hidden);
         for (i, (&d, x)) in deq.iter().zip(&row).enumerate() {
             let x = x.to_f32();
-            assert!(
-                (d - x).abs() <= error_bound(x, s[i / 128]),
-                "elem {i}: {x} -> {d}"
-            );
+            assert!((d - x).abs() <= error_bound(x, s[i / 128]), "elem {i}: {x} -> {d}");
         }
         // The largest element of each group maps to exactly +-448.
-        let imax = (0..128)
-            .max_by(|&a, &b| row[a].to_f32().abs().total_cmp(&row[b].to_f32().abs()))
-            .unwrap();
+        let imax = (0..128).max_by(|&a, &b| row[a].to_f32().abs().total_cmp(&row[b].to_f32().abs())).unwrap();
         assert_eq!(e4m3_to_f32(q[imax]).abs(), 448.0);
     }
 

@@ -14,44 +14,21 @@ pub fn experts_per_rank(num_experts: usize, world: usize) -> Result<usize> {
 }
 
 /// Check `topk_idx` (`[T, k]`, ids in `0..num_experts` or -1, no expert twice in a row).
-pub fn validate_topk_idx(
-    topk_idx: &[i64],
-    num_tokens: usize,
-    topk: usize,
-    num_experts: usize,
-) -> Result<()> {
+pub fn validate_topk_idx(topk_idx: &[i64], num_tokens: usize, topk: usize, num_experts: usize) -> Result<()> {
     if topk == 0 {
-        return Err(Error::InvalidArgument {
-            arg: "topk".into(),
-            reason: "k must be >= 1".into(),
-        });
+        return Err(Error::InvalidArgument { arg: "topk".into(), reason: "k must be >= 1".into() });
     }
-    check_len(
-        "topk_idx",
-        topk_idx.len(),
-        num_tokens * topk,
-        format!("[T={num_tokens}, k={topk}]"),
-    )?;
+    check_len("topk_idx", topk_idx.len(), num_tokens * topk, format!("[T={num_tokens}, k={topk}]"))?;
     for (token, row) in topk_idx.chunks_exact(topk).enumerate() {
         for (slot, &expert) in row.iter().enumerate() {
             if expert == -1 {
                 continue;
             }
             if expert < 0 || expert as u64 >= num_experts as u64 {
-                return Err(Error::ExpertOutOfRange {
-                    token,
-                    slot,
-                    expert,
-                    num_experts,
-                });
+                return Err(Error::ExpertOutOfRange { token, slot, expert, num_experts });
             }
             if let Some(first) = row[..slot].iter().position(|&e| e == expert) {
-                return Err(Error::DuplicateExpert {
-                    token,
-                    expert,
-                    first,
-                    second: slot,
-                });
+                return Err(Error::DuplicateExpert { token, expert, first, second: slot });
             }
         }
     }
@@ -59,25 +36,10 @@ pub fn validate_topk_idx(
 }
 
 /// Check gate weights (`[rows, k]`, finite); `arg` names the argument in errors.
-pub fn validate_weights(
-    arg: &'static str,
-    weights: &[f32],
-    num_rows: usize,
-    topk: usize,
-) -> Result<()> {
-    check_len(
-        arg,
-        weights.len(),
-        num_rows * topk,
-        format!("[rows={num_rows}, k={topk}]"),
-    )?;
+pub fn validate_weights(arg: &'static str, weights: &[f32], num_rows: usize, topk: usize) -> Result<()> {
+    check_len(arg, weights.len(), num_rows * topk, format!("[rows={num_rows}, k={topk}]"))?;
     if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
-        return Err(Error::NonFiniteWeight {
-            arg,
-            token: i / topk,
-            slot: i % topk,
-            value: weights[i],
-        });
+        return Err(Error::NonFiniteWeight { arg, token: i / topk, slot: i % topk, value: weights[i] });
     }
     Ok(())
 }
@@ -108,19 +70,11 @@ pub struct Layout {
 
 impl Layout {
     /// Compute the layout of `topk_idx` (`[T, k]`), validating it first.
-    pub fn new(
-        topk_idx: &[i64],
-        topk: usize,
-        num_experts: usize,
-        topology: Topology,
-    ) -> Result<Self> {
+    pub fn new(topk_idx: &[i64], topk: usize, num_experts: usize, topology: Topology) -> Result<Self> {
         let world = topology.world();
         let per_rank = experts_per_rank(num_experts, world)?;
         if topk == 0 {
-            return Err(Error::InvalidArgument {
-                arg: "topk".into(),
-                reason: "k must be >= 1".into(),
-            });
+            return Err(Error::InvalidArgument { arg: "topk".into(), reason: "k must be >= 1".into() });
         }
         let num_tokens = topk_idx.len() / topk;
         validate_topk_idx(topk_idx, num_tokens, topk, num_experts)?;
@@ -161,9 +115,7 @@ impl Layout {
 
     /// Whether token `t` goes to any rank of `node`.
     pub fn token_in_node(&self, t: usize, node: usize) -> bool {
-        self.topology
-            .ranks_of_node(node)
-            .any(|r| self.token_in_rank(t, r))
+        self.topology.ranks_of_node(node).any(|r| self.token_in_rank(t, r))
     }
 }
 
@@ -187,21 +139,12 @@ pub fn topk(scores: &[f32], num_experts: usize, k: usize) -> Result<Vec<i64>> {
 /// `max_nodes` best nodes, then take the top-`k` experts among those nodes only.
 /// Experts are placed on nodes as they are on ranks (evenly, in id order).
 /// With `max_nodes >= num_nodes` this is plain top-k.
-pub fn node_limited_topk(
-    scores: &[f32],
-    num_experts: usize,
-    k: usize,
-    topology: Topology,
-    max_nodes: usize,
-) -> Result<Vec<i64>> {
+pub fn node_limited_topk(scores: &[f32], num_experts: usize, k: usize, topology: Topology, max_nodes: usize) -> Result<Vec<i64>> {
     check_routing_args(scores, num_experts, k)?;
     let nodes = topology.num_nodes;
     let per_node = experts_per_rank(num_experts, topology.world())? * topology.ranks_per_node;
     if max_nodes == 0 {
-        return Err(Error::InvalidArgument {
-            arg: "max_nodes".into(),
-            reason: "must be >= 1".into(),
-        });
+        return Err(Error::InvalidArgument { arg: "max_nodes".into(), reason: "must be >= 1".into() });
     }
     if max_nodes >= nodes {
         return topk(scores, num_experts, k);
@@ -209,9 +152,7 @@ pub fn node_limited_topk(
     if k > max_nodes * per_node {
         return Err(Error::InvalidArgument {
             arg: "topk".into(),
-            reason: format!(
-                "k={k} exceeds the {per_node} experts on each of the {max_nodes} allowed nodes"
-            ),
+            reason: format!("k={k} exceeds the {per_node} experts on each of the {max_nodes} allowed nodes"),
         });
     }
     let best_per_node = (k / max_nodes).max(1);
@@ -248,18 +189,10 @@ fn check_routing_args(scores: &[f32], num_experts: usize, k: usize) -> Result<()
         });
     }
     if k == 0 || k > num_experts {
-        return Err(Error::InvalidArgument {
-            arg: "topk".into(),
-            reason: format!("k={k} must be in 1..={num_experts}"),
-        });
+        return Err(Error::InvalidArgument { arg: "topk".into(), reason: format!("k={k} must be in 1..={num_experts}") });
     }
     if let Some(i) = scores.iter().position(|s| s.is_nan()) {
-        return Err(Error::NonFiniteWeight {
-            arg: "scores",
-            token: i / num_experts,
-            slot: i % num_experts,
-            value: scores[i],
-        });
+        return Err(Error::NonFiniteWeight { arg: "scores", token: i / num_experts, slot: i % num_experts, value: scores[i] });
     }
     Ok(())
 }
@@ -272,9 +205,7 @@ mod tests {
     fn layout_counts_each_token_once_per_rank_and_node() {
         // 2 nodes x 2 ranks, 8 experts: 2 per rank, 4 per node.
         let topo = Topology::new(2, 2).unwrap();
-        let idx = vec![
-            0, 1, 5, -1, /* t1 */ 7, 6, -1, -1, /* t2 */ -1, -1, -1, -1,
-        ];
+        let idx = vec![0, 1, 5, -1, /* t1 */ 7, 6, -1, -1, /* t2 */ -1, -1, -1, -1];
         let l = Layout::new(&idx, 4, 8, topo).unwrap();
         assert_eq!(l.tokens_per_rank, vec![1, 0, 1, 1]);
         assert_eq!(l.tokens_per_node, vec![1, 2]);
@@ -287,26 +218,11 @@ mod tests {
     #[test]
     fn bad_ids_are_typed_errors() {
         let topo = Topology::new(1, 2).unwrap();
-        assert!(matches!(
-            Layout::new(&[0, 8], 2, 8, topo),
-            Err(Error::ExpertOutOfRange { expert: 8, .. })
-        ));
-        assert!(matches!(
-            Layout::new(&[0, -2], 2, 8, topo),
-            Err(Error::ExpertOutOfRange { expert: -2, .. })
-        ));
-        assert!(matches!(
-            Layout::new(&[3, 3], 2, 8, topo),
-            Err(Error::DuplicateExpert { expert: 3, .. })
-        ));
-        assert!(matches!(
-            Layout::new(&[0, 1], 2, 7, topo),
-            Err(Error::ExpertsNotDivisible { .. })
-        ));
-        assert!(matches!(
-            validate_weights("topk_weights", &[1.0, f32::NAN], 1, 2),
-            Err(Error::NonFiniteWeight { slot: 1, .. })
-        ));
+        assert!(matches!(Layout::new(&[0, 8], 2, 8, topo), Err(Error::ExpertOutOfRange { expert: 8, .. })));
+        assert!(matches!(Layout::new(&[0, -2], 2, 8, topo), Err(Error::ExpertOutOfRange { expert: -2, .. })));
+        assert!(matches!(Layout::new(&[3, 3], 2, 8, topo), Err(Error::DuplicateExpert { expert: 3, .. })));
+        assert!(matches!(Layout::new(&[0, 1], 2, 7, topo), Err(Error::ExpertsNotDivisible { .. })));
+        assert!(matches!(validate_weights("topk_weights", &[1.0, f32::NAN], 1, 2), Err(Error::NonFiniteWeight { slot: 1, .. })));
     }
 
     #[test]

@@ -6,9 +6,7 @@ use crate::error::{Error, Result};
 use crate::quant::SCALE_GROUP;
 
 /// Element type of token rows as they travel.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     /// bfloat16, 2 bytes per element.
@@ -87,34 +85,18 @@ impl Rows {
     /// Zero-filled rows of the given type and shape.
     pub fn zeros(dtype: DType, num_rows: usize, hidden: usize) -> Self {
         match dtype {
-            DType::Bf16 => Rows::Bf16 {
-                hidden,
-                data: vec![bf16::ZERO; num_rows * hidden],
-            },
-            DType::Fp8 => Rows::Fp8 {
-                hidden,
-                data: vec![0; num_rows * hidden],
-                scales: vec![0.0; num_rows * (hidden / SCALE_GROUP)],
-            },
+            DType::Bf16 => Rows::Bf16 { hidden, data: vec![bf16::ZERO; num_rows * hidden] },
+            DType::Fp8 => {
+                Rows::Fp8 { hidden, data: vec![0; num_rows * hidden], scales: vec![0.0; num_rows * (hidden / SCALE_GROUP)] }
+            }
         }
     }
 
     /// A borrowed view.
     pub fn as_ref(&self) -> RowsRef<'_> {
         match self {
-            Rows::Bf16 { hidden, data } => RowsRef::Bf16 {
-                hidden: *hidden,
-                data,
-            },
-            Rows::Fp8 {
-                hidden,
-                data,
-                scales,
-            } => RowsRef::Fp8 {
-                hidden: *hidden,
-                data,
-                scales,
-            },
+            Rows::Bf16 { hidden, data } => RowsRef::Bf16 { hidden: *hidden, data },
+            Rows::Fp8 { hidden, data, scales } => RowsRef::Fp8 { hidden: *hidden, data, scales },
         }
     }
 
@@ -192,10 +174,7 @@ impl<'a> RowsRef<'a> {
     pub fn validate(&self, arg: &'static str, num_rows: usize) -> Result<()> {
         let hidden = self.hidden();
         if hidden == 0 {
-            return Err(Error::InvalidArgument {
-                arg: arg.into(),
-                reason: "hidden size must be >= 1".into(),
-            });
+            return Err(Error::InvalidArgument { arg: arg.into(), reason: "hidden size must be >= 1".into() });
         }
         let shape = format!("[T={num_rows}, H={hidden}]");
         match self {
@@ -206,12 +185,7 @@ impl<'a> RowsRef<'a> {
                 }
                 check_len(arg, data.len(), num_rows * hidden, shape)?;
                 let groups = hidden / SCALE_GROUP;
-                check_len(
-                    "x_scales",
-                    scales.len(),
-                    num_rows * groups,
-                    format!("[T={num_rows}, H/128={groups}]"),
-                )
+                check_len("x_scales", scales.len(), num_rows * groups, format!("[T={num_rows}, H/128={groups}]"))
             }
         }
     }
@@ -219,9 +193,7 @@ impl<'a> RowsRef<'a> {
     /// Payload bytes of row `i`.
     pub fn row_payload(&self, i: usize) -> &'a [u8] {
         match *self {
-            RowsRef::Bf16 { hidden, data } => {
-                bytemuck::cast_slice(&data[i * hidden..(i + 1) * hidden])
-            }
+            RowsRef::Bf16 { hidden, data } => bytemuck::cast_slice(&data[i * hidden..(i + 1) * hidden]),
             RowsRef::Fp8 { hidden, data, .. } => &data[i * hidden..(i + 1) * hidden],
         }
     }
@@ -240,50 +212,24 @@ impl<'a> RowsRef<'a> {
     /// Row `i` as f32 values (FP8 dequantized with its scales).
     pub fn row_f32(&self, i: usize) -> Vec<f32> {
         match *self {
-            RowsRef::Bf16 { hidden, data } => data[i * hidden..(i + 1) * hidden]
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
-            RowsRef::Fp8 { hidden, .. } => {
-                crate::quant::dequantize_row(self.row_payload(i), self.row_scales(i), hidden)
-            }
+            RowsRef::Bf16 { hidden, data } => data[i * hidden..(i + 1) * hidden].iter().map(|v| v.to_f32()).collect(),
+            RowsRef::Fp8 { hidden, .. } => crate::quant::dequantize_row(self.row_payload(i), self.row_scales(i), hidden),
         }
     }
 
     /// An owned copy.
     pub fn to_owned(&self) -> Rows {
         match *self {
-            RowsRef::Bf16 { hidden, data } => Rows::Bf16 {
-                hidden,
-                data: data.to_vec(),
-            },
-            RowsRef::Fp8 {
-                hidden,
-                data,
-                scales,
-            } => Rows::Fp8 {
-                hidden,
-                data: data.to_vec(),
-                scales: scales.to_vec(),
-            },
+            RowsRef::Bf16 { hidden, data } => Rows::Bf16 { hidden, data: data.to_vec() },
+            RowsRef::Fp8 { hidden, data, scales } => Rows::Fp8 { hidden, data: data.to_vec(), scales: scales.to_vec() },
         }
     }
 }
 
 /// Shape check shared by every argument: a typed error naming the argument.
-pub(crate) fn check_len(
-    arg: &'static str,
-    got: usize,
-    expected: usize,
-    shape: String,
-) -> Result<()> {
+pub(crate) fn check_len(arg: &'static str, got: usize, expected: usize, shape: String) -> Result<()> {
     if got != expected {
-        return Err(Error::ShapeMismatch {
-            arg,
-            expected,
-            got,
-            shape,
-        });
+        return Err(Error::ShapeMismatch { arg, expected, got, shape });
     }
     Ok(())
 }

@@ -21,15 +21,10 @@ impl Topology {
         if num_nodes == 0 || ranks_per_node == 0 {
             return Err(Error::InvalidArgument {
                 arg: "topology".into(),
-                reason: format!(
-                    "{num_nodes} nodes x {ranks_per_node} ranks per node: both must be >= 1"
-                ),
+                reason: format!("{num_nodes} nodes x {ranks_per_node} ranks per node: both must be >= 1"),
             });
         }
-        Ok(Self {
-            num_nodes,
-            ranks_per_node,
-        })
+        Ok(Self { num_nodes, ranks_per_node })
     }
 
     /// Total number of ranks.
@@ -82,13 +77,7 @@ mod tests {
 
     #[test]
     fn zero_sized_topology_is_rejected() {
-        assert!(matches!(
-            Topology::new(0, 2),
-            Err(Error::InvalidArgument { .. })
-        ));
-        assert!(matches!(
-            Topology::new(2, 0),
-            Err(Error::InvalidArgument { .. })
-        ));
+        assert!(matches!(Topology::new(0, 2), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(Topology::new(2, 0), Err(Error::InvalidArgument { .. })));
     }
 }

@@ -13,9 +13,7 @@ use crate::tensor::{DType, Rows};
 use crate::topology::Topology;
 
 /// How tokens pick their experts.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum RoutingKind {
     /// Top-k of uniformly random positive scores.
@@ -73,19 +71,12 @@ impl WorkloadSpec {
                 reason: format!("k={} must be in 1..={}", self.topk, self.num_experts),
             });
         }
-        if self.dtype == DType::Fp8
-            && (self.hidden == 0 || self.hidden % crate::quant::SCALE_GROUP != 0)
-        {
-            return Err(Error::HiddenNotMultipleOf128 {
-                arg: "hidden",
-                hidden: self.hidden,
-            });
+        if self.dtype == DType::Fp8 && (self.hidden == 0 || self.hidden % crate::quant::SCALE_GROUP != 0) {
+            return Err(Error::HiddenNotMultipleOf128 { arg: "hidden", hidden: self.hidden });
         }
         let mut pop_rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5eed_0f_e8be75);
         let popularity = self.popularity(&mut pop_rng);
-        (0..world)
-            .map(|r| self.generate_rank(r, &popularity))
-            .collect()
+        (0..world).map(|r| self.generate_rank(r, &popularity)).collect()
     }
 
     fn popularity(&self, rng: &mut ChaCha8Rng) -> Vec<f32> {
@@ -107,19 +98,11 @@ impl WorkloadSpec {
     }
 
     fn generate_rank(&self, rank: usize, popularity: &[f32]) -> Result<RankInput> {
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            self.seed
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .wrapping_add(rank as u64 + 1),
-        );
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(rank as u64 + 1));
         let (t, e, k, h) = (self.tokens, self.num_experts, self.topk, self.hidden);
-        let scores: Vec<f32> = (0..t * e)
-            .map(|i| (rng.gen::<f32>() + 1e-3) * popularity[i % e])
-            .collect();
+        let scores: Vec<f32> = (0..t * e).map(|i| (rng.gen::<f32>() + 1e-3) * popularity[i % e]).collect();
         let mut topk_idx = match self.routing {
-            RoutingKind::NodeLimited => {
-                routing::node_limited_topk(&scores, e, k, self.topology, self.max_nodes)?
-            }
+            RoutingKind::NodeLimited => routing::node_limited_topk(&scores, e, k, self.topology, self.max_nodes)?,
             _ => routing::topk(&scores, e, k)?,
         };
         let mut topk_weights = vec![0f32; t * k];
@@ -130,39 +113,22 @@ impl WorkloadSpec {
                     *slot = -1;
                 }
             }
-            let sum: f32 = row
-                .iter()
-                .filter(|&&x| x >= 0)
-                .map(|&x| scores[tok * e + x as usize])
-                .sum();
+            let sum: f32 = row.iter().filter(|&&x| x >= 0).map(|&x| scores[tok * e + x as usize]).sum();
             for (slot, &x) in row.iter().enumerate() {
                 if x >= 0 {
                     topk_weights[tok * k + slot] = scores[tok * e + x as usize] / sum;
                 }
             }
         }
-        let values: Vec<bf16> = (0..t * h)
-            .map(|_| bf16::from_f32(rng.gen_range(-2.0f32..2.0)))
-            .collect();
+        let values: Vec<bf16> = (0..t * h).map(|_| bf16::from_f32(rng.gen_range(-2.0f32..2.0))).collect();
         let x = match self.dtype {
-            DType::Bf16 => Rows::Bf16 {
-                hidden: h,
-                data: values,
-            },
+            DType::Bf16 => Rows::Bf16 { hidden: h, data: values },
             DType::Fp8 => {
                 let (data, scales) = crate::quant::quantize(&values, h);
-                Rows::Fp8 {
-                    hidden: h,
-                    data,
-                    scales,
-                }
+                Rows::Fp8 { hidden: h, data, scales }
             }
         };
-        Ok(RankInput {
-            x,
-            topk_idx,
-            topk_weights,
-        })
+        Ok(RankInput { x, topk_idx, topk_weights })
     }
 }
 
@@ -174,11 +140,7 @@ pub fn expert_outputs(recv: &Rows, rank: usize) -> Vec<bf16> {
     let mut y = Vec::with_capacity(n * h);
     let gain = 0.5 + 0.25 * (rank % 4) as f32;
     for i in 0..n {
-        y.extend(
-            recv.row_f32(i)
-                .into_iter()
-                .map(|v| bf16::from_f32(v * gain + 0.125)),
-        );
+        y.extend(recv.row_f32(i).into_iter().map(|v| bf16::from_f32(v * gain + 0.125)));
     }
     y
 }

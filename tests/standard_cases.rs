@@ -5,11 +5,7 @@ use switchyard::conformance::{run_case_cpu, standard_cases};
 #[test]
 fn every_standard_case_passes_on_cpu() {
     let cases = standard_cases();
-    assert!(
-        cases.len() >= 10,
-        "the standard suite shrank to {} cases",
-        cases.len()
-    );
+    assert!(cases.len() >= 10, "the standard suite shrank to {} cases", cases.len());
     let mut failed = Vec::new();
     for case in &cases {
         let r = run_case_cpu(case);

@@ -89,10 +89,7 @@ pub struct Traffic {
 impl Traffic {
     /// Zero counters for a topology.
     pub fn new(topology: Topology) -> Self {
-        Self {
-            inter_node_rows_to_node: vec![0; topology.num_nodes],
-            ..Default::default()
-        }
+        Self { inter_node_rows_to_node: vec![0; topology.num_nodes], ..Default::default() }
     }
 
     /// Add another rank's (or call's) counters.
@@ -101,14 +98,9 @@ impl Traffic {
         self.intra_node += o.intra_node;
         self.local += o.local;
         if self.inter_node_rows_to_node.len() < o.inter_node_rows_to_node.len() {
-            self.inter_node_rows_to_node
-                .resize(o.inter_node_rows_to_node.len(), 0);
+            self.inter_node_rows_to_node.resize(o.inter_node_rows_to_node.len(), 0);
         }
-        for (a, b) in self
-            .inter_node_rows_to_node
-            .iter_mut()
-            .zip(&o.inter_node_rows_to_node)
-        {
+        for (a, b) in self.inter_node_rows_to_node.iter_mut().zip(&o.inter_node_rows_to_node) {
             *a += b;
         }
     }
@@ -153,22 +145,11 @@ pub trait Communicator: Send {
 
     /// Dispatch new rows along the routing of an earlier dispatch, skipping the
     /// layout and all counting. Returns the received rows, in the same order.
-    fn dispatch_cached(
-        &mut self,
-        x: RowsRef<'_>,
-        handle: &Handle,
-        options: &DispatchOptions,
-    ) -> Result<Rows>;
+    fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows>;
 
     /// Send one BF16 row per received row (`y`: `[R, H]`) back to its source and sum
     /// them per token in f32. With `topk_weights` (`[R, k]`) the weights are summed back too.
-    fn combine(
-        &mut self,
-        y: &[bf16],
-        hidden: usize,
-        handle: &Handle,
-        topk_weights: Option<&[f32]>,
-    ) -> Result<CombineOutput>;
+    fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput>;
 
     /// Block until every rank has reached the barrier (with the configured deadline).
     fn barrier(&mut self) -> Result<()>;

@@ -27,10 +27,7 @@ impl Board {
         Self {
             world,
             posts: (0..world).map(|_| Mutex::new(None)).collect(),
-            state: Mutex::new(BarrierState {
-                arrived: 0,
-                generation: 0,
-            }),
+            state: Mutex::new(BarrierState { arrived: 0, generation: 0 }),
             cv: Condvar::new(),
             broken: AtomicBool::new(false),
         }
@@ -38,10 +35,8 @@ impl Board {
 
     /// Wait for every rank; fails after `timeout`, and then for good (the group is broken).
     pub(crate) fn barrier(&self, rank: usize, timeout: Duration) -> Result<()> {
-        let broken_err = || Error::Protocol {
-            rank,
-            detail: "the group is unusable: an earlier wait timed out on some rank".into(),
-        };
+        let broken_err =
+            || Error::Protocol { rank, detail: "the group is unusable: an earlier wait timed out on some rank".into() };
         if self.broken.load(Ordering::Acquire) {
             return Err(broken_err());
         }
@@ -75,22 +70,13 @@ impl Board {
                     },
                 });
             }
-            st = self
-                .cv
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         Ok(())
     }
 
     /// Post `item` and return every rank's post, in rank order.
-    pub(crate) fn all_gather<T: Any + Send + Sync>(
-        &self,
-        rank: usize,
-        item: T,
-        timeout: Duration,
-    ) -> Result<Vec<Arc<T>>> {
+    pub(crate) fn all_gather<T: Any + Send + Sync>(&self, rank: usize, item: T, timeout: Duration) -> Result<Vec<Arc<T>>> {
         *self.posts[rank].lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(item));
         self.barrier(rank, timeout)?;
         let all = self
@@ -99,11 +85,10 @@ impl Board {
             .enumerate()
             .map(|(r, p)| {
                 let any = p.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                any.and_then(|a| a.downcast::<T>().ok())
-                    .ok_or_else(|| Error::Protocol {
-                        rank,
-                        detail: format!("rank {r} posted a different message in the same step"),
-                    })
+                any.and_then(|a| a.downcast::<T>().ok()).ok_or_else(|| Error::Protocol {
+                    rank,
+                    detail: format!("rank {r} posted a different message in the same step"),
+                })
             })
             .collect::<Result<Vec<_>>>();
         // Nobody may overwrite a post before everyone has read it.
@@ -123,12 +108,7 @@ mod tests {
             .map(|r| {
                 let b = board.clone();
                 std::thread::spawn(move || {
-                    (0..5)
-                        .map(|round| {
-                            b.all_gather(r, r * 10 + round, Duration::from_secs(5))
-                                .unwrap()
-                        })
-                        .collect::<Vec<_>>()
+                    (0..5).map(|round| b.all_gather(r, r * 10 + round, Duration::from_secs(5)).unwrap()).collect::<Vec<_>>()
                 })
             })
             .collect();
@@ -155,9 +135,6 @@ mod tests {
             e => panic!("unexpected {e:?}"),
         }
         // The group is now broken: later waits fail at once.
-        assert!(matches!(
-            board.barrier(1, Duration::from_secs(10)),
-            Err(Error::Protocol { .. })
-        ));
+        assert!(matches!(board.barrier(1, Duration::from_secs(10)), Err(Error::Protocol { .. })));
     }
 }

@@ -42,11 +42,7 @@ impl RankCtx {
 }
 
 /// Token range of channel `c` when `num_tokens` tokens are split over `channels`.
-pub(super) fn channel_range(
-    num_tokens: usize,
-    channels: usize,
-    c: usize,
-) -> std::ops::Range<usize> {
+pub(super) fn channel_range(num_tokens: usize, channels: usize, c: usize) -> std::ops::Range<usize> {
     (c * num_tokens / channels)..((c + 1) * num_tokens / channels)
 }
 
@@ -72,12 +68,7 @@ pub(super) struct SendPlan {
 }
 
 impl SendPlan {
-    pub fn new(
-        token_in_rank: Vec<bool>,
-        num_tokens: usize,
-        topo: Topology,
-        channels: usize,
-    ) -> Self {
+    pub fn new(token_in_rank: Vec<bool>, num_tokens: usize, topo: Topology, channels: usize) -> Self {
         let (world, nodes) = (topo.world(), topo.num_nodes);
         let mut send_pos = vec![NOT_SENT; num_tokens * world];
         let mut next = vec![0u32; world];
@@ -99,12 +90,7 @@ impl SendPlan {
                 }
             }
         }
-        Self {
-            token_in_rank,
-            send_pos,
-            counts,
-            node_counts,
-        }
+        Self { token_in_rank, send_pos, counts, node_counts }
     }
 }
 
@@ -212,21 +198,11 @@ struct Exchange<'a> {
 }
 
 impl<'a> Exchange<'a> {
-    fn new(
-        ctx: &'a RankCtx,
-        rings: &'a CallRings,
-        plan: &'a SendPlan,
-        recv: &'a RecvPlan,
-        input: &'a DispatchInput<'a>,
-    ) -> Self {
+    fn new(ctx: &'a RankCtx, rings: &'a CallRings, plan: &'a SendPlan, recv: &'a RecvPlan, input: &'a DispatchInput<'a>) -> Self {
         let (rpn, nodes, c) = (ctx.topo.ranks_per_node, ctx.topo.num_nodes, ctx.channels);
         let hidden = input.x.hidden();
         let dtype = input.x.dtype();
-        let groups = if dtype == DType::Fp8 {
-            hidden / crate::quant::SCALE_GROUP
-        } else {
-            0
-        };
+        let groups = if dtype == DType::Fp8 { hidden / crate::quant::SCALE_GROUP } else { 0 };
         let k = input.topk;
         let n = recv.num_recv;
         let meta = input.with_meta;
@@ -255,9 +231,7 @@ impl<'a> Exchange<'a> {
                 fwd_tokens: vec![0; c * nodes],
             },
             traffic: Traffic::new(ctx.topo),
-            send_cursor: (0..c)
-                .map(|ch| channel_range(num_tokens, c, ch).start)
-                .collect(),
+            send_cursor: (0..c).map(|ch| channel_range(num_tokens, c, ch).start).collect(),
             fwd_done: vec![0; c * nodes],
             recv_done: vec![0; c * rpn],
             blocked: None,
@@ -269,8 +243,7 @@ impl<'a> Exchange<'a> {
 
     fn done(&self) -> bool {
         let num_tokens = self.input.x.num_rows();
-        (0..self.ctx.channels)
-            .all(|c| self.send_cursor[c] == channel_range(num_tokens, self.ctx.channels, c).end)
+        (0..self.ctx.channels).all(|c| self.send_cursor[c] == channel_range(num_tokens, self.ctx.channels, c).end)
             && self.fwd_done == self.recv.expect_fwd
             && self.recv_done == self.recv.expect_recv
     }
@@ -290,22 +263,16 @@ impl<'a> Exchange<'a> {
         weights: &[f32],
     ) -> Result<()> {
         let me = self.ctx.me;
-        let idx = self
-            .recv
-            .recv_prefix
-            .get(src as usize)
-            .map(|p| p + pos as usize)
-            .filter(|&i| i < self.recv.num_recv);
-        let idx =
-            match idx {
-                Some(i) if !self.out.filled[i] => i,
-                _ => return Err(Error::Protocol {
+        let idx = self.recv.recv_prefix.get(src as usize).map(|p| p + pos as usize).filter(|&i| i < self.recv.num_recv);
+        let idx = match idx {
+            Some(i) if !self.out.filled[i] => i,
+            _ => {
+                return Err(Error::Protocol {
                     rank: me,
-                    detail: format!(
-                        "row from rank {src} token {token} position {pos} has no free output slot"
-                    ),
-                }),
-            };
+                    detail: format!("row from rank {src} token {token} position {pos} has no free output slot"),
+                })
+            }
+        };
         self.out.filled[idx] = true;
         self.out.placed += 1;
         self.out.x.row_payload_mut(idx).copy_from_slice(payload);
@@ -329,12 +296,7 @@ impl<'a> Exchange<'a> {
 
     fn send_step(&mut self) -> Result<bool> {
         let ctx = self.ctx;
-        let (topo, rpn, nodes, world) = (
-            ctx.topo,
-            ctx.topo.ranks_per_node,
-            ctx.topo.num_nodes,
-            ctx.topo.world(),
-        );
+        let (topo, rpn, nodes, world) = (ctx.topo, ctx.topo.ranks_per_node, ctx.topo.num_nodes, ctx.topo.world());
         let (my_node, my_local) = (ctx.node(), ctx.local());
         let (input, plan) = (self.input, self.plan);
         let x = input.x;
@@ -363,9 +325,7 @@ impl<'a> Exchange<'a> {
             }
             let mut short = None;
             for (j, &need) in need_intra.iter().enumerate().filter(|(_, &n)| n > 0) {
-                let ring = self.rings.intra_out[c * rpn + j]
-                    .as_ref()
-                    .expect("intra ring");
+                let ring = self.rings.intra_out[c * rpn + j].as_ref().expect("intra ring");
                 if ring.free(ring.tail()) < need {
                     short = Some((ring, format!("intra-node ring to local rank {j}")));
                     break;
@@ -373,9 +333,7 @@ impl<'a> Exchange<'a> {
             }
             if short.is_none() {
                 for (n, &need) in need_inter.iter().enumerate().filter(|(_, &n)| n > 0) {
-                    let ring = self.rings.inter_out[c * nodes + n]
-                        .as_ref()
-                        .expect("inter ring");
+                    let ring = self.rings.inter_out[c * nodes + n].as_ref().expect("inter ring");
                     if ring.free(ring.tail()) < need {
                         short = Some((ring, format!("inter-node ring to node {n}")));
                         break;
@@ -383,13 +341,7 @@ impl<'a> Exchange<'a> {
                 }
             }
             if let Some((ring, detail)) = short {
-                self.blocked = Some(Blocked {
-                    channel: c,
-                    role: Role::Sender,
-                    head: ring.head(),
-                    tail: ring.tail(),
-                    detail,
-                });
+                self.blocked = Some(Blocked { channel: c, role: Role::Sender, head: ring.head(), tail: ring.tail(), detail });
                 continue;
             }
             let slot_bytes = self.slot.bytes();
@@ -398,16 +350,8 @@ impl<'a> Exchange<'a> {
             let mut pending_inter = vec![0u64; nodes];
             for t in batch.clone() {
                 let row = &plan.token_in_rank[t * world..(t + 1) * world];
-                let ids = if input.with_meta {
-                    &input.topk_idx[t * k..(t + 1) * k]
-                } else {
-                    &no_ids[..]
-                };
-                let weights = if input.with_meta {
-                    &input.topk_weights[t * k..(t + 1) * k]
-                } else {
-                    &no_weights[..]
-                };
+                let ids = if input.with_meta { &input.topk_idx[t * k..(t + 1) * k] } else { &no_ids[..] };
+                let weights = if input.with_meta { &input.topk_weights[t * k..(t + 1) * k] } else { &no_weights[..] };
                 let payload = x.row_payload(t);
                 let scales = x.row_scales(t);
                 for j in 0..rpn {
@@ -417,37 +361,15 @@ impl<'a> Exchange<'a> {
                     }
                     let pos = plan.send_pos[t * world + dest];
                     if j == my_local {
-                        self.place(
-                            c,
-                            my_local,
-                            ctx.me as u32,
-                            t as u32,
-                            pos,
-                            payload,
-                            scales,
-                            &ids,
-                            &weights,
-                        )?;
+                        self.place(c, my_local, ctx.me as u32, t as u32, pos, payload, scales, &ids, &weights)?;
                         self.traffic.local.add(payload.len() + 4 * scales.len());
                     } else {
-                        let ring = self.rings.intra_out[c * rpn + j]
-                            .as_ref()
-                            .expect("intra ring");
+                        let ring = self.rings.intra_out[c * rpn + j].as_ref().expect("intra ring");
                         let tail = ring.tail() + pending_intra[j];
-                        let positions =
-                            &plan.send_pos[t * world + topo.rank_of(my_node, 0)..][..rpn];
+                        let positions = &plan.send_pos[t * world + topo.rank_of(my_node, 0)..][..rpn];
                         // SAFETY: this rank is the ring's only producer and checked room above.
                         let s = unsafe { ring.slot_mut(tail, slot_bytes) };
-                        self.slot.write(
-                            s,
-                            ctx.me as u32,
-                            t as u32,
-                            positions,
-                            ids,
-                            weights,
-                            scales,
-                            payload,
-                        );
+                        self.slot.write(s, ctx.me as u32, t as u32, positions, ids, weights, scales, payload);
                         pending_intra[j] += 1;
                         self.traffic.intra_node.add(slot_bytes);
                     }
@@ -456,23 +378,12 @@ impl<'a> Exchange<'a> {
                     if !topo.ranks_of_node(n).any(|r| row[r]) {
                         continue;
                     }
-                    let ring = self.rings.inter_out[c * nodes + n]
-                        .as_ref()
-                        .expect("inter ring");
+                    let ring = self.rings.inter_out[c * nodes + n].as_ref().expect("inter ring");
                     let tail = ring.tail() + pending_inter[n];
                     let positions = &plan.send_pos[t * world + topo.rank_of(n, 0)..][..rpn];
                     // SAFETY: as above.
                     let s = unsafe { ring.slot_mut(tail, slot_bytes) };
-                    self.slot.write(
-                        s,
-                        ctx.me as u32,
-                        t as u32,
-                        positions,
-                        ids,
-                        weights,
-                        scales,
-                        payload,
-                    );
+                    self.slot.write(s, ctx.me as u32, t as u32, positions, ids, weights, scales, payload);
                     pending_inter[n] += 1;
                     self.traffic.inter_node.add(slot_bytes);
                     self.traffic.inter_node_rows_to_node[n] += 1;
@@ -480,16 +391,12 @@ impl<'a> Exchange<'a> {
             }
             // Publish the chunk: one release store per ring.
             for (j, &p) in pending_intra.iter().enumerate().filter(|(_, &p)| p > 0) {
-                let ring = self.rings.intra_out[c * rpn + j]
-                    .as_ref()
-                    .expect("intra ring");
+                let ring = self.rings.intra_out[c * rpn + j].as_ref().expect("intra ring");
                 ring.publish(ring.tail() + p);
                 self.record.sent_intra[c * rpn + j] += p as usize;
             }
             for (n, &p) in pending_inter.iter().enumerate().filter(|(_, &p)| p > 0) {
-                let ring = self.rings.inter_out[c * nodes + n]
-                    .as_ref()
-                    .expect("inter ring");
+                let ring = self.rings.inter_out[c * nodes + n].as_ref().expect("inter ring");
                 ring.publish(ring.tail() + p);
                 self.record.sent_inter[c * nodes + n] += p as usize;
             }
@@ -521,21 +428,13 @@ impl<'a> Exchange<'a> {
                 for _ in 0..avail {
                     // SAFETY: this rank is the ring's only consumer; `head` < tail.
                     let s = unsafe { src_ring.slot(head, slot_bytes) };
-                    let room = (0..rpn)
-                        .filter(|&j| j != my_local && slot.pos(s, j) != NOT_SENT)
-                        .all(|j| {
-                            let r = self.rings.intra_out[c * rpn + j]
-                                .as_ref()
-                                .expect("intra ring");
-                            r.free(r.tail() + pending[j]) > 0
-                        });
+                    let room = (0..rpn).filter(|&j| j != my_local && slot.pos(s, j) != NOT_SENT).all(|j| {
+                        let r = self.rings.intra_out[c * rpn + j].as_ref().expect("intra ring");
+                        r.free(r.tail() + pending[j]) > 0
+                    });
                     if !room {
-                        let j = (0..rpn)
-                            .find(|&j| j != my_local && slot.pos(s, j) != NOT_SENT)
-                            .unwrap_or(0);
-                        let r = self.rings.intra_out[c * rpn + j]
-                            .as_ref()
-                            .expect("intra ring");
+                        let j = (0..rpn).find(|&j| j != my_local && slot.pos(s, j) != NOT_SENT).unwrap_or(0);
+                        let r = self.rings.intra_out[c * rpn + j].as_ref().expect("intra ring");
                         self.blocked = Some(Blocked {
                             channel: c,
                             role: Role::Forwarder,
@@ -563,15 +462,12 @@ impl<'a> Exchange<'a> {
                             slot.weights(s, &mut w);
                             slot.scales(s, &mut sc);
                             let payload = slot.payload(s);
-                            let r =
-                                self.place(c, my_local, src, token, pos, payload, &sc, &ids, &w);
+                            let r = self.place(c, my_local, src, token, pos, payload, &sc, &ids, &w);
                             self.traffic.local.add(payload.len() + 4 * sc.len());
                             (self.ids, self.weights, self.scales) = (ids, w, sc);
                             r?;
                         } else {
-                            let r = self.rings.intra_out[c * rpn + j]
-                                .as_ref()
-                                .expect("intra ring");
+                            let r = self.rings.intra_out[c * rpn + j].as_ref().expect("intra ring");
                             // SAFETY: only producer of this ring; room checked above.
                             let d = unsafe { r.slot_mut(r.tail() + pending[j], slot_bytes) };
                             d.copy_from_slice(s);
@@ -585,9 +481,7 @@ impl<'a> Exchange<'a> {
                         None => {
                             return Err(Error::Protocol {
                                 rank: ctx.me,
-                                detail: format!(
-                                    "forwarded token {token} from node {n} is out of range"
-                                ),
+                                detail: format!("forwarded token {token} from node {n} is out of range"),
                             })
                         }
                     }
@@ -598,9 +492,7 @@ impl<'a> Exchange<'a> {
                     src_ring.release(head);
                     for j in 0..rpn {
                         if pending[j] > 0 {
-                            let r = self.rings.intra_out[c * rpn + j]
-                                .as_ref()
-                                .expect("intra ring");
+                            let r = self.rings.intra_out[c * rpn + j].as_ref().expect("intra ring");
                             r.publish(r.tail() + pending[j]);
                             self.record.sent_intra[c * rpn + j] += pending[j] as usize;
                         }
@@ -635,10 +527,7 @@ impl<'a> Exchange<'a> {
                 if self.recv_done[idx] == self.recv.expect_recv[idx] {
                     continue;
                 }
-                let ring = self.rings.intra_in[idx]
-                    .as_ref()
-                    .expect("intra ring")
-                    .clone();
+                let ring = self.rings.intra_in[idx].as_ref().expect("intra ring").clone();
                 let head0 = ring.head();
                 let avail = ring.available(head0);
                 if avail == 0 {
@@ -654,11 +543,8 @@ impl<'a> Exchange<'a> {
                 for p in 0..avail as u64 {
                     // SAFETY: only consumer; head0 + p < tail.
                     let s = unsafe { ring.slot(head0 + p, slot_bytes) };
-                    let (mut ids, mut w, mut sc) = (
-                        std::mem::take(&mut self.ids),
-                        std::mem::take(&mut self.weights),
-                        std::mem::take(&mut self.scales),
-                    );
+                    let (mut ids, mut w, mut sc) =
+                        (std::mem::take(&mut self.ids), std::mem::take(&mut self.weights), std::mem::take(&mut self.scales));
                     slot.ids(s, &mut ids);
                     slot.weights(s, &mut w);
                     slot.scales(s, &mut sc);
@@ -681,9 +567,7 @@ impl<'a> Exchange<'a> {
                 if self.recv_done[idx] > self.recv.expect_recv[idx] {
                     return Err(Error::Protocol {
                         rank: ctx.me,
-                        detail: format!(
-                            "more rows than announced from local rank {i} on channel {c}"
-                        ),
+                        detail: format!("more rows than announced from local rank {i} on channel {c}"),
                     });
                 }
                 moved = true;
@@ -699,10 +583,7 @@ impl<'a> Exchange<'a> {
         if self.out.placed != self.recv.num_recv {
             return Err(Error::Protocol {
                 rank: self.ctx.me,
-                detail: format!(
-                    "received {} rows, {} announced",
-                    self.out.placed, self.recv.num_recv
-                ),
+                detail: format!("received {} rows, {} announced", self.out.placed, self.recv.num_recv),
             });
         }
         Ok(Delivered {
@@ -720,4 +601,9 @@ impl<'a> Exchange<'a> {
 /// BF16 row view of slot payload bytes (slots are 16-byte aligned).
 pub(super) fn as_bf16(bytes: &[u8]) -> &[bf16] {
     bytemuck::cast_slice(bytes)
+}
+
+/// Mutable BF16 row view of slot payload bytes.
+pub(super) fn as_bf16_mut(bytes: &mut [u8]) -> &mut [bf16] {
+    bytemuck::cast_slice_mut(bytes)
 }

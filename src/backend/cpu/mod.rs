@@ -62,6 +62,7 @@ impl CpuCluster {
                 traffic: TrafficLog::default(),
                 dispatch_rings: RingSet::default(),
                 combine_rings: RingSet::default(),
+                combine_scratch: combine::Scratch::default(),
             })
             .collect()
     }
@@ -85,6 +86,7 @@ pub struct CpuRank {
     traffic: TrafficLog,
     dispatch_rings: RingSet,
     combine_rings: RingSet,
+    combine_scratch: combine::Scratch,
 }
 
 /// What every rank must agree on in one collective call.
@@ -136,28 +138,18 @@ impl CpuRank {
     }
 
     /// Make sure this rank's incoming rings can carry `slot_bytes`-byte slots.
-    fn ensure_rings(
-        set: &mut RingSet,
-        topo: Topology,
-        me: usize,
-        channels: usize,
-        slots: usize,
-        slot_bytes: usize,
-    ) {
+    fn ensure_rings(set: &mut RingSet, topo: Topology, me: usize, channels: usize, slots: usize, slot_bytes: usize) {
         let (rpn, nodes) = (topo.ranks_per_node, topo.num_nodes);
         let (my_node, my_local) = (topo.node_of(me), topo.local_of(me));
-        let fits = |v: &Vec<Option<Arc<Ring>>>, len: usize| {
-            v.len() == len && v.iter().flatten().all(|r| r.fits(slots, slot_bytes))
-        };
+        let fits =
+            |v: &Vec<Option<Arc<Ring>>>, len: usize| v.len() == len && v.iter().flatten().all(|r| r.fits(slots, slot_bytes));
         if !fits(&set.intra_in, channels * rpn) {
-            set.intra_in = (0..channels * rpn)
-                .map(|i| (i % rpn != my_local).then(|| Arc::new(Ring::new(slots, slot_bytes))))
-                .collect();
+            set.intra_in =
+                (0..channels * rpn).map(|i| (i % rpn != my_local).then(|| Arc::new(Ring::new(slots, slot_bytes)))).collect();
         }
         if !fits(&set.inter_in, channels * nodes) {
-            set.inter_in = (0..channels * nodes)
-                .map(|i| (i % nodes != my_node).then(|| Arc::new(Ring::new(slots, slot_bytes))))
-                .collect();
+            set.inter_in =
+                (0..channels * nodes).map(|i| (i % nodes != my_node).then(|| Arc::new(Ring::new(slots, slot_bytes)))).collect();
         }
     }
 
@@ -174,27 +166,16 @@ impl CpuRank {
         }
         for (r, p) in posts.iter().enumerate() {
             if let Err(reason) = p.as_ref() {
-                return Err(Error::PeerFailed {
-                    rank: r,
-                    reason: reason.clone(),
-                });
+                return Err(Error::PeerFailed { rank: r, reason: reason.clone() });
             }
         }
-        let mine = posts[self.rank]
-            .as_ref()
-            .as_ref()
-            .expect("checked")
-            .sig
-            .clone();
+        let mine = posts[self.rank].as_ref().as_ref().expect("checked").sig.clone();
         for (r, p) in posts.iter().enumerate() {
             let sig = &p.as_ref().as_ref().expect("checked").sig;
             if *sig != mine {
                 return Err(Error::InvalidArgument {
                     arg: "collective arguments".into(),
-                    reason: format!(
-                        "rank {r} called {sig:?} while rank {} called {mine:?}",
-                        self.rank
-                    ),
+                    reason: format!("rank {r} called {sig:?} while rank {} called {mine:?}", self.rank),
                 });
             }
         }
@@ -204,32 +185,22 @@ impl CpuRank {
     /// The rings this rank produces into and consumes from in this call.
     fn call_rings(&self, posts: &[Arc<Posted>], own: &RingSet) -> CallRings {
         let topo = self.topology;
-        let (rpn, nodes, channels) = (
-            topo.ranks_per_node,
-            topo.num_nodes,
-            self.config.num_channels,
-        );
+        let (rpn, nodes, channels) = (topo.ranks_per_node, topo.num_nodes, self.config.num_channels);
         let (my_node, my_local) = (topo.node_of(self.rank), topo.local_of(self.rank));
         let post = |r: usize| posts[r].as_ref().as_ref().expect("checked");
         CallRings {
             intra_out: (0..channels * rpn)
                 .map(|i| {
                     let (c, j) = (i / rpn, i % rpn);
-                    (j != my_local).then(|| {
-                        post(topo.rank_of(my_node, j)).intra_in[c * rpn + my_local]
-                            .clone()
-                            .expect("peer ring")
-                    })
+                    (j != my_local)
+                        .then(|| post(topo.rank_of(my_node, j)).intra_in[c * rpn + my_local].clone().expect("peer ring"))
                 })
                 .collect(),
             inter_out: (0..channels * nodes)
                 .map(|i| {
                     let (c, n) = (i / nodes, i % nodes);
-                    (n != my_node).then(|| {
-                        post(topo.rank_of(n, my_local)).inter_in[c * nodes + my_node]
-                            .clone()
-                            .expect("peer ring")
-                    })
+                    (n != my_node)
+                        .then(|| post(topo.rank_of(n, my_local)).inter_in[c * nodes + my_node].clone().expect("peer ring"))
                 })
                 .collect(),
             intra_in: own.intra_in.clone(),
@@ -239,80 +210,35 @@ impl CpuRank {
 
     fn recv_plan(&self, posts: &[Arc<Posted>]) -> (RecvPlan, Vec<usize>, Vec<usize>) {
         let topo = self.topology;
-        let (rpn, nodes, world, channels) = (
-            topo.ranks_per_node,
-            topo.num_nodes,
-            topo.world(),
-            self.config.num_channels,
-        );
-        let (me, my_node, my_local) =
-            (self.rank, topo.node_of(self.rank), topo.local_of(self.rank));
-        let counts = |r: usize| {
-            posts[r]
-                .as_ref()
-                .as_ref()
-                .expect("checked")
-                .counts
-                .as_ref()
-                .expect("dispatch counts")
-        };
+        let (rpn, nodes, world, channels) = (topo.ranks_per_node, topo.num_nodes, topo.world(), self.config.num_channels);
+        let (me, my_node, my_local) = (self.rank, topo.node_of(self.rank), topo.local_of(self.rank));
+        let counts = |r: usize| posts[r].as_ref().as_ref().expect("checked").counts.as_ref().expect("dispatch counts");
         let mut recv_prefix = Vec::with_capacity(world);
         let mut total = 0usize;
         for s in 0..world {
             recv_prefix.push(total);
-            total += (0..channels)
-                .map(|c| counts(s).counts[c * world + me] as usize)
-                .sum::<usize>();
+            total += (0..channels).map(|c| counts(s).counts[c * world + me] as usize).sum::<usize>();
         }
         let mut expect_fwd = vec![0usize; channels * nodes];
         let mut expect_recv = vec![0usize; channels * rpn];
         for c in 0..channels {
             for n in (0..nodes).filter(|&n| n != my_node) {
-                expect_fwd[c * nodes + n] =
-                    counts(topo.rank_of(n, my_local)).node_counts[c * nodes + my_node] as usize;
+                expect_fwd[c * nodes + n] = counts(topo.rank_of(n, my_local)).node_counts[c * nodes + my_node] as usize;
             }
             for i in (0..rpn).filter(|&i| i != my_local) {
-                expect_recv[c * rpn + i] = (0..nodes)
-                    .map(|n| counts(topo.rank_of(n, i)).counts[c * world + me] as usize)
-                    .sum();
+                expect_recv[c * rpn + i] = (0..nodes).map(|n| counts(topo.rank_of(n, i)).counts[c * world + me] as usize).sum();
             }
         }
-        let rail_tokens = (0..nodes)
-            .map(|n| counts(topo.rank_of(n, my_local)).num_tokens)
-            .collect();
+        let rail_tokens = (0..nodes).map(|n| counts(topo.rank_of(n, my_local)).num_tokens).collect();
         let per_rank = counts(me).tokens_per_expert.len() / world;
-        let tokens_per_expert = (0..per_rank)
-            .map(|e| {
-                (0..world)
-                    .map(|s| counts(s).tokens_per_expert[me * per_rank + e])
-                    .sum()
-            })
-            .collect();
-        (
-            RecvPlan {
-                recv_prefix,
-                num_recv: total,
-                expect_fwd,
-                expect_recv,
-            },
-            rail_tokens,
-            tokens_per_expert,
-        )
+        let tokens_per_expert =
+            (0..per_rank).map(|e| (0..world).map(|s| counts(s).tokens_per_expert[me * per_rank + e]).sum()).collect();
+        (RecvPlan { recv_prefix, num_recv: total, expect_fwd, expect_recv }, rail_tokens, tokens_per_expert)
     }
 
     fn dispatch_slot_bytes(&self, x: &RowsRef<'_>, topk: usize) -> usize {
-        let groups = if x.dtype() == DType::Fp8 {
-            x.hidden() / quant::SCALE_GROUP
-        } else {
-            0
-        };
-        DispatchSlot::new(
-            self.topology.ranks_per_node,
-            topk,
-            groups,
-            x.dtype().row_bytes(x.hidden()) - 4 * groups,
-        )
-        .bytes()
+        let groups = if x.dtype() == DType::Fp8 { x.hidden() / quant::SCALE_GROUP } else { 0 };
+        DispatchSlot::new(self.topology.ranks_per_node, topk, groups, x.dtype().row_bytes(x.hidden()) - 4 * groups).bytes()
     }
 
     /// Check dispatch inputs; returns the rows to put on the wire.
@@ -329,10 +255,7 @@ impl CpuRank {
         if layout.topology != self.topology {
             return Err(Error::InvalidArgument {
                 arg: "layout".into(),
-                reason: format!(
-                    "computed for topology {}, communicator has {}",
-                    layout.topology, self.topology
-                ),
+                reason: format!("computed for topology {}, communicator has {}", layout.topology, self.topology),
             });
         }
         let (t, k) = (layout.num_tokens, layout.topk);
@@ -340,10 +263,7 @@ impl CpuRank {
         routing::validate_weights("topk_weights", topk_weights, t, k)?;
         x.validate("x", t)?;
         if options.fp8_on_wire && x.hidden() % quant::SCALE_GROUP != 0 {
-            return Err(Error::HiddenNotMultipleOf128 {
-                arg: "x",
-                hidden: x.hidden(),
-            });
+            return Err(Error::HiddenNotMultipleOf128 { arg: "x", hidden: x.hidden() });
         }
         // The layout must describe these ids (cheap: one pass).
         let per_rank = layout.num_experts / world;
@@ -358,17 +278,31 @@ impl CpuRank {
                 }
             }
         }
-        Ok(match x {
-            RowsRef::Bf16 { hidden, data } if options.fp8_on_wire => {
-                let (q, s) = quant::quantize(data, hidden);
-                Some(Rows::Fp8 {
-                    hidden,
-                    data: q,
-                    scales: s,
-                })
-            }
-            _ => None,
-        })
+        Ok(wire_rows(x, options))
+    }
+
+    /// This rank's state in `handle`, after checking the handle belongs here.
+    fn handle_state<'h>(&self, handle: &'h Handle) -> Result<&'h CpuHandleState> {
+        handle.check_owner(self.comm_id, self.rank, None)?;
+        let state: &CpuHandleState = handle.state("cpu")?;
+        if state.channels != self.config.num_channels {
+            return Err(Error::HandleMismatch {
+                reason: format!("made with {} channels, communicator has {}", state.channels, self.config.num_channels),
+            });
+        }
+        Ok(state)
+    }
+}
+
+/// The rows to put on the wire: BF16 input quantized when FP8 is asked for on the
+/// wire (`None`: send `x` as it is).
+fn wire_rows(x: RowsRef<'_>, options: &DispatchOptions) -> Option<Rows> {
+    match x {
+        RowsRef::Bf16 { hidden, data } if options.fp8_on_wire => {
+            let (q, s) = quant::quantize(data, hidden);
+            Some(Rows::Fp8 { hidden, data: q, scales: s })
+        }
+        _ => None,
     }
 }
 
@@ -405,21 +339,9 @@ impl Communicator for CpuRank {
             Err(_) => None,
         };
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
-        let plan = SendPlan::new(
-            layout.token_in_rank.clone(),
-            layout.num_tokens,
-            topo,
-            channels,
-        );
+        let plan = SendPlan::new(layout.token_in_rank.clone(), layout.num_tokens, topo, channels);
         let slot_bytes = self.dispatch_slot_bytes(&wire, layout.topk);
-        Self::ensure_rings(
-            &mut self.dispatch_rings,
-            topo,
-            self.rank,
-            channels,
-            self.config.buffer_tokens,
-            slot_bytes,
-        );
+        Self::ensure_rings(&mut self.dispatch_rings, topo, self.rank, channels, self.config.buffer_tokens, slot_bytes);
         let mine = checked.map(|_| Post {
             sig: Signature {
                 op: "dispatch",
@@ -458,10 +380,7 @@ impl Communicator for CpuRank {
             x: got.x,
             topk_idx: got.topk_idx,
             topk_weights: got.topk_weights,
-            tokens_per_expert: tokens_per_expert
-                .iter()
-                .map(|c: &usize| c.div_ceil(align) * align)
-                .collect(),
+            tokens_per_expert: tokens_per_expert.iter().map(|c: &usize| c.div_ceil(align) * align).collect(),
             source_rank: got.source_rank.clone(),
             source_token: got.source_token.clone(),
         };
@@ -474,66 +393,26 @@ impl Communicator for CpuRank {
             num_experts: layout.num_experts,
             source_rank: got.source_rank,
             source_token: got.source_token,
-            backend_state: Arc::new(CpuHandleState {
-                plan,
-                recv,
-                record: got.record,
-                rail_tokens,
-                channels,
-            }),
+            backend_state: Arc::new(CpuHandleState { plan, recv, record: got.record, rail_tokens, channels }),
         };
         Ok((output, handle))
     }
 
-    fn dispatch_cached(
-        &mut self,
-        x: RowsRef<'_>,
-        handle: &Handle,
-        options: &DispatchOptions,
-    ) -> Result<Rows> {
+    fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows> {
         let topo = self.topology;
         let channels = self.config.num_channels;
         let checked = (|| {
-            handle.check_owner(self.comm_id, self.rank, None)?;
-            let state: &CpuHandleState = handle.state("cpu")?;
-            if state.channels != channels {
-                return Err(Error::HandleMismatch {
-                    reason: format!(
-                        "made with {} channels, communicator has {channels}",
-                        state.channels
-                    ),
-                });
-            }
+            self.handle_state(handle)?;
             x.validate("x", handle.num_tokens)?;
             if options.fp8_on_wire && x.hidden() % quant::SCALE_GROUP != 0 {
-                return Err(Error::HiddenNotMultipleOf128 {
-                    arg: "x",
-                    hidden: x.hidden(),
-                });
+                return Err(Error::HiddenNotMultipleOf128 { arg: "x", hidden: x.hidden() });
             }
-            Ok(match x {
-                RowsRef::Bf16 { hidden, data } if options.fp8_on_wire => {
-                    let (q, s) = quant::quantize(data, hidden);
-                    Some(Rows::Fp8 {
-                        hidden,
-                        data: q,
-                        scales: s,
-                    })
-                }
-                _ => None,
-            })
+            Ok(wire_rows(x, options))
         })();
         let quantized = checked.as_ref().ok().cloned().flatten();
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
         let slot_bytes = self.dispatch_slot_bytes(&wire, handle.topk);
-        Self::ensure_rings(
-            &mut self.dispatch_rings,
-            topo,
-            self.rank,
-            channels,
-            self.config.buffer_tokens,
-            slot_bytes,
-        );
+        Self::ensure_rings(&mut self.dispatch_rings, topo, self.rank, channels, self.config.buffer_tokens, slot_bytes);
         let mine = checked.map(|_| Post {
             sig: Signature {
                 op: "dispatch_cached",
@@ -565,31 +444,13 @@ impl Communicator for CpuRank {
         Ok(got.x)
     }
 
-    fn combine(
-        &mut self,
-        y: &[bf16],
-        hidden: usize,
-        handle: &Handle,
-        topk_weights: Option<&[f32]>,
-    ) -> Result<CombineOutput> {
+    fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput> {
         let topo = self.topology;
         let channels = self.config.num_channels;
         let checked = (|| {
-            handle.check_owner(self.comm_id, self.rank, None)?;
-            let state: &CpuHandleState = handle.state("cpu")?;
-            if state.channels != channels {
-                return Err(Error::HandleMismatch {
-                    reason: format!(
-                        "made with {} channels, communicator has {channels}",
-                        state.channels
-                    ),
-                });
-            }
+            self.handle_state(handle)?;
             if hidden == 0 {
-                return Err(Error::InvalidArgument {
-                    arg: "hidden".into(),
-                    reason: "must be >= 1".into(),
-                });
+                return Err(Error::InvalidArgument { arg: "hidden".into(), reason: "must be >= 1".into() });
             }
             let r = handle.num_recv();
             check_len("y", y.len(), r * hidden, format!("[R={r}, H={hidden}]"))?;
@@ -598,20 +459,9 @@ impl Communicator for CpuRank {
             }
             Ok(())
         })();
-        let kw = if topk_weights.is_some() {
-            handle.topk
-        } else {
-            0
-        };
+        let kw = if topk_weights.is_some() { handle.topk } else { 0 };
         let slot_bytes = CombineSlot::new(kw, hidden * 2).bytes();
-        Self::ensure_rings(
-            &mut self.combine_rings,
-            topo,
-            self.rank,
-            channels,
-            self.config.buffer_tokens,
-            slot_bytes,
-        );
+        Self::ensure_rings(&mut self.combine_rings, topo, self.rank, channels, self.config.buffer_tokens, slot_bytes);
         let mine = checked.map(|_| Post {
             sig: Signature {
                 op: "combine",
@@ -639,17 +489,13 @@ impl Communicator for CpuRank {
             source_token: &handle.source_token,
             record: &state.record,
         };
-        let got = combine::run(&self.ctx(), &rings, &input)?;
+        let got = combine::run(&self.ctx(), &rings, &input, &mut self.combine_scratch)?;
         self.traffic.combine.accumulate(&got.traffic);
-        Ok(CombineOutput {
-            x: got.x,
-            topk_weights: got.weights,
-        })
+        Ok(CombineOutput { x: got.x, topk_weights: got.weights })
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.board
-            .barrier(self.rank, Duration::from_millis(self.config.timeout_ms))
+        self.board.barrier(self.rank, Duration::from_millis(self.config.timeout_ms))
     }
 
     fn traffic(&self) -> &TrafficLog {

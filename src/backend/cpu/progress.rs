@@ -24,34 +24,26 @@ pub(crate) struct Progress {
 
 impl Progress {
     pub(crate) fn new(rank: usize, timeout: Duration) -> Self {
-        Self {
-            rank,
-            timeout,
-            last: Instant::now(),
-            idle: 0,
-        }
+        Self { rank, timeout, last: Instant::now(), idle: 0 }
     }
 
     /// Record one pass of the loop; idle passes back off, and a stall past the
     /// deadline fails with where the first blocked role was waiting.
-    pub(crate) fn step(
-        &mut self,
-        progressed: bool,
-        blocked: impl FnOnce() -> Option<Blocked>,
-    ) -> Result<()> {
+    pub(crate) fn step(&mut self, progressed: bool, blocked: impl FnOnce() -> Option<Blocked>) -> Result<()> {
         if progressed {
             self.last = Instant::now();
             self.idle = 0;
             return Ok(());
         }
         self.idle += 1;
-        if self.idle < 32 {
+        if self.idle < 64 {
             std::hint::spin_loop();
-        } else if self.idle < 4096 {
+        } else if self.idle < 256 {
             // Other ranks share the cores: let them run.
             std::thread::yield_now();
         } else {
-            std::thread::sleep(Duration::from_micros(50));
+            // Long waits block instead of burning a core in sched_yield.
+            std::thread::sleep(Duration::from_micros(20));
         }
         if self.idle % 64 == 0 && self.last.elapsed() > self.timeout {
             let b = blocked().unwrap_or(Blocked {

@@ -31,13 +31,7 @@ impl Ring {
         let slot_bytes = slot_bytes.max(1).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
         let words = slots * slot_bytes / SLOT_ALIGN;
         let data = (0..words).map(|_| UnsafeCell::new(0u128)).collect();
-        Self {
-            slots,
-            slot_bytes,
-            data,
-            head: CachePadded::new(AtomicU64::new(0)),
-            tail: CachePadded::new(AtomicU64::new(0)),
-        }
+        Self { slots, slot_bytes, data, head: CachePadded::new(AtomicU64::new(0)), tail: CachePadded::new(AtomicU64::new(0)) }
     }
 
     /// Whether this ring can carry `slots` slots of `slot_bytes` bytes.
@@ -68,11 +62,7 @@ impl Ring {
     fn slot_ptr(&self, pos: u64) -> *mut u8 {
         let index = (pos % self.slots as u64) as usize;
         // SAFETY: index < slots, so the offset stays inside `data`.
-        unsafe {
-            UnsafeCell::raw_get(self.data.as_ptr())
-                .cast::<u8>()
-                .add(index * self.slot_bytes)
-        }
+        unsafe { UnsafeCell::raw_get(self.data.as_ptr()).cast::<u8>().add(index * self.slot_bytes) }
     }
 
     /// The slot at `pos`, for writing.

@@ -38,25 +38,12 @@ pub(crate) struct DispatchSlot {
 pub(crate) const NOT_SENT: u32 = u32::MAX;
 
 impl DispatchSlot {
-    pub(crate) fn new(
-        ranks_per_node: usize,
-        k: usize,
-        groups: usize,
-        payload_bytes: usize,
-    ) -> Self {
+    pub(crate) fn new(ranks_per_node: usize, k: usize, groups: usize, payload_bytes: usize) -> Self {
         let off_ids = (8 + 4 * ranks_per_node).div_ceil(8) * 8;
         let off_weights = off_ids + 8 * k;
         let off_scales = off_weights + 4 * k;
         let off_payload = (off_scales + 4 * groups).div_ceil(ALIGN) * ALIGN;
-        Self {
-            k,
-            groups,
-            off_ids,
-            off_weights,
-            off_scales,
-            off_payload,
-            payload_bytes,
-        }
+        Self { k, groups, off_ids, off_weights, off_scales, off_payload, payload_bytes }
     }
 
     /// Bytes of one slot.
@@ -124,28 +111,26 @@ pub(crate) struct CombineSlot {
 
 impl CombineSlot {
     pub(crate) fn new(weights: usize, payload_bytes: usize) -> Self {
-        Self {
-            kw: weights,
-            off_payload: (8 + 4 * weights).div_ceil(ALIGN) * ALIGN,
-            payload_bytes,
-        }
+        Self { kw: weights, off_payload: (8 + 4 * weights).div_ceil(ALIGN) * ALIGN, payload_bytes }
     }
 
     pub(crate) fn bytes(&self) -> usize {
         self.off_payload + self.payload_bytes
     }
 
-    pub(crate) fn write(
-        &self,
-        s: &mut [u8],
-        src_rank: u32,
-        src_token: u32,
-        weights: &[f32],
-        payload: &[u8],
-    ) {
+    pub(crate) fn write(&self, s: &mut [u8], src_rank: u32, src_token: u32, weights: &[f32], payload: &[u8]) {
+        self.write_header(s, src_rank, src_token, weights);
+        s[self.off_payload..self.off_payload + payload.len()].copy_from_slice(payload);
+    }
+
+    /// Everything but the payload (which the caller fills through [`CombineSlot::payload_mut`]).
+    pub(crate) fn write_header(&self, s: &mut [u8], src_rank: u32, src_token: u32, weights: &[f32]) {
         wr(s, 0, &[src_rank, src_token]);
         wr(s, 8, &weights[..self.kw]);
-        s[self.off_payload..self.off_payload + payload.len()].copy_from_slice(payload);
+    }
+
+    pub(crate) fn payload_mut<'a>(&self, s: &'a mut [u8]) -> &'a mut [u8] {
+        &mut s[self.off_payload..self.off_payload + self.payload_bytes]
     }
 
     pub(crate) fn src_rank(&self, s: &[u8]) -> u32 {
@@ -175,16 +160,7 @@ mod tests {
         assert_eq!(l.bytes() % 16, 0);
         let mut s = vec![0u8; l.bytes()];
         let payload: Vec<u8> = (0..=255).collect();
-        l.write(
-            &mut s,
-            7,
-            9,
-            &[1, NOT_SENT, 4],
-            &[-1, 42],
-            &[0.0, 0.5],
-            &[2.5],
-            &payload,
-        );
+        l.write(&mut s, 7, 9, &[1, NOT_SENT, 4], &[-1, 42], &[0.0, 0.5], &[2.5], &payload);
         assert_eq!((l.src_rank(&s), l.src_token(&s)), (7, 9));
         assert_eq!((l.pos(&s, 0), l.pos(&s, 1), l.pos(&s, 2)), (1, NOT_SENT, 4));
         let (mut ids, mut w, mut sc) = ([0i64; 2], [0f32; 2], [0f32; 1]);
@@ -203,10 +179,7 @@ mod tests {
         l.write(&mut s, 1, 2, &[0.25, 0.5, 0.75], &payload);
         let mut w = [0f32; 3];
         l.weights(&s, &mut w);
-        assert_eq!(
-            (l.src_rank(&s), l.src_token(&s), w),
-            (1, 2, [0.25, 0.5, 0.75])
-        );
+        assert_eq!((l.src_rank(&s), l.src_token(&s), w), (1, 2, [0.25, 0.5, 0.75]));
         assert_eq!(l.payload(&s), &payload);
     }
 }
