@@ -361,7 +361,9 @@ pub fn run_cpu(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Protocol { rank: usize::MAX, detail: "a rank thread panicked".into() })))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| Err(Error::Protocol { rank: usize::MAX, detail: "a rank thread panicked".into() }))
+            })
             .collect()
     });
     let mut runs = Vec::with_capacity(results.len());
@@ -487,7 +489,10 @@ pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], me
                 config: spec.config.clone(),
                 time_us,
                 logical_gbps,
-                physical_gbps: PhysicalGbps { inter_node: m.inter_node_bytes / secs / 1e9, intra_node: m.intra_node_bytes / secs / 1e9 },
+                physical_gbps: PhysicalGbps {
+                    inter_node: m.inter_node_bytes / secs / 1e9,
+                    intra_node: m.intra_node_bytes / secs / 1e9,
+                },
                 ratio_to_memcpy: if memcpy_gbps > 0.0 { logical_gbps / memcpy_gbps } else { 0.0 },
                 wrong: m.wrong,
             }
@@ -564,7 +569,11 @@ pub fn source_commit() -> Option<String> {
         return Some(c.to_string());
     }
     let dir = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new("git").args(["-C", dir, "rev-parse", "HEAD"]).stderr(std::process::Stdio::null()).output().ok()?;
+    let out = std::process::Command::new("git")
+        .args(["-C", dir, "rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
@@ -586,11 +595,7 @@ pub fn source_commit() -> Option<String> {
 
 /// The machine description for a report.
 pub fn machine(gpus: Vec<String>) -> Machine {
-    Machine {
-        hostname: crate::probe::hostname(),
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        gpus,
-    }
+    Machine { hostname: crate::probe::hostname(), cpus: std::thread::available_parallelism().map_or(1, |n| n.get()), gpus }
 }
 
 #[cfg(test)]
@@ -660,8 +665,10 @@ mod tests {
         assert_eq!((back.schema, &back.machine, &back.commit, &back.date), (r.schema, &r.machine, &r.commit, &r.date));
         assert_eq!(back.results.len(), r.results.len());
         for (a, b) in back.results.iter().zip(&r.results) {
-            assert_eq!((a.op, a.dtype, &a.backend, a.shape, a.topology, a.routing, a.num_sms, &a.config, a.wrong),
-                       (b.op, b.dtype, &b.backend, b.shape, b.topology, b.routing, b.num_sms, &b.config, b.wrong));
+            assert_eq!(
+                (a.op, a.dtype, &a.backend, a.shape, a.topology, a.routing, a.num_sms, &a.config, a.wrong),
+                (b.op, b.dtype, &b.backend, b.shape, b.topology, b.routing, b.num_sms, &b.config, b.wrong)
+            );
             let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * y.abs().max(1.0);
             assert!(close(a.logical_gbps, b.logical_gbps) && close(a.ratio_to_memcpy, b.ratio_to_memcpy));
             assert!(close(a.physical_gbps.inter_node, b.physical_gbps.inter_node));
@@ -676,8 +683,19 @@ mod tests {
         }
         let e = &v["results"][0];
         for key in [
-            "op", "dtype", "backend", "shape", "topology", "routing", "num_sms", "config", "time_us", "logical_gbps",
-            "physical_gbps", "ratio_to_memcpy", "wrong",
+            "op",
+            "dtype",
+            "backend",
+            "shape",
+            "topology",
+            "routing",
+            "num_sms",
+            "config",
+            "time_us",
+            "logical_gbps",
+            "physical_gbps",
+            "ratio_to_memcpy",
+            "wrong",
         ] {
             assert!(e.get(key).is_some(), "missing results[].{key}");
         }

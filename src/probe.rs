@@ -65,7 +65,19 @@ impl Probe {
         let libs: Vec<String> = self
             .libraries
             .iter()
-            .map(|l| format!("{} {}", l.name, if l.loadable { "loads" } else if l.paths.is_empty() { "missing" } else { "present but not loadable" }))
+            .map(|l| {
+                format!(
+                    "{} {}",
+                    l.name,
+                    if l.loadable {
+                        "loads"
+                    } else if l.paths.is_empty() {
+                        "missing"
+                    } else {
+                        "present but not loadable"
+                    }
+                )
+            })
             .collect();
         format!("{}, {} GPU(s)", libs.join(", "), self.gpus.len())
     }
@@ -303,12 +315,8 @@ mod tests {
 
     #[test]
     fn backend_resolution() {
-        let fake = |usable: bool| move || Probe {
-            libraries: vec![],
-            gpus: vec![],
-            peer_access: vec![],
-            cuda_usable: usable,
-            reason: "test".into(),
+        let fake = |usable: bool| {
+            move || Probe { libraries: vec![], gpus: vec![], peer_access: vec![], cuda_usable: usable, reason: "test".into() }
         };
         assert_eq!(resolve_backend(BackendChoice::Cpu, || unreachable!()).unwrap().0, BackendKind::Cpu);
         let e = resolve_backend(BackendChoice::Cuda, fake(true)).unwrap_err();

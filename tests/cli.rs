@@ -27,9 +27,26 @@ fn help_lists_the_subcommands_and_bench_flags() {
     assert!(out.status.success());
     let s = text(&out.stdout);
     for flag in [
-        "--backend", "--nodes", "--ranks-per-node", "--tokens", "--hidden", "--topk", "--experts", "--dtype", "--routing",
-        "--max-nodes", "--seed", "--warmup", "--iters", "--check", "--json", "--config", "--channels", "--chunk-tokens",
-        "--buffer-tokens", "SWITCHYARD_CONFIG",
+        "--backend",
+        "--nodes",
+        "--ranks-per-node",
+        "--tokens",
+        "--hidden",
+        "--topk",
+        "--experts",
+        "--dtype",
+        "--routing",
+        "--max-nodes",
+        "--seed",
+        "--warmup",
+        "--iters",
+        "--check",
+        "--json",
+        "--config",
+        "--channels",
+        "--chunk-tokens",
+        "--buffer-tokens",
+        "SWITCHYARD_CONFIG",
     ] {
         assert!(s.contains(flag), "bench --help lacks {flag}:\n{s}");
     }
@@ -85,10 +102,38 @@ fn tiny_bench_check_writes_valid_json_with_nothing_wrong() {
     // The file sets channels and chunk; the flag overrides the chunk.
     std::fs::write(&cfg, "num_channels = 3\nchunk_tokens = 8\nbuffer_tokens = 16\n").unwrap();
     let out = switchyard(&[
-        "bench", "--backend", "auto", "--nodes", "2", "--ranks-per-node", "2", "--tokens", "48", "--hidden", "256",
-        "--topk", "4", "--experts", "16", "--dtype", "fp8", "--routing", "node-limited", "--max-nodes", "1",
-        "--warmup", "1", "--iters", "2", "--check", "--config", cfg.to_str().unwrap(), "--chunk-tokens", "4",
-        "--json", json.to_str().unwrap(),
+        "bench",
+        "--backend",
+        "auto",
+        "--nodes",
+        "2",
+        "--ranks-per-node",
+        "2",
+        "--tokens",
+        "48",
+        "--hidden",
+        "256",
+        "--topk",
+        "4",
+        "--experts",
+        "16",
+        "--dtype",
+        "fp8",
+        "--routing",
+        "node-limited",
+        "--max-nodes",
+        "1",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--chunk-tokens",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
     ]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");

@@ -136,8 +136,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
@@ -278,7 +281,8 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
     print!("{}", bench::format_table(&results, memcpy_gbps));
 
     if let Some(path) = &a.json {
-        let gpus = if backend == BackendKind::Cpu { Vec::new() } else { probe::probe().gpus.into_iter().map(|g| g.name).collect() };
+        let gpus =
+            if backend == BackendKind::Cpu { Vec::new() } else { probe::probe().gpus.into_iter().map(|g| g.name).collect() };
         let report = Report {
             schema: bench::SCHEMA_VERSION,
             machine: bench::machine(gpus),
@@ -312,13 +316,13 @@ fn routing_name(r: RoutingKind) -> &'static str {
 
 fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
     let backend = choose_backend(a.backend)?;
-    let cases: Vec<_> = conformance::standard_cases()
-        .into_iter()
-        .filter(|c| a.filter.as_deref().map_or(true, |f| c.name.contains(f)))
-        .collect();
+    let cases: Vec<_> =
+        conformance::standard_cases().into_iter().filter(|c| a.filter.as_deref().map_or(true, |f| c.name.contains(f))).collect();
     if cases.is_empty() {
         return Err(match &a.filter {
-            Some(f) => Error::InvalidArgument { arg: "--filter".into(), reason: format!("no conformance case name contains {f:?}") },
+            Some(f) => {
+                Error::InvalidArgument { arg: "--filter".into(), reason: format!("no conformance case name contains {f:?}") }
+            }
             None => Error::InvalidArgument { arg: "conformance cases".into(), reason: "none are defined".into() },
         });
     }
@@ -363,7 +367,10 @@ fn cmd_info() -> Result<ExitCode, Error> {
             println!("            {}", path.display());
         }
         if !l.loadable && !l.paths.is_empty() {
-            println!("            (present under a name cudarc does not open; e.g. add a {}.so symlink to LD_LIBRARY_PATH)", l.name);
+            println!(
+                "            (present under a name cudarc does not open; e.g. add a {}.so symlink to LD_LIBRARY_PATH)",
+                l.name
+            );
         }
     }
     println!("  searched: LD_LIBRARY_PATH and {}", probe::SYSTEM_LIB_DIRS.join(", "));
