@@ -84,9 +84,20 @@ pub struct BenchSpec {
     pub iters: usize,
     /// After timing, run each op once more and compare with the oracle.
     pub check: bool,
+    /// Dispatch options (FP8 on the wire for BF16 input, expert alignment).
+    pub options: DispatchOptions,
 }
 
 impl BenchSpec {
+    /// Row type on the wire: FP8 when the input is FP8 or FP8 is asked for on the wire.
+    pub fn wire_dtype(&self) -> DType {
+        if self.options.fp8_on_wire {
+            DType::Fp8
+        } else {
+            self.workload.dtype
+        }
+    }
+
     /// Progress steps of a run: every iteration of every op, plus one per op for the check.
     pub fn total_steps(&self) -> u64 {
         let per_op = (self.warmup + self.iters + usize::from(self.check)) as u64;
@@ -249,13 +260,22 @@ struct RankRun {
     checked: Option<(DispatchOutput, Rows, CombineOutput, Vec<bf16>)>,
 }
 
-/// Barrier, then time one call on this rank (the call's output is dropped after the clock stops).
-fn time_call<T>(comm: &mut dyn Communicator, f: &mut impl FnMut(&mut dyn Communicator) -> Result<T>) -> Result<f64> {
+/// What a timed call returned; received rows go back to the communicator for reuse.
+enum CallOutput {
+    Rows(Rows),
+    Other,
+}
+
+/// Barrier, then time one call on this rank. Its output is handed back
+/// ([`Communicator::recycle_rows`]) or dropped after the clock stops.
+fn time_call(comm: &mut dyn Communicator, f: &mut impl FnMut(&mut dyn Communicator) -> Result<CallOutput>) -> Result<f64> {
     comm.barrier()?;
     let t0 = Instant::now();
     let out = f(comm)?;
     let dt = t0.elapsed().as_secs_f64();
-    drop(out);
+    if let CallOutput::Rows(rows) = out {
+        comm.recycle_rows(rows);
+    }
     Ok(dt)
 }
 
@@ -263,7 +283,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     let w = &spec.workload;
     let (k, hidden) = (w.topk, w.hidden);
     let layout = Layout::new(&input.topk_idx, k, w.num_experts, w.topology)?;
-    let opts = DispatchOptions::default();
+    let opts = spec.options;
     let x = input.x.as_ref();
     let mut seconds: [Vec<f64>; 3] = Default::default();
     let mut physical = [(0u64, 0u64); 3];
@@ -273,18 +293,20 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     let y = workload::expert_outputs(&recv.x, comm.rank());
     let rows = recv.x.num_rows() as u64;
     let logical = [
-        rows * w.dtype.row_bytes(hidden) as u64,
-        rows * w.dtype.row_bytes(hidden) as u64,
+        rows * spec.wire_dtype().row_bytes(hidden) as u64,
+        rows * spec.wire_dtype().row_bytes(hidden) as u64,
         rows * DType::Bf16.row_bytes(hidden) as u64,
     ];
 
     for (i, op) in Op::ALL.into_iter().enumerate() {
-        // Outputs are returned, so they are dropped only after the clock stops.
-        let mut call = |c: &mut dyn Communicator| -> Result<Box<dyn std::any::Any>> {
+        let mut call = |c: &mut dyn Communicator| -> Result<CallOutput> {
             Ok(match op {
-                Op::Dispatch => Box::new(c.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?),
-                Op::DispatchCached => Box::new(c.dispatch_cached(x, &handle, &opts)?),
-                Op::Combine => Box::new(c.combine(&y, hidden, &handle, None)?),
+                Op::Dispatch => CallOutput::Rows(c.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?.0.x),
+                Op::DispatchCached => CallOutput::Rows(c.dispatch_cached(x, &handle, &opts)?),
+                Op::Combine => {
+                    c.combine(&y, hidden, &handle, None)?;
+                    CallOutput::Other
+                }
             })
         };
         for _ in 0..spec.warmup {
@@ -397,12 +419,12 @@ pub fn run_cpu(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
 /// `[op]` mismatches of the checked calls against the serial oracle.
 fn check_against_oracle(spec: &BenchSpec, inputs: &[RankInput], runs: &[RankRun]) -> [u64; 3] {
     let w = &spec.workload;
-    let want = crate::oracle::dispatch(w.topology, w.num_experts, w.topk, inputs, &DispatchOptions::default());
+    let want = crate::oracle::dispatch(w.topology, w.num_experts, w.topk, inputs, &spec.options);
     let mut wrong = [0u64; 3];
     let checked: Vec<_> = runs.iter().map(|r| r.checked.as_ref().expect("checked run")).collect();
     for (rank, (d, cached, _, _)) in checked.iter().enumerate() {
         wrong[0] += crate::conformance::count_wrong_dispatch(d, &want[rank]) as u64;
-        wrong[1] += count_wrong_rows(cached, &want[rank].x) as u64;
+        wrong[1] += crate::conformance::count_wrong_rows(cached, &want[rank].x) as u64;
     }
     // Combine: every rank's expert outputs computed from the oracle's received rows.
     let ys: Vec<Vec<bf16>> = want.iter().enumerate().map(|(r, o)| workload::expert_outputs(&o.x, r)).collect();
@@ -413,18 +435,6 @@ fn check_against_oracle(spec: &BenchSpec, inputs: &[RankInput], runs: &[RankRun]
         wrong[2] += crate::conformance::count_wrong_combine(c, &want_c[rank], &abs[rank]) as u64;
     }
     wrong
-}
-
-/// Rows of `got` whose payload or scales differ from `want` (bit-exact), plus
-/// the difference in row counts.
-pub fn count_wrong_rows(got: &Rows, want: &Rows) -> usize {
-    if got.dtype() != want.dtype() || got.hidden() != want.hidden() {
-        return got.num_rows().max(want.num_rows()).max(1);
-    }
-    let (g, w) = (got.as_ref(), want.as_ref());
-    let n = g.num_rows().min(w.num_rows());
-    let differing = (0..n).filter(|&i| g.row_payload(i) != w.row_payload(i) || g.row_scales(i) != w.row_scales(i)).count();
-    differing + g.num_rows().abs_diff(w.num_rows())
 }
 
 /// memcpy bandwidth in GB/s: `threads` threads copy `bytes_per_thread` each, in
@@ -480,7 +490,7 @@ pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], me
             let logical_gbps = m.logical_bytes as f64 / secs / 1e9;
             OpResult {
                 op: m.op,
-                dtype: if m.op == Op::Combine { DType::Bf16 } else { w.dtype },
+                dtype: if m.op == Op::Combine { DType::Bf16 } else { spec.wire_dtype() },
                 backend: backend.into(),
                 shape: Shape { tokens: w.tokens, hidden: w.hidden, topk: w.topk, experts: w.num_experts },
                 topology: w.topology,
@@ -620,6 +630,7 @@ mod tests {
             warmup: 0,
             iters: 4,
             check: false,
+            options: DispatchOptions::default(),
         };
         let ms: Vec<Measurement> = Op::ALL
             .into_iter()
@@ -743,18 +754,6 @@ mod tests {
         assert_eq!(iso8601_utc(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         assert_eq!(iso8601_utc(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
         assert_eq!(iso8601_utc(UNIX_EPOCH + Duration::from_secs(1_735_689_599)), "2024-12-31T23:59:59Z");
-    }
-
-    #[test]
-    fn wrong_rows_are_counted() {
-        let a = Rows::Bf16 { hidden: 2, data: vec![bf16::ONE; 6] };
-        let mut b = a.clone();
-        assert_eq!(count_wrong_rows(&a, &b), 0);
-        if let Rows::Bf16 { data, .. } = &mut b {
-            data[3] = bf16::ZERO;
-            data.truncate(4);
-        }
-        assert_eq!(count_wrong_rows(&a, &b), 2); // one differing row + one missing
     }
 
     #[test]

@@ -202,7 +202,8 @@ pub fn run_case_on(case: &Case, ranks: Vec<Box<dyn Communicator>>) -> CaseReport
         handles
             .into_iter()
             .map(|h| {
-                h.join().unwrap_or_else(|_| Err(crate::Error::Protocol { rank: usize::MAX, detail: "rank thread panicked".into() }))
+                h.join()
+                    .unwrap_or_else(|_| Err(crate::Error::Protocol { rank: usize::MAX, detail: "rank thread panicked".into() }))
             })
             .collect()
     });
@@ -216,19 +217,18 @@ pub fn run_case_on(case: &Case, ranks: Vec<Box<dyn Communicator>>) -> CaseReport
     report(check_results(case, &inputs, &ok), None)
 }
 
-/// Rows of `got` that differ from `want` (payload bytes and scales, bit-exact); a
-/// row count mismatch counts every row of the larger side.
+/// Rows of `got` whose payload or scales differ from `want` (bit-exact), plus the
+/// difference in row counts; a dtype or hidden-size mismatch counts every row.
 pub fn count_wrong_rows(got: &Rows, want: &Rows) -> usize {
-    if got.num_rows() != want.num_rows() || got.hidden() != want.hidden() || got.dtype() != want.dtype() {
+    if got.dtype() != want.dtype() || got.hidden() != want.hidden() {
         return got.num_rows().max(want.num_rows()).max(1);
     }
     let (g, w) = (got.as_ref(), want.as_ref());
-    (0..got.num_rows())
-        .filter(|&i| {
-            g.row_payload(i) != w.row_payload(i)
-                || g.row_scales(i).iter().map(|v| v.to_bits()).ne(w.row_scales(i).iter().map(|v| v.to_bits()))
-        })
-        .count()
+    let n = g.num_rows().min(w.num_rows());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let differing =
+        (0..n).filter(|&i| g.row_payload(i) != w.row_payload(i) || bits(g.row_scales(i)) != bits(w.row_scales(i))).count();
+    differing + g.num_rows().abs_diff(w.num_rows())
 }
 
 /// Rows of a dispatch output that differ from the oracle's (rows, routing, sources),
@@ -298,6 +298,18 @@ pub fn count_wrong_combine(got: &CombineOutput, want: &CombineOutput, abs_sum: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wrong_rows_are_counted() {
+        let a = Rows::Bf16 { hidden: 2, data: vec![bf16::ONE; 6] };
+        let mut b = a.clone();
+        assert_eq!(count_wrong_rows(&a, &b), 0);
+        if let Rows::Bf16 { data, .. } = &mut b {
+            data[3] = bf16::ZERO;
+            data.truncate(4);
+        }
+        assert_eq!(count_wrong_rows(&a, &b), 2); // one differing row + one missing
+    }
 
     #[test]
     fn comparisons_catch_a_single_flipped_value() {

@@ -41,11 +41,11 @@ pub mod conformance;
 pub mod error;
 pub mod handle;
 pub mod oracle;
+pub mod probe;
 pub mod quant;
 pub mod routing;
 pub mod tensor;
 pub mod topology;
-pub mod probe;
 pub mod workload;
 
 pub use backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Traffic, TrafficLog};

@@ -92,6 +92,23 @@ impl Rows {
         }
     }
 
+    /// Rows of the given type and shape in the memory of `spare` when it has the
+    /// same type (contents unspecified: the caller overwrites every row), else new zeroed rows.
+    pub fn reuse(spare: Option<Rows>, dtype: DType, num_rows: usize, hidden: usize) -> Self {
+        match (spare, dtype) {
+            (Some(Rows::Bf16 { mut data, .. }), DType::Bf16) => {
+                data.resize(num_rows * hidden, bf16::ZERO);
+                Rows::Bf16 { hidden, data }
+            }
+            (Some(Rows::Fp8 { mut data, mut scales, .. }), DType::Fp8) => {
+                data.resize(num_rows * hidden, 0);
+                scales.resize(num_rows * (hidden / SCALE_GROUP), 0.0);
+                Rows::Fp8 { hidden, data, scales }
+            }
+            _ => Rows::zeros(dtype, num_rows, hidden),
+        }
+    }
+
     /// A borrowed view.
     pub fn as_ref(&self) -> RowsRef<'_> {
         match self {

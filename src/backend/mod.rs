@@ -159,4 +159,12 @@ pub trait Communicator: Send {
 
     /// Zero the traffic counters.
     fn reset_traffic(&mut self);
+
+    /// Hand back rows this communicator returned (received rows of a dispatch or
+    /// cached dispatch) once you are done with them, so the next dispatch reuses
+    /// their memory instead of mapping and page-faulting tens of MB afresh.
+    /// Optional; the default drops them.
+    fn recycle_rows(&mut self, rows: Rows) {
+        drop(rows);
+    }
 }

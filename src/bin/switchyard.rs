@@ -68,6 +68,9 @@ struct BenchArgs {
     /// Row type of the dispatched rows (fp8: E4M3 with one f32 scale per 128; combine is always bf16).
     #[arg(long, value_enum, default_value_t = DType::Bf16)]
     dtype: DType,
+    /// Send BF16 input as FP8 (E4M3, 1x128 scales), quantized inside dispatch.
+    #[arg(long)]
+    fp8_on_wire: bool,
     /// Routing of the generated workload.
     #[arg(long, value_enum, default_value_t = RoutingKind::Uniform)]
     routing: RoutingKind,
@@ -228,6 +231,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
         warmup: a.warmup,
         iters: a.iters,
         check: a.check,
+        options: switchyard::DispatchOptions { fp8_on_wire: a.fp8_on_wire, expert_alignment: 0 },
     };
     info!(
         "config: num_channels={} chunk_tokens={} buffer_tokens={} timeout_ms={}",

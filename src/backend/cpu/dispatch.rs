@@ -162,8 +162,9 @@ pub(super) fn run(
     plan: &SendPlan,
     recv: &RecvPlan,
     input: &DispatchInput<'_>,
+    spare: Option<Rows>,
 ) -> Result<Delivered> {
-    let mut ex = Exchange::new(ctx, rings, plan, recv, input);
+    let mut ex = Exchange::new(ctx, rings, plan, recv, input, spare);
     let mut progress = Progress::new(ctx.me, ctx.timeout);
     loop {
         let mut moved = ex.send_step()?;
@@ -198,7 +199,14 @@ struct Exchange<'a> {
 }
 
 impl<'a> Exchange<'a> {
-    fn new(ctx: &'a RankCtx, rings: &'a CallRings, plan: &'a SendPlan, recv: &'a RecvPlan, input: &'a DispatchInput<'a>) -> Self {
+    fn new(
+        ctx: &'a RankCtx,
+        rings: &'a CallRings,
+        plan: &'a SendPlan,
+        recv: &'a RecvPlan,
+        input: &'a DispatchInput<'a>,
+        spare: Option<Rows>,
+    ) -> Self {
         let (rpn, nodes, c) = (ctx.topo.ranks_per_node, ctx.topo.num_nodes, ctx.channels);
         let hidden = input.x.hidden();
         let dtype = input.x.dtype();
@@ -215,7 +223,7 @@ impl<'a> Exchange<'a> {
             input,
             slot: DispatchSlot::new(rpn, k, groups, dtype.row_bytes(hidden) - 4 * groups),
             out: Output {
-                x: Rows::zeros(dtype, n, hidden),
+                x: Rows::reuse(spare, dtype, n, hidden),
                 topk_idx: if meta { vec![-1; n * k] } else { Vec::new() },
                 topk_weights: if meta { vec![0.0; n * k] } else { Vec::new() },
                 source_rank: if meta { vec![0; n] } else { Vec::new() },

@@ -63,6 +63,7 @@ impl CpuCluster {
                 dispatch_rings: RingSet::default(),
                 combine_rings: RingSet::default(),
                 combine_scratch: combine::Scratch::default(),
+                spare_rows: None,
             })
             .collect()
     }
@@ -87,6 +88,8 @@ pub struct CpuRank {
     dispatch_rings: RingSet,
     combine_rings: RingSet,
     combine_scratch: combine::Scratch,
+    /// Rows handed back with `recycle_rows`, reused by the next dispatch.
+    spare_rows: Option<Rows>,
 }
 
 /// What every rank must agree on in one collective call.
@@ -373,7 +376,7 @@ impl Communicator for CpuRank {
             with_meta: true,
             rail_tokens: rail_tokens.clone(),
         };
-        let got = dispatch::run(&self.ctx(), &rings, &plan, &recv, &input)?;
+        let got = dispatch::run(&self.ctx(), &rings, &plan, &recv, &input, self.spare_rows.take())?;
         self.traffic.dispatch.accumulate(&got.traffic);
         let align = options.expert_alignment.max(1);
         let output = DispatchOutput {
@@ -439,7 +442,7 @@ impl Communicator for CpuRank {
             with_meta: false,
             rail_tokens: state.rail_tokens.clone(),
         };
-        let got = dispatch::run(&self.ctx(), &rings, &state.plan, &state.recv, &input)?;
+        let got = dispatch::run(&self.ctx(), &rings, &state.plan, &state.recv, &input, self.spare_rows.take())?;
         self.traffic.dispatch.accumulate(&got.traffic);
         Ok(got.x)
     }
@@ -504,5 +507,9 @@ impl Communicator for CpuRank {
 
     fn reset_traffic(&mut self) {
         self.traffic = TrafficLog::default();
+    }
+
+    fn recycle_rows(&mut self, rows: Rows) {
+        self.spare_rows = Some(rows);
     }
 }
