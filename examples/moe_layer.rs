@@ -93,7 +93,14 @@ struct Outcome {
     worst_ratio: f32,
 }
 
-fn run_layer(topo: Topology, tokens: usize, hidden: usize, num_experts: usize, topk: usize, max_nodes: Option<usize>) -> Result<Outcome, String> {
+fn run_layer(
+    topo: Topology,
+    tokens: usize,
+    hidden: usize,
+    num_experts: usize,
+    topk: usize,
+    max_nodes: Option<usize>,
+) -> Result<Outcome, String> {
     let model = std::sync::Arc::new(Model::new(hidden, num_experts, topk, 0x5eed));
     let world = topo.world();
     let per_rank = num_experts / world;
@@ -124,7 +131,9 @@ fn run_layer(topo: Topology, tokens: usize, hidden: usize, num_experts: usize, t
                     let mut y = Vec::with_capacity(n * hidden);
                     for i in 0..n {
                         let row = match &recv.x {
-                            Rows::Bf16 { data, .. } => data[i * hidden..(i + 1) * hidden].iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                            Rows::Bf16 { data, .. } => {
+                                data[i * hidden..(i + 1) * hidden].iter().map(|v| v.to_f32()).collect::<Vec<_>>()
+                            }
                             Rows::Fp8 { .. } => recv.x.row_f32(i),
                         };
                         let mut acc = vec![0f32; hidden];
@@ -176,7 +185,10 @@ fn run_layer(topo: Topology, tokens: usize, hidden: usize, num_experts: usize, t
                 max_abs_err = max_abs_err.max(err);
                 worst_ratio = worst_ratio.max(err / bound);
                 if !(err <= bound) {
-                    return Err(format!("rank {r} token {t} element {h}: got {g}, reference {}, error {err} > bound {bound}", want[h]));
+                    return Err(format!(
+                        "rank {r} token {t} element {h}: got {g}, reference {}, error {err} > bound {bound}",
+                        want[h]
+                    ));
                 }
             }
         }

@@ -118,7 +118,8 @@ fn combine_gradient_is_cached_dispatch(topo: Topology, seed: u64) {
     let inputs = Arc::new(s.generate().unwrap());
     let want = oracle::dispatch(topo, s.num_experts, s.topk, &inputs, &DispatchOptions::default());
     // Upstream gradient of combine's output, [T, H] per rank.
-    let grad_out: Arc<Vec<Vec<bf16>>> = Arc::new((0..topo.world()).map(|r| bf16_values(1000 + r as u64, s.tokens * s.hidden)).collect());
+    let grad_out: Arc<Vec<Vec<bf16>>> =
+        Arc::new((0..topo.world()).map(|r| bf16_values(1000 + r as u64, s.tokens * s.hidden)).collect());
     let (ins, s2, go) = (inputs.clone(), s.clone(), grad_out.clone());
     let got = run_cluster(&what, topo, test_config(20_000), DEADLINE, move |comm| {
         let r = comm.rank();
@@ -131,7 +132,8 @@ fn combine_gradient_is_cached_dispatch(topo: Topology, seed: u64) {
         let y = switchyard::workload::expert_outputs(&recv.x, r);
         comm.combine(&y, s2.hidden, &handle, None).unwrap_or_else(|e| panic!("rank {r}: forward combine: {e}"));
         let g = RowsRef::Bf16 { hidden: s2.hidden, data: &go[r] };
-        comm.dispatch_cached(g, &handle, &DispatchOptions::default()).unwrap_or_else(|e| panic!("rank {r}: cached dispatch of gradients: {e}"))
+        comm.dispatch_cached(g, &handle, &DispatchOptions::default())
+            .unwrap_or_else(|e| panic!("rank {r}: cached dispatch of gradients: {e}"))
     });
     let mut rows_seen = 0;
     for (d, grad_y) in got.iter().enumerate() {
@@ -148,7 +150,13 @@ fn combine_gradient_is_cached_dispatch(topo: Topology, seed: u64) {
                 assert_eq!(*hidden, s.hidden, "{what}: rank {d}: dL/dy hidden");
                 assert_eq!(data.len(), exp.len(), "{what}: rank {d}: dL/dy has {} elements, expected {}", data.len(), exp.len());
                 if let Some(i) = (0..data.len()).find(|&i| data[i].to_bits() != exp[i].to_bits()) {
-                    panic!("{what}: rank {d}: dL/dy row {} element {}: got {}, expected {} (BF16 copies must be exact)", i / s.hidden, i % s.hidden, data[i], exp[i]);
+                    panic!(
+                        "{what}: rank {d}: dL/dy row {} element {}: got {}, expected {} (BF16 copies must be exact)",
+                        i / s.hidden,
+                        i % s.hidden,
+                        data[i],
+                        exp[i]
+                    );
                 }
             }
             other => panic!("{what}: rank {d}: dL/dy came back as {}, expected BF16", other.dtype()),
@@ -222,5 +230,8 @@ fn dispatch_and_combine_are_adjoint() {
     let scale: f64 = got.iter().map(|g| g.2).sum();
     assert!(scale > 0.0, "adjoint: nothing was routed (vacuous)");
     // combine(g) is rounded once to BF16 per element: relative error <= 2^-8 of each term.
-    assert!((lhs - rhs).abs() <= scale / 256.0 + 1e-9, "adjoint: <dispatch(x), g> = {lhs}, <x, combine(g)> = {rhs} (scale {scale})");
+    assert!(
+        (lhs - rhs).abs() <= scale / 256.0 + 1e-9,
+        "adjoint: <dispatch(x), g> = {lhs}, <x, combine(g)> = {rhs} (scale {scale})"
+    );
 }

@@ -79,7 +79,10 @@ where
             Ok(()) => panic!("{test}: rank {r} succeeded, expected an error (bad ranks {bad_set:?})"),
             Err(e) if bad_set.contains(&r) => assert!(own(&e), "{test}: bad rank {r} got the wrong error: {e:?}"),
             Err(Error::PeerFailed { rank, reason }) => {
-                assert!(bad_set.contains(&rank), "{test}: rank {r}: PeerFailed names rank {rank}, not a bad rank {bad_set:?} ({reason})")
+                assert!(
+                    bad_set.contains(&rank),
+                    "{test}: rank {r}: PeerFailed names rank {rank}, not a bad rank {bad_set:?} ({reason})"
+                )
             }
             Err(e) => panic!("{test}: good rank {r} got {e:?}, expected PeerFailed from {bad_set:?}"),
         }
@@ -90,17 +93,31 @@ where
         elapsed < Duration::from_millis(TIMEOUT_MS),
         "{test}: the failed call took {elapsed:?}, at least the wait deadline ({TIMEOUT_MS} ms): ranks waited out a timeout"
     );
-    check_valid_round(&format!("{test} (valid call after the failure)"), comms, &fx.spec, fx.inputs.clone(), DispatchOptions::default(), DEADLINE);
+    check_valid_round(
+        &format!("{test} (valid call after the failure)"),
+        comms,
+        &fx.spec,
+        fx.inputs.clone(),
+        DispatchOptions::default(),
+        DEADLINE,
+    );
 }
 
 /// Dispatch with the fixture's valid inputs (layout from them).
-fn valid_dispatch(comm: &mut CpuRank, inp: &RankInput, fx_spec: &WorkloadSpec) -> switchyard::Result<(switchyard::DispatchOutput, Handle)> {
+fn valid_dispatch(
+    comm: &mut CpuRank,
+    inp: &RankInput,
+    fx_spec: &WorkloadSpec,
+) -> switchyard::Result<(switchyard::DispatchOutput, Handle)> {
     let layout = Layout::new(&inp.topk_idx, fx_spec.topk, fx_spec.num_experts, comm.topology())?;
     comm.dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &DispatchOptions::default())
 }
 
 /// Dispatch where the bad rank passes `bad_idx`/`bad_w` (but the layout of the valid ids).
-fn dispatch_with<FI>(spec: WorkloadSpec, corrupt: FI) -> impl Fn(&mut CpuRank, &RankInput, bool) -> switchyard::Result<()> + Send + Sync + 'static
+fn dispatch_with<FI>(
+    spec: WorkloadSpec,
+    corrupt: FI,
+) -> impl Fn(&mut CpuRank, &RankInput, bool) -> switchyard::Result<()> + Send + Sync + 'static
 where
     FI: Fn(&mut Vec<i64>, &mut Vec<f32>) + Send + Sync + 'static,
 {
@@ -236,7 +253,9 @@ fn dispatch_fp8_scales_length_wrong() {
         move |comm, inp, bad| {
             let layout = Layout::new(&inp.topk_idx, s.topk, s.num_experts, comm.topology())?;
             let x = match (&inp.x, bad) {
-                (Rows::Fp8 { hidden, data, scales }, true) => RowsRef::Fp8 { hidden: *hidden, data, scales: &scales[..scales.len() - 1] },
+                (Rows::Fp8 { hidden, data, scales }, true) => {
+                    RowsRef::Fp8 { hidden: *hidden, data, scales: &scales[..scales.len() - 1] }
+                }
                 (x, _) => x.as_ref(),
             };
             comm.dispatch(x, &inp.topk_idx, &inp.topk_weights, &layout, &DispatchOptions::default()).map(|_| ())
@@ -461,10 +480,11 @@ fn combine_with_handle_from_another_communicator() {
     // Handles made by a first cluster of the same topology, same inputs.
     let s1 = s.clone();
     let inputs = fx.inputs.clone();
-    let foreign: Vec<Handle> = run_cluster("foreign cluster dispatch", s.topology, test_config(TIMEOUT_MS), DEADLINE, move |comm| {
-        let r = comm.rank();
-        valid_dispatch(comm, &inputs[r], &s1).map(|(_, h)| h).unwrap_or_else(|e| panic!("foreign cluster: rank {r}: {e}"))
-    });
+    let foreign: Vec<Handle> =
+        run_cluster("foreign cluster dispatch", s.topology, test_config(TIMEOUT_MS), DEADLINE, move |comm| {
+            let r = comm.rank();
+            valid_dispatch(comm, &inputs[r], &s1).map(|(_, h)| h).unwrap_or_else(|e| panic!("foreign cluster: rank {r}: {e}"))
+        });
     let foreign = Arc::new(foreign);
     expect_failure(
         "combine_with_handle_from_another_communicator",
@@ -541,10 +561,11 @@ fn cached_dispatch_with_handle_from_another_communicator() {
     let s = fx.spec.clone();
     let s1 = s.clone();
     let inputs = fx.inputs.clone();
-    let foreign: Vec<Handle> = run_cluster("foreign cluster dispatch", s.topology, test_config(TIMEOUT_MS), DEADLINE, move |comm| {
-        let r = comm.rank();
-        valid_dispatch(comm, &inputs[r], &s1).map(|(_, h)| h).unwrap_or_else(|e| panic!("foreign cluster: rank {r}: {e}"))
-    });
+    let foreign: Vec<Handle> =
+        run_cluster("foreign cluster dispatch", s.topology, test_config(TIMEOUT_MS), DEADLINE, move |comm| {
+            let r = comm.rank();
+            valid_dispatch(comm, &inputs[r], &s1).map(|(_, h)| h).unwrap_or_else(|e| panic!("foreign cluster: rank {r}: {e}"))
+        });
     let foreign = Arc::new(foreign);
     expect_failure(
         "cached_dispatch_with_handle_from_another_communicator",
@@ -599,9 +620,22 @@ fn fixture_round_is_valid() {
     for dtype in [DType::Bf16, DType::Fp8] {
         let fx = fixture(dtype);
         // The bad rank must receive rows, or the combine-weights tests corrupt nothing.
-        let want = switchyard::oracle::dispatch(fx.spec.topology, fx.spec.num_experts, fx.spec.topk, &fx.inputs, &DispatchOptions::default());
+        let want = switchyard::oracle::dispatch(
+            fx.spec.topology,
+            fx.spec.num_experts,
+            fx.spec.topk,
+            &fx.inputs,
+            &DispatchOptions::default(),
+        );
         assert!(!want[BAD].source_rank.is_empty(), "fixture {dtype}: rank {BAD} receives no rows");
         assert!(fx.inputs[BAD].topk_idx[3..6].iter().any(|&e| e >= 0), "fixture {dtype}: token 1 of rank {BAD} has no expert");
-        check_valid_round(&format!("fixture {dtype}"), ranks(&fx), &fx.spec, fx.inputs.clone(), DispatchOptions::default(), DEADLINE);
+        check_valid_round(
+            &format!("fixture {dtype}"),
+            ranks(&fx),
+            &fx.spec,
+            fx.inputs.clone(),
+            DispatchOptions::default(),
+            DEADLINE,
+        );
     }
 }

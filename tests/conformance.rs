@@ -119,13 +119,7 @@ fn routing_strategy() -> impl Strategy<Value = RoutingKind> {
 
 /// Token counts: 0, 1, small odd, and more than the largest chunk.
 fn tokens_strategy(max: usize) -> BoxedStrategy<usize> {
-    prop_oneof![
-        Just(0usize),
-        Just(1usize),
-        (0..max.min(40) / 2).prop_map(|h| 2 * h + 1),
-        (max / 2..=max),
-    ]
-    .boxed()
+    prop_oneof![Just(0usize), Just(1usize), (0..max.min(40) / 2).prop_map(|h| 2 * h + 1), (max / 2..=max),].boxed()
 }
 
 fn knobs_strategy(
@@ -268,7 +262,10 @@ fn cpu_matches_oracle_edge_cases() {
         ("BF16 input, FP8 on the wire", Knobs { dtype_mode: 2, ..base.clone() }),
         ("alignment 128", Knobs { alignment: 128, ..base.clone() }),
         ("node-limited M=1 on 4x2", Knobs { nodes: 4, per_node: 2, routing: RoutingKind::NodeLimited, ..base.clone() }),
-        ("zipf on 2x4, long run of chunks", Knobs { per_node: 4, routing: RoutingKind::Zipf, tokens: 257, chunk: 3, ..base.clone() }),
+        (
+            "zipf on 2x4, long run of chunks",
+            Knobs { per_node: 4, routing: RoutingKind::Zipf, tokens: 257, chunk: 3, ..base.clone() },
+        ),
         ("no weights in combine, no cached", Knobs { cached: false, combine_weights: false, ..base.clone() }),
     ];
     let mut failures = Vec::new();

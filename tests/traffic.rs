@@ -50,7 +50,9 @@ fn measure(what: &str, spec: &WorkloadSpec, inputs: Arc<Vec<RankInput>>, options
         let fail = |step: &str, e: switchyard::Error| -> ! { panic!("{what_owned}: rank {r}: {step}: {e}") };
         let layout = Layout::new(&inp.topk_idx, s.topk, s.num_experts, comm.topology()).unwrap_or_else(|e| fail("layout", e));
         comm.reset_traffic();
-        let (recv, handle) = comm.dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &options).unwrap_or_else(|e| fail("dispatch", e));
+        let (recv, handle) = comm
+            .dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &options)
+            .unwrap_or_else(|e| fail("dispatch", e));
         let dispatch = comm.traffic().clone();
         comm.reset_traffic();
         comm.dispatch_cached(inp.x.as_ref(), &handle, &options).unwrap_or_else(|e| fail("cached dispatch", e));
@@ -90,8 +92,9 @@ fn check_routes(what: &str, spec: &WorkloadSpec, options: DispatchOptions) {
     let row_bytes = if options.fp8_on_wire { DType::Fp8 } else { spec.dtype }.row_bytes(spec.hidden) as u64;
 
     // sent[r][m]: tokens of r with an expert on node m (the expected inter-node rows for m != node(r)).
-    let sent: Vec<Vec<u64>> =
-        (0..world).map(|r| (0..nodes).map(|n| tokens_touching_node(&inputs[r].topk_idx, k, per_node, n) as u64).collect()).collect();
+    let sent: Vec<Vec<u64>> = (0..world)
+        .map(|r| (0..nodes).map(|n| tokens_touching_node(&inputs[r].topk_idx, k, per_node, n) as u64).collect())
+        .collect();
     // ranks_hit(r, t, n): ranks of node n that token t of r goes to.
     let ranks_hit = |r: usize, t: usize, n: usize| -> u64 {
         let row = &inputs[r].topk_idx[t * k..(t + 1) * k];
@@ -102,7 +105,11 @@ fn check_routes(what: &str, spec: &WorkloadSpec, options: DispatchOptions) {
         let (n, l) = (topo.node_of(r), topo.local_of(r));
         for (label, log) in [("dispatch", &m[r].dispatch), ("cached dispatch", &m[r].cached)] {
             let d = &log.dispatch;
-            assert_eq!(d.inter_node_rows_to_node.len(), nodes, "{what}: rank {r}: {label}: inter_node_rows_to_node has wrong length");
+            assert_eq!(
+                d.inter_node_rows_to_node.len(),
+                nodes,
+                "{what}: rank {r}: {label}: inter_node_rows_to_node has wrong length"
+            );
             for node in 0..nodes {
                 let want = if node == n { 0 } else { sent[r][node] };
                 assert_eq!(
@@ -135,13 +142,24 @@ fn check_routes(what: &str, spec: &WorkloadSpec, options: DispatchOptions) {
                 d.local.rows
             );
             // Combine counters untouched by a dispatch.
-            assert_eq!(log.combine.inter_node.rows + log.combine.intra_node.rows + log.combine.local.rows, 0, "{what}: rank {r}: {label} counted combine traffic");
+            assert_eq!(
+                log.combine.inter_node.rows + log.combine.intra_node.rows + log.combine.local.rows,
+                0,
+                "{what}: rank {r}: {label} counted combine traffic"
+            );
         }
-        assert_eq!(m[r].cached.dispatch, m[r].dispatch.dispatch, "{what}: rank {r}: cached dispatch moved different traffic than dispatch");
+        assert_eq!(
+            m[r].cached.dispatch, m[r].dispatch.dispatch,
+            "{what}: rank {r}: cached dispatch moved different traffic than dispatch"
+        );
 
         // Combine.
         let c = &m[r].combine.combine;
-        assert_eq!(c.intra_node.rows + c.local.rows, m[r].num_recv as u64, "{what}: rank {r}: combine intra-node + local rows should equal the rows it received");
+        assert_eq!(
+            c.intra_node.rows + c.local.rows,
+            m[r].num_recv as u64,
+            "{what}: rank {r}: combine intra-node + local rows should equal the rows it received"
+        );
         assert_eq!(c.inter_node_rows_to_node.len(), nodes, "{what}: rank {r}: combine inter_node_rows_to_node length");
         for node in 0..nodes {
             // r forwards back to (node, l) one row per token (node, l) sent to r's node.
@@ -152,15 +170,22 @@ fn check_routes(what: &str, spec: &WorkloadSpec, options: DispatchOptions) {
                 topo.rank_of(node, l)
             );
         }
-        assert!(c.inter_node.bytes >= c.inter_node.rows * DType::Bf16.row_bytes(spec.hidden) as u64, "{what}: rank {r}: combine inter-node bytes too small");
+        assert!(
+            c.inter_node.bytes >= c.inter_node.rows * DType::Bf16.row_bytes(spec.hidden) as u64,
+            "{what}: rank {r}: combine inter-node bytes too small"
+        );
         let d = &m[r].combine.dispatch;
         assert_eq!(d.inter_node.rows + d.intra_node.rows + d.local.rows, 0, "{what}: rank {r}: combine counted dispatch traffic");
     }
     // Summed over the rail peers: rows back to r over the inter-node hop = rows r sent out.
     for r in 0..world {
         let (n, l) = (topo.node_of(r), topo.local_of(r));
-        let back: u64 = (0..nodes).filter(|&x| x != n).map(|x| m[topo.rank_of(x, l)].combine.combine.inter_node_rows_to_node[n]).sum();
-        assert_eq!(back, m[r].dispatch.dispatch.inter_node.rows, "{what}: rank {r}: combine rows back over the inter-node hop vs dispatch rows out");
+        let back: u64 =
+            (0..nodes).filter(|&x| x != n).map(|x| m[topo.rank_of(x, l)].combine.combine.inter_node_rows_to_node[n]).sum();
+        assert_eq!(
+            back, m[r].dispatch.dispatch.inter_node.rows,
+            "{what}: rank {r}: combine rows back over the inter-node hop vs dispatch rows out"
+        );
     }
 }
 
@@ -238,7 +263,8 @@ fn each_token_crosses_once_per_node_even_with_many_experts_there() {
         let layout = Layout::new(ids, 4, 8, comm.topology()).unwrap();
         comm.reset_traffic();
         let x = switchyard::RowsRef::Bf16 { hidden, data: &x };
-        let (recv, handle) = comm.dispatch(x, ids, &w, &layout, &DispatchOptions::default()).unwrap_or_else(|e| panic!("rank {r}: dispatch: {e}"));
+        let (recv, handle) =
+            comm.dispatch(x, ids, &w, &layout, &DispatchOptions::default()).unwrap_or_else(|e| panic!("rank {r}: dispatch: {e}"));
         let y = expert_outputs(&recv.x, r);
         comm.combine(&y, hidden, &handle, None).unwrap_or_else(|e| panic!("rank {r}: combine: {e}"));
         comm.traffic().clone()
@@ -278,10 +304,19 @@ fn reset_zeroes_counters() {
         comm.reset_traffic();
         (before, comm.traffic().clone())
     });
-    let total: u64 = logs.iter().map(|(b, _)| b.dispatch.inter_node.rows + b.dispatch.intra_node.rows + b.dispatch.local.rows).sum();
+    let total: u64 =
+        logs.iter().map(|(b, _)| b.dispatch.inter_node.rows + b.dispatch.intra_node.rows + b.dispatch.local.rows).sum();
     assert!(total > 0, "dispatch counted no traffic at all");
     for (r, (_, after)) in logs.iter().enumerate() {
-        let z = |t: &switchyard::Traffic| t.inter_node.rows + t.inter_node.bytes + t.intra_node.rows + t.intra_node.bytes + t.local.rows + t.local.bytes + t.inter_node_rows_to_node.iter().sum::<u64>();
+        let z = |t: &switchyard::Traffic| {
+            t.inter_node.rows
+                + t.inter_node.bytes
+                + t.intra_node.rows
+                + t.intra_node.bytes
+                + t.local.rows
+                + t.local.bytes
+                + t.inter_node_rows_to_node.iter().sum::<u64>()
+        };
         assert_eq!(z(&after.dispatch) + z(&after.combine), 0, "rank {r}: counters not zero after reset_traffic: {after:?}");
     }
 }

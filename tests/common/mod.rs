@@ -126,10 +126,7 @@ pub fn check_close(what: &str, got: &[bf16], want: &[f32], abs_sum: &[f32], rel_
 
 /// Tokens per rank that go to at least one expert on `node` (from `topk_idx` alone).
 pub fn tokens_touching_node(topk_idx: &[i64], topk: usize, experts_per_node: usize, node: usize) -> usize {
-    topk_idx
-        .chunks_exact(topk)
-        .filter(|row| row.iter().any(|&e| e >= 0 && e as usize / experts_per_node == node))
-        .count()
+    topk_idx.chunks_exact(topk).filter(|row| row.iter().any(|&e| e >= 0 && e as usize / experts_per_node == node)).count()
 }
 
 use std::sync::Arc;
@@ -148,7 +145,14 @@ pub struct CombineExpectation {
 }
 
 /// `want[d]` is the oracle dispatch of rank `d`, `y[d]` its `[R_d, H]` rows, `w[d]` its `[R_d, k]` weights.
-pub fn expected_combine(num_tokens: &[usize], hidden: usize, topk: usize, want: &[DispatchOutput], y: &[Vec<half::bf16>], w: &[Vec<f32>]) -> CombineExpectation {
+pub fn expected_combine(
+    num_tokens: &[usize],
+    hidden: usize,
+    topk: usize,
+    want: &[DispatchOutput],
+    y: &[Vec<half::bf16>],
+    w: &[Vec<f32>],
+) -> CombineExpectation {
     let mut e = CombineExpectation {
         x: num_tokens.iter().map(|&t| vec![0f32; t * hidden]).collect(),
         abs_sum: num_tokens.iter().map(|&t| vec![0f32; t * hidden]).collect(),
@@ -177,14 +181,23 @@ pub fn expected_combine(num_tokens: &[usize], hidden: usize, topk: usize, want: 
 /// `expert_outputs` on every rank, and check both against the serial oracle:
 /// dispatch bit-exact, combine within one BF16 rounding plus f32 reordering.
 /// Returns the ranks for further calls. `what` names the case in every message.
-pub fn check_valid_round(what: &str, ranks: Vec<CpuRank>, spec: &WorkloadSpec, inputs: Arc<Vec<RankInput>>, options: DispatchOptions, deadline: Duration) -> Vec<CpuRank> {
+pub fn check_valid_round(
+    what: &str,
+    ranks: Vec<CpuRank>,
+    spec: &WorkloadSpec,
+    inputs: Arc<Vec<RankInput>>,
+    options: DispatchOptions,
+    deadline: Duration,
+) -> Vec<CpuRank> {
     let (topk, num_experts, hidden) = (spec.topk, spec.num_experts, spec.hidden);
     let ins = inputs.clone();
     let results = run_ranks_keep(what, ranks, deadline, move |comm| {
         let r = comm.rank();
         let inp = &ins[r];
         let layout = Layout::new(&inp.topk_idx, topk, num_experts, comm.topology()).map_err(|e| format!("layout: {e}"))?;
-        let (recv, handle) = comm.dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &options).map_err(|e| format!("dispatch: {e}"))?;
+        let (recv, handle) = comm
+            .dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &options)
+            .map_err(|e| format!("dispatch: {e}"))?;
         let y = expert_outputs(&recv.x, r);
         let out = comm.combine(&y, hidden, &handle, Some(&recv.topk_weights)).map_err(|e| format!("combine: {e}"))?;
         Ok::<(DispatchOutput, CombineOutput), String>((recv, out))
@@ -199,7 +212,12 @@ pub fn check_valid_round(what: &str, ranks: Vec<CpuRank>, spec: &WorkloadSpec, i
     let mut ranks = Vec::new();
     for (r, (comm, res)) in results.into_iter().enumerate() {
         let (got, comb) = res.unwrap_or_else(|e| panic!("{what}: rank {r}: valid call failed: {e}"));
-        assert!(got == want[r], "{what}: rank {r}: dispatch differs from the oracle:\n got {}\nwant {}", summarize(&got), summarize(&want[r]));
+        assert!(
+            got == want[r],
+            "{what}: rank {r}: dispatch differs from the oracle:\n got {}\nwant {}",
+            summarize(&got),
+            summarize(&want[r])
+        );
         check_close(&format!("{what}: rank {r}: combine x"), &comb.x, &exp.x[r], &exp.abs_sum[r], world * f32::EPSILON)
             .unwrap_or_else(|m| panic!("{m}"));
         let cw = comb.topk_weights.unwrap_or_else(|| panic!("{what}: rank {r}: combine with weights returned no weights"));
