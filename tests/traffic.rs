@@ -71,7 +71,7 @@ fn spec(topology: Topology, routing: RoutingKind, max_nodes: usize, seed: u64) -
         tokens: 37,
         hidden: 128,
         topk: 6,
-        num_experts: 4 * topology.world(),
+        num_experts: 8 * topology.world(),
         dtype: DType::Bf16,
         routing,
         max_nodes,
