@@ -176,23 +176,33 @@ pub fn check_results(case: &Case, inputs: &[RankInput], results: &[RankResult]) 
 
 /// Run one case on the CPU backend (threads as ranks) and compare with the oracle.
 pub fn run_case_cpu(case: &Case) -> CaseReport {
+    match CpuCluster::new(case.spec.topology, case.config.clone()) {
+        Ok(c) => run_case_on(case, c.into_ranks().into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect()),
+        Err(e) => CaseReport { name: case.name.clone(), wrong: 0, error: Some(e.to_string()) },
+    }
+}
+
+/// Run one case on the given ranks of any backend (one thread per rank, all in
+/// this process) and compare every rank's results with the oracle.
+pub fn run_case_on(case: &Case, ranks: Vec<Box<dyn Communicator>>) -> CaseReport {
     let report = |wrong, error: Option<String>| CaseReport { name: case.name.clone(), wrong, error };
     let inputs = match case.spec.generate() {
         Ok(i) => i,
         Err(e) => return report(0, Some(format!("bad case: {e}"))),
     };
-    let ranks = match CpuCluster::new(case.spec.topology, case.config.clone()) {
-        Ok(c) => c.into_ranks(),
-        Err(e) => return report(0, Some(e.to_string())),
-    };
+    if ranks.len() != inputs.len() {
+        return report(0, Some(format!("case needs {} ranks, backend gave {}", inputs.len(), ranks.len())));
+    }
     let results: Vec<Result<RankResult>> = thread::scope(|s| {
-        let handles: Vec<_> =
-            ranks.into_iter().zip(&inputs).map(|(mut comm, input)| s.spawn(move || run_rank(&mut comm, case, input))).collect();
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .zip(&inputs)
+            .map(|(mut comm, input)| s.spawn(move || run_rank(comm.as_mut(), case, input)))
+            .collect();
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(crate::Error::Protocol { rank: usize::MAX, detail: "rank thread panicked".into() }))
+                h.join().unwrap_or_else(|_| Err(crate::Error::Protocol { rank: usize::MAX, detail: "rank thread panicked".into() }))
             })
             .collect()
     });

@@ -35,6 +35,7 @@
 //! ```
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod conformance;
 pub mod error;
@@ -44,6 +45,7 @@ pub mod quant;
 pub mod routing;
 pub mod tensor;
 pub mod topology;
+pub mod probe;
 pub mod workload;
 
 pub use backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Traffic, TrafficLog};

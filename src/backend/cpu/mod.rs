@@ -278,13 +278,31 @@ impl CpuRank {
                 }
             }
         }
-        Ok(match x {
-            RowsRef::Bf16 { hidden, data } if options.fp8_on_wire => {
-                let (q, s) = quant::quantize(data, hidden);
-                Some(Rows::Fp8 { hidden, data: q, scales: s })
-            }
-            _ => None,
-        })
+        Ok(wire_rows(x, options))
+    }
+
+    /// This rank's state in `handle`, after checking the handle belongs here.
+    fn handle_state<'h>(&self, handle: &'h Handle) -> Result<&'h CpuHandleState> {
+        handle.check_owner(self.comm_id, self.rank, None)?;
+        let state: &CpuHandleState = handle.state("cpu")?;
+        if state.channels != self.config.num_channels {
+            return Err(Error::HandleMismatch {
+                reason: format!("made with {} channels, communicator has {}", state.channels, self.config.num_channels),
+            });
+        }
+        Ok(state)
+    }
+}
+
+/// The rows to put on the wire: BF16 input quantized when FP8 is asked for on the
+/// wire (`None`: send `x` as it is).
+fn wire_rows(x: RowsRef<'_>, options: &DispatchOptions) -> Option<Rows> {
+    match x {
+        RowsRef::Bf16 { hidden, data } if options.fp8_on_wire => {
+            let (q, s) = quant::quantize(data, hidden);
+            Some(Rows::Fp8 { hidden, data: q, scales: s })
+        }
+        _ => None,
     }
 }
 
@@ -384,24 +402,12 @@ impl Communicator for CpuRank {
         let topo = self.topology;
         let channels = self.config.num_channels;
         let checked = (|| {
-            handle.check_owner(self.comm_id, self.rank, None)?;
-            let state: &CpuHandleState = handle.state("cpu")?;
-            if state.channels != channels {
-                return Err(Error::HandleMismatch {
-                    reason: format!("made with {} channels, communicator has {channels}", state.channels),
-                });
-            }
+            self.handle_state(handle)?;
             x.validate("x", handle.num_tokens)?;
             if options.fp8_on_wire && x.hidden() % quant::SCALE_GROUP != 0 {
                 return Err(Error::HiddenNotMultipleOf128 { arg: "x", hidden: x.hidden() });
             }
-            Ok(match x {
-                RowsRef::Bf16 { hidden, data } if options.fp8_on_wire => {
-                    let (q, s) = quant::quantize(data, hidden);
-                    Some(Rows::Fp8 { hidden, data: q, scales: s })
-                }
-                _ => None,
-            })
+            Ok(wire_rows(x, options))
         })();
         let quantized = checked.as_ref().ok().cloned().flatten();
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
@@ -442,13 +448,7 @@ impl Communicator for CpuRank {
         let topo = self.topology;
         let channels = self.config.num_channels;
         let checked = (|| {
-            handle.check_owner(self.comm_id, self.rank, None)?;
-            let state: &CpuHandleState = handle.state("cpu")?;
-            if state.channels != channels {
-                return Err(Error::HandleMismatch {
-                    reason: format!("made with {} channels, communicator has {channels}", state.channels),
-                });
-            }
+            self.handle_state(handle)?;
             if hidden == 0 {
                 return Err(Error::InvalidArgument { arg: "hidden".into(), reason: "must be >= 1".into() });
             }
