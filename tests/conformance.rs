@@ -13,6 +13,15 @@
 //! The proptest RNG seed is fixed, so every run tries the same cases; the
 //! number of cases is kept modest so the suite stays fast on two cores.
 
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard::backend::cpu::CpuCluster;
+use switchyard::workload::{expert_outputs, RankInput};
+use switchyard::{oracle, Communicator, Layout, Rows};
+
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, RngSeed};
 use switchyard::conformance::{run_case_cpu, standard_cases, Case};
@@ -123,7 +132,7 @@ fn tokens_strategy(max: usize) -> BoxedStrategy<usize> {
         1 => Just(0usize),
         1 => Just(1usize),
         3 => (0..max.min(40) / 2).prop_map(|h| 2 * h + 1),
-        3 => (max / 2..=max),
+        3 => max / 2..=max,
     ]
     .boxed()
 }
@@ -307,4 +316,105 @@ fn standard_cases_pass_on_cpu() {
         }
     }
     assert!(failures.is_empty(), "{} of {} standard cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+// ---------------------------------------------------------------- sequences on one communicator
+//
+// These run the backend directly and compare with the serial oracle through the
+// shared helpers (not through `run_case_cpu`), so they also guard the runner.
+
+/// Inputs where rank `r` has `tokens[r]` tokens (0 allowed), all from one spec family.
+fn uneven_inputs(base: &WorkloadSpec, tokens: &[usize]) -> Vec<RankInput> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(r, &t)| WorkloadSpec { tokens: t, ..base.clone() }.generate().expect("valid spec").swap_remove(r))
+        .collect()
+}
+
+/// Several rounds on the same ranks, with a different token count on every rank
+/// and every round (buffers and ring positions are reused across calls).
+#[test]
+fn repeated_rounds_with_uneven_tokens_match_oracle() {
+    for (nodes, per_node) in [(1usize, 3usize), (2, 2), (2, 3), (3, 1)] {
+        let topo = Topology::new(nodes, per_node).unwrap();
+        let world = topo.world();
+        let config = Config { num_channels: 3, chunk_tokens: 2, buffer_tokens: 5, timeout_ms: 20_000 };
+        let mut ranks = CpuCluster::new(topo, config).unwrap().into_ranks();
+        for round in 0..4u64 {
+            let base = WorkloadSpec {
+                topology: topo,
+                tokens: 0,
+                hidden: 128,
+                topk: 3,
+                num_experts: 2 * world,
+                dtype: if round % 2 == 0 { DType::Bf16 } else { DType::Fp8 },
+                routing: if round == 2 { RoutingKind::Zipf } else { RoutingKind::Uniform },
+                max_nodes: nodes,
+                hole_rate: 0.1,
+                seed: 100 + round,
+            };
+            // Rank r gets (r * 7 + round * 5) % 23 tokens: some get 0, counts differ per round.
+            let tokens: Vec<usize> = (0..world).map(|r| (r * 7 + round as usize * 5) % 23).collect();
+            let inputs = Arc::new(uneven_inputs(&base, &tokens));
+            let what = format!("{topo} round {round} tokens {tokens:?} {}", base.dtype);
+            ranks = common::check_valid_round(&what, ranks, &base, inputs, DispatchOptions::default(), Duration::from_secs(60));
+        }
+    }
+}
+
+/// A handle stays valid after later dispatches: two routings in flight, combined
+/// in reverse order, and a cached dispatch along the older routing.
+#[test]
+fn older_handles_stay_valid_after_newer_dispatches() {
+    let topo = Topology::new(2, 2).unwrap();
+    let spec_for = |seed: u64, tokens: usize| WorkloadSpec {
+        topology: topo,
+        tokens,
+        hidden: 256,
+        topk: 4,
+        num_experts: 16,
+        dtype: DType::Bf16,
+        routing: RoutingKind::Uniform,
+        max_nodes: 2,
+        hole_rate: 0.1,
+        seed,
+    };
+    let (sa, sb) = (spec_for(1, 19), spec_for(2, 11));
+    let (ia, ib) = (Arc::new(sa.generate().unwrap()), Arc::new(sb.generate().unwrap()));
+    let (ia2, ib2) = (ia.clone(), ib.clone());
+    let results = common::run_cluster("two handles", topo, common::test_config(20_000), Duration::from_secs(60), move |comm| {
+        let r = comm.rank();
+        let opts = DispatchOptions::default();
+        let dispatch = |comm: &mut switchyard::backend::cpu::CpuRank, inp: &RankInput| {
+            let layout = Layout::new(&inp.topk_idx, 4, 16, topo).unwrap();
+            comm.dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &opts)
+                .unwrap_or_else(|e| panic!("rank {r}: dispatch: {e}"))
+        };
+        let (ra, ha) = dispatch(comm, &ia2[r]);
+        let (rb, hb) = dispatch(comm, &ib2[r]);
+        let cb = comm.combine(&expert_outputs(&rb.x, r), 256, &hb, None).unwrap_or_else(|e| panic!("rank {r}: combine B: {e}"));
+        let ca = comm.combine(&expert_outputs(&ra.x, r), 256, &ha, None).unwrap_or_else(|e| panic!("rank {r}: combine A: {e}"));
+        let cached_a = comm.dispatch_cached(ia2[r].x.as_ref(), &ha, &opts).unwrap_or_else(|e| panic!("rank {r}: cached A: {e}"));
+        (ra, rb, ca, cb, cached_a)
+    });
+    let opts = DispatchOptions::default();
+    let (wa, wb) = (oracle::dispatch(topo, 16, 4, &ia, &opts), oracle::dispatch(topo, 16, 4, &ib, &opts));
+    let ya: Vec<_> = wa.iter().enumerate().map(|(d, o)| expert_outputs(&o.x, d)).collect();
+    let yb: Vec<_> = wb.iter().enumerate().map(|(d, o)| expert_outputs(&o.x, d)).collect();
+    let za: Vec<Vec<f32>> = wa.iter().map(|o| vec![0.0; o.topk_weights.len()]).collect();
+    let zb: Vec<Vec<f32>> = wb.iter().map(|o| vec![0.0; o.topk_weights.len()]).collect();
+    let ea = common::expected_combine(&[19; 4], 256, 4, &wa, &ya, &za);
+    let eb = common::expected_combine(&[11; 4], 256, 4, &wb, &yb, &zb);
+    let rel = common::combine_rel_of_abs_sum(topo);
+    for (r, (ra, rb, ca, cb, cached_a)) in results.iter().enumerate() {
+        assert!(*ra == wa[r], "rank {r}: dispatch A differs from the oracle: {}", common::summarize(ra));
+        assert!(*rb == wb[r], "rank {r}: dispatch B differs from the oracle: {}", common::summarize(rb));
+        common::check_close(&format!("rank {r}: combine A (after B)"), &ca.x, &ea.x[r], &ea.abs_sum[r], rel)
+            .unwrap_or_else(|m| panic!("{m}"));
+        common::check_close(&format!("rank {r}: combine B"), &cb.x, &eb.x[r], &eb.abs_sum[r], rel)
+            .unwrap_or_else(|m| panic!("{m}"));
+        assert!(*cached_a == wa[r].x, "rank {r}: cached dispatch along A (after B) differs from the oracle's rows");
+        assert!(matches!(cached_a, Rows::Bf16 { .. }));
+    }
 }
