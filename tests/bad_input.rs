@@ -642,3 +642,47 @@ fn fixture_round_is_valid() {
         );
     }
 }
+
+// ---------------------------------------------------------------- a missing peer
+
+/// A rank that never joins the call: the others give up at the deadline with a
+/// `Timeout` (or `PeerFailed`, if another rank's timeout reached them first)
+/// instead of hanging; at least one reports its own `Timeout` with a diagnostic
+/// naming itself.
+#[test]
+fn missing_peer_times_out_instead_of_hanging() {
+    let fx = fixture(DType::Bf16);
+    let s = fx.spec.clone();
+    let inputs = fx.inputs.clone();
+    let absent = 3usize;
+    let timeout_ms = 300u64;
+    let config = Config { timeout_ms, ..test_config(timeout_ms) };
+    let start = Instant::now();
+    let results = run_cluster("missing peer", s.topology, config, DEADLINE, move |comm| {
+        let r = comm.rank();
+        if r == absent {
+            return None;
+        }
+        Some(valid_dispatch(comm, &inputs[r], &s).map(|_| ()))
+    });
+    let elapsed = start.elapsed();
+    let mut timeouts = 0;
+    for (r, res) in results.into_iter().enumerate() {
+        match res {
+            None => assert_eq!(r, absent),
+            Some(Ok(())) => panic!("missing peer: rank {r} finished a dispatch that rank {absent} never joined"),
+            Some(Err(Error::Timeout { timeout_ms: t, diag })) => {
+                assert_eq!(t, timeout_ms, "missing peer: rank {r}: Timeout reports another deadline");
+                assert_eq!(diag.rank, r, "missing peer: rank {r}: diagnostic names rank {} ({diag})", diag.rank);
+                timeouts += 1;
+            }
+            Some(Err(Error::PeerFailed { .. })) => {}
+            Some(Err(e)) => panic!("missing peer: rank {r}: expected Timeout or PeerFailed, got {e:?}"),
+        }
+    }
+    assert!(timeouts > 0, "missing peer: no rank reported a Timeout");
+    assert!(
+        elapsed < Duration::from_millis(timeout_ms * 10),
+        "missing peer: ranks took {elapsed:?} to give up (deadline {timeout_ms} ms)"
+    );
+}
