@@ -44,7 +44,9 @@ pub struct DispatchOutput {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CombineOutput {
     /// `[T, H]`: for each of this rank's tokens, the f32 sum of the rows that
-    /// came back for it, rounded to BF16 (zero for a token sent nowhere).
+    /// came back for it, rounded to BF16 (zero for a token sent nowhere). Across
+    /// nodes, each node's partial sum is rounded to BF16 once before it crosses
+    /// the inter-node hop (see [`crate::conformance`] for the resulting bound).
     pub x: Vec<bf16>,
     /// `[T, k]` summed weights, when weights were passed to combine.
     pub topk_weights: Option<Vec<f32>>,

@@ -15,6 +15,8 @@ pub(crate) struct Board {
     state: Mutex<BarrierState>,
     cv: Condvar,
     broken: AtomicBool,
+    /// The first timeout: which rank gave up and why, reported to everyone after.
+    broken_by: Mutex<Option<(usize, String)>>,
 }
 
 struct BarrierState {
@@ -30,13 +32,16 @@ impl Board {
             state: Mutex::new(BarrierState { arrived: 0, generation: 0 }),
             cv: Condvar::new(),
             broken: AtomicBool::new(false),
+            broken_by: Mutex::new(None),
         }
     }
 
     /// Wait for every rank; fails after `timeout`, and then for good (the group is broken).
     pub(crate) fn barrier(&self, rank: usize, timeout: Duration) -> Result<()> {
-        let broken_err =
-            || Error::Protocol { rank, detail: "the group is unusable: an earlier wait timed out on some rank".into() };
+        let broken_err = || match self.broken_by.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            Some((r, reason)) => Error::PeerFailed { rank: r, reason },
+            None => Error::Protocol { rank, detail: "the group is unusable: an earlier wait timed out".into() },
+        };
         if self.broken.load(Ordering::Acquire) {
             return Err(broken_err());
         }
@@ -56,9 +61,7 @@ impl Board {
             }
             let now = Instant::now();
             if now >= deadline {
-                self.broken.store(true, Ordering::Release);
-                self.cv.notify_all();
-                return Err(Error::Timeout {
+                let err = Error::Timeout {
                     timeout_ms: timeout.as_millis() as u64,
                     diag: WaitDiagnostic {
                         rank,
@@ -68,11 +71,24 @@ impl Board {
                         tail: self.world as u64,
                         detail: format!("barrier: {} of {} ranks arrived", st.arrived, self.world),
                     },
-                });
+                };
+                drop(st);
+                self.mark_broken(rank, &err);
+                return Err(err);
             }
             st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         Ok(())
+    }
+
+    /// Make every later wait fail at once with `PeerFailed` naming `rank` (a rank
+    /// that gave up on the group, e.g. after a timeout in its data exchange).
+    pub(crate) fn mark_broken(&self, rank: usize, err: &Error) {
+        self.broken_by.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((rank, err.to_string()));
+        self.broken.store(true, Ordering::Release);
+        // Take the lock so no waiter misses the wake-up between its check and its wait.
+        let _st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
     }
 
     /// Post `item` and return every rank's post, in rank order.
@@ -134,7 +150,8 @@ mod tests {
             }
             e => panic!("unexpected {e:?}"),
         }
-        // The group is now broken: later waits fail at once.
-        assert!(matches!(board.barrier(1, Duration::from_secs(10)), Err(Error::Protocol { .. })));
+        // The group is now broken: later waits fail at once, naming the rank that timed out.
+        let later = board.barrier(1, Duration::from_secs(10));
+        assert!(matches!(later, Err(Error::PeerFailed { rank: 0, .. })), "{later:?}");
     }
 }

@@ -284,6 +284,15 @@ impl CpuRank {
         Ok(wire_rows(x, options))
     }
 
+    /// A failed data exchange leaves rings half-used: mark the group broken so
+    /// every rank's next call fails at once, naming this rank.
+    fn give_up_on_error<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.board.mark_broken(self.rank, e);
+        }
+        r
+    }
+
     /// This rank's state in `handle`, after checking the handle belongs here.
     fn handle_state<'h>(&self, handle: &'h Handle) -> Result<&'h CpuHandleState> {
         handle.check_owner(self.comm_id, self.rank, None)?;
@@ -376,7 +385,8 @@ impl Communicator for CpuRank {
             with_meta: true,
             rail_tokens: rail_tokens.clone(),
         };
-        let got = dispatch::run(&self.ctx(), &rings, &plan, &recv, &input, self.spare_rows.take())?;
+        let spare = self.spare_rows.take();
+        let got = self.give_up_on_error(dispatch::run(&self.ctx(), &rings, &plan, &recv, &input, spare))?;
         self.traffic.dispatch.accumulate(&got.traffic);
         let align = options.expert_alignment.max(1);
         let output = DispatchOutput {
@@ -406,6 +416,7 @@ impl Communicator for CpuRank {
         let channels = self.config.num_channels;
         let checked = (|| {
             self.handle_state(handle)?;
+            handle.check_owner(self.comm_id, self.rank, Some(x.num_rows()))?;
             x.validate("x", handle.num_tokens)?;
             if options.fp8_on_wire && x.hidden() % quant::SCALE_GROUP != 0 {
                 return Err(Error::HiddenNotMultipleOf128 { arg: "x", hidden: x.hidden() });
@@ -442,7 +453,8 @@ impl Communicator for CpuRank {
             with_meta: false,
             rail_tokens: state.rail_tokens.clone(),
         };
-        let got = dispatch::run(&self.ctx(), &rings, &state.plan, &state.recv, &input, self.spare_rows.take())?;
+        let spare = self.spare_rows.take();
+        let got = self.give_up_on_error(dispatch::run(&self.ctx(), &rings, &state.plan, &state.recv, &input, spare))?;
         self.traffic.dispatch.accumulate(&got.traffic);
         Ok(got.x)
     }
@@ -492,7 +504,8 @@ impl Communicator for CpuRank {
             source_token: &handle.source_token,
             record: &state.record,
         };
-        let got = combine::run(&self.ctx(), &rings, &input, &mut self.combine_scratch)?;
+        let got = combine::run(&self.ctx(), &rings, &input, &mut self.combine_scratch);
+        let got = self.give_up_on_error(got)?;
         self.traffic.combine.accumulate(&got.traffic);
         Ok(CombineOutput { x: got.x, topk_weights: got.weights })
     }
