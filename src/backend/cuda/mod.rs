@@ -1,0 +1,2 @@
+//! CUDA backend (intra-node, one process, one thread per GPU).
+pub mod compile;
