@@ -55,7 +55,9 @@ impl Config {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
         Self::from_toml_str(&text).map_err(|e| match e {
-            Error::InvalidArgument { arg, reason } => Error::Config { path: path.into(), reason: format!("key `{arg}`: {reason}") },
+            Error::InvalidArgument { arg, reason } => {
+                Error::Config { path: path.into(), reason: format!("key `{arg}`: {reason}") }
+            }
             Error::Config { reason, .. } => Error::Config { path: path.into(), reason },
             other => other,
         })

@@ -24,10 +24,6 @@ pub struct Handle {
     pub(crate) source_rank: Vec<u32>,
     /// `[R]` token index on the source rank of each received row.
     pub(crate) source_token: Vec<u32>,
-    /// `[T, world]` token `t` of this rank was sent to rank `r`.
-    pub(crate) token_in_rank: Vec<bool>,
-    /// `[R, k]` received top-k ids (local ids, -1 elsewhere), kept for cached dispatch.
-    pub(crate) recv_topk_idx: Vec<i64>,
     /// Backend-specific plan (arrival orders, forwarding lists, device buffers).
     pub(crate) backend_state: Arc<dyn Any + Send + Sync>,
 }

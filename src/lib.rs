@@ -9,7 +9,7 @@
 //! it inside its node (the DeepSeek-V3 design); combine reverses the route and
 //! sums each node's partial rows before they cross back.
 //!
-//! ```ignore
+//! ```
 //! use switchyard::{backend::cpu::CpuCluster, Config, Communicator, DispatchOptions, Layout, Rows, Topology};
 //! use half::bf16;
 //!
@@ -32,18 +32,20 @@
 //! });
 //! // Token 0 of rank r went to ranks 0 and 3 and comes back twice: 2 * r.
 //! assert_eq!(outs[3].x[0].to_f32(), 6.0);
-//! ```ignore
+//! ```
 
 pub mod backend;
+pub mod bench;
 pub mod config;
+pub mod conformance;
 pub mod error;
 pub mod handle;
+pub mod oracle;
 pub mod quant;
 pub mod routing;
 pub mod tensor;
 pub mod topology;
-pub mod conformance;
-pub mod oracle;
+pub mod probe;
 pub mod workload;
 
 pub use backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Traffic, TrafficLog};

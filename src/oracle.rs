@@ -11,7 +11,13 @@ use crate::topology::Topology;
 use crate::workload::RankInput;
 
 /// Expected dispatch output of every rank. Inputs must be valid.
-pub fn dispatch(topology: Topology, num_experts: usize, topk: usize, inputs: &[RankInput], options: &DispatchOptions) -> Vec<DispatchOutput> {
+pub fn dispatch(
+    topology: Topology,
+    num_experts: usize,
+    topk: usize,
+    inputs: &[RankInput],
+    options: &DispatchOptions,
+) -> Vec<DispatchOutput> {
     let world = topology.world();
     let per_rank = num_experts / world;
     // What travels: FP8 input as is, BF16 input quantized when FP8 is asked for on the wire.
@@ -104,9 +110,6 @@ pub fn combine(
     }
     acc.into_iter()
         .zip(wacc)
-        .map(|(a, w)| CombineOutput {
-            x: a.into_iter().map(bf16::from_f32).collect(),
-            topk_weights: weights.map(|_| w),
-        })
+        .map(|(a, w)| CombineOutput { x: a.into_iter().map(bf16::from_f32).collect(), topk_weights: weights.map(|_| w) })
         .collect()
 }

@@ -128,8 +128,8 @@ mod tests {
             (-1.0, 0xB8),
             (448.0, 0x7E),
             (-448.0, 0xFE),
-            (2f32.powi(-6), 0x08),   // smallest normal
-            (2f32.powi(-9), 0x01),   // smallest subnormal
+            (2f32.powi(-6), 0x08),       // smallest normal
+            (2f32.powi(-9), 0x01),       // smallest subnormal
             (7.0 * 2f32.powi(-9), 0x07), // largest subnormal
             (1.75, 0x3E),
             (0.5, 0x30),

@@ -139,13 +139,7 @@ pub fn topk(scores: &[f32], num_experts: usize, k: usize) -> Result<Vec<i64>> {
 /// `max_nodes` best nodes, then take the top-`k` experts among those nodes only.
 /// Experts are placed on nodes as they are on ranks (evenly, in id order).
 /// With `max_nodes >= num_nodes` this is plain top-k.
-pub fn node_limited_topk(
-    scores: &[f32],
-    num_experts: usize,
-    k: usize,
-    topology: Topology,
-    max_nodes: usize,
-) -> Result<Vec<i64>> {
+pub fn node_limited_topk(scores: &[f32], num_experts: usize, k: usize, topology: Topology, max_nodes: usize) -> Result<Vec<i64>> {
     check_routing_args(scores, num_experts, k)?;
     let nodes = topology.num_nodes;
     let per_node = experts_per_rank(num_experts, topology.world())? * topology.ranks_per_node;
@@ -228,10 +222,7 @@ mod tests {
         assert!(matches!(Layout::new(&[0, -2], 2, 8, topo), Err(Error::ExpertOutOfRange { expert: -2, .. })));
         assert!(matches!(Layout::new(&[3, 3], 2, 8, topo), Err(Error::DuplicateExpert { expert: 3, .. })));
         assert!(matches!(Layout::new(&[0, 1], 2, 7, topo), Err(Error::ExpertsNotDivisible { .. })));
-        assert!(matches!(
-            validate_weights("topk_weights", &[1.0, f32::NAN], 1, 2),
-            Err(Error::NonFiniteWeight { slot: 1, .. })
-        ));
+        assert!(matches!(validate_weights("topk_weights", &[1.0, f32::NAN], 1, 2), Err(Error::NonFiniteWeight { slot: 1, .. })));
     }
 
     #[test]

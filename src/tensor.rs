@@ -86,11 +86,9 @@ impl Rows {
     pub fn zeros(dtype: DType, num_rows: usize, hidden: usize) -> Self {
         match dtype {
             DType::Bf16 => Rows::Bf16 { hidden, data: vec![bf16::ZERO; num_rows * hidden] },
-            DType::Fp8 => Rows::Fp8 {
-                hidden,
-                data: vec![0; num_rows * hidden],
-                scales: vec![0.0; num_rows * (hidden / SCALE_GROUP)],
-            },
+            DType::Fp8 => {
+                Rows::Fp8 { hidden, data: vec![0; num_rows * hidden], scales: vec![0.0; num_rows * (hidden / SCALE_GROUP)] }
+            }
         }
     }
 
@@ -215,9 +213,7 @@ impl<'a> RowsRef<'a> {
     pub fn row_f32(&self, i: usize) -> Vec<f32> {
         match *self {
             RowsRef::Bf16 { hidden, data } => data[i * hidden..(i + 1) * hidden].iter().map(|v| v.to_f32()).collect(),
-            RowsRef::Fp8 { hidden, .. } => {
-                crate::quant::dequantize_row(self.row_payload(i), self.row_scales(i), hidden)
-            }
+            RowsRef::Fp8 { hidden, .. } => crate::quant::dequantize_row(self.row_payload(i), self.row_scales(i), hidden),
         }
     }
 

@@ -66,7 +66,10 @@ impl WorkloadSpec {
         let world = self.topology.world();
         routing::experts_per_rank(self.num_experts, world)?;
         if self.topk == 0 || self.topk > self.num_experts {
-            return Err(Error::InvalidArgument { arg: "topk".into(), reason: format!("k={} must be in 1..={}", self.topk, self.num_experts) });
+            return Err(Error::InvalidArgument {
+                arg: "topk".into(),
+                reason: format!("k={} must be in 1..={}", self.topk, self.num_experts),
+            });
         }
         if self.dtype == DType::Fp8 && (self.hidden == 0 || self.hidden % crate::quant::SCALE_GROUP != 0) {
             return Err(Error::HiddenNotMultipleOf128 { arg: "hidden", hidden: self.hidden });

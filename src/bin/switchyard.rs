@@ -1,1 +1,408 @@
-fn main(){}
+//! `switchyard`: benchmark, conformance check and machine info for the
+//! switchyard expert-parallel all-to-all runtime.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracing::{info, warn};
+
+use switchyard::bench::{self, BenchSpec, Report};
+use switchyard::probe::{self, BackendChoice, BackendKind};
+use switchyard::workload::{RoutingKind, WorkloadSpec};
+use switchyard::{conformance, Config, DType, Error, Topology};
+
+const EXIT_HELP: &str = "Exit status: 0 on success; 1 when results are wrong (bench --check) or \
+conformance cases fail (check); 2 on any error (bad arguments, backend unavailable, I/O).\n\
+Logs go to stderr (RUST_LOG, default `info`); tables go to stdout.";
+
+#[derive(Parser, Debug)]
+#[command(name = "switchyard", version, about = "Expert-parallel all-to-all (MoE dispatch/combine): benchmark, check, info", after_help = EXIT_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Time dispatch, cached dispatch and combine; print one row per op (nccl-tests style).
+    Bench(BenchArgs),
+    /// Run the conformance cases against the serial oracle; one line per case.
+    Check(CheckArgs),
+    /// Show the version, usable backends, CUDA libraries found, GPUs and peer access.
+    Info,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "GB/s = bytes / median iteration time, summed over all ranks of the group. \
+logical = bytes of rows delivered to receivers (incl. local ones); inter-node / intra-node = bytes \
+that crossed that hop (backend traffic counters). x memcpy = logical GB/s / memcpy GB/s measured in \
+the same run with one copying thread per rank.\n\nConfig precedence: --channels/--chunk-tokens/--buffer-tokens \
+> --config FILE (or SWITCHYARD_CONFIG) > built-in defaults.")]
+struct BenchArgs {
+    /// Backend: cpu, cuda (not built yet: fails), or auto (cuda if usable, else cpu).
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Number of nodes (emulated on the CPU backend).
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Ranks per node.
+    #[arg(long, default_value_t = 2)]
+    ranks_per_node: usize,
+    /// Tokens per rank.
+    #[arg(long, default_value_t = 1024)]
+    tokens: usize,
+    /// Hidden size (elements per token row; a multiple of 128 for fp8).
+    #[arg(long, default_value_t = 7168)]
+    hidden: usize,
+    /// Experts per token (k).
+    #[arg(long, default_value_t = 8)]
+    topk: usize,
+    /// Total experts (a multiple of the number of ranks).
+    #[arg(long, default_value_t = 64)]
+    experts: usize,
+    /// Row type of the dispatched rows (fp8: E4M3 with one f32 scale per 128; combine is always bf16).
+    #[arg(long, value_enum, default_value_t = DType::Bf16)]
+    dtype: DType,
+    /// Routing of the generated workload.
+    #[arg(long, value_enum, default_value_t = RoutingKind::Uniform)]
+    routing: RoutingKind,
+    /// Node limit M for node-limited routing [default: min(4, nodes)].
+    #[arg(long)]
+    max_nodes: Option<usize>,
+    /// Workload seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Untimed iterations per op.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed iterations per op.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// After timing, run each op once more and compare with the serial oracle (fills #wrong).
+    #[arg(long)]
+    check: bool,
+    /// Write the results as JSON (schema 1, see README) to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Config TOML file (num_channels, chunk_tokens, buffer_tokens, timeout_ms).
+    #[arg(long, value_name = "FILE", env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Channels (overrides the config file).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Tokens per chunk (overrides the config file).
+    #[arg(long)]
+    chunk_tokens: Option<usize>,
+    /// Channel buffer capacity in tokens (overrides the config file).
+    #[arg(long)]
+    buffer_tokens: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// Backend: cpu, cuda (not built yet: fails), or auto (cuda if usable, else cpu).
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Run only the cases whose name contains this text.
+    #[arg(long, value_name = "SUBSTR")]
+    filter: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.cmd {
+        Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Check(a) => cmd_check(a),
+        Cmd::Info => cmd_info(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn choose_backend(choice: BackendChoice) -> Result<BackendKind, Error> {
+    let (kind, why) = probe::resolve_backend(choice, probe::probe)?;
+    info!("backend {}: {why}", kind.name());
+    Ok(kind)
+}
+
+/// Explicit flag > config file > default.
+fn resolve_config(a: &BenchArgs) -> Result<Config, Error> {
+    let mut cfg = match &a.config {
+        Some(path) => {
+            let c = Config::from_toml_file(path)?;
+            info!("config file {}", path.display());
+            c
+        }
+        None => Config::default(),
+    };
+    if let Some(v) = a.channels {
+        cfg.num_channels = v;
+    }
+    if let Some(v) = a.chunk_tokens {
+        cfg.chunk_tokens = v;
+    }
+    if let Some(v) = a.buffer_tokens {
+        cfg.buffer_tokens = v;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// A progress bar on stderr that appears only if stderr is a terminal and the
+/// run has already taken more than a second.
+struct LazyBar {
+    bar: ProgressBar,
+    start: Instant,
+    tty: bool,
+    shown: AtomicBool,
+}
+
+impl LazyBar {
+    fn new(total: u64, what: &str) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+        if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({elapsed})") {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(what.to_string());
+        Self { bar, start: Instant::now(), tty: std::io::stderr().is_terminal(), shown: AtomicBool::new(false) }
+    }
+
+    fn set(&self, done: u64) {
+        self.bar.set_position(done);
+        if self.tty && self.start.elapsed() > Duration::from_secs(1) && !self.shown.swap(true, Ordering::Relaxed) {
+            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
+    let backend = choose_backend(a.backend)?;
+    let topology = Topology::new(a.nodes, a.ranks_per_node)?;
+    let config = resolve_config(&a)?;
+    let max_nodes = a.max_nodes.unwrap_or(a.nodes.min(4));
+    let spec = BenchSpec {
+        workload: WorkloadSpec {
+            topology,
+            tokens: a.tokens,
+            hidden: a.hidden,
+            topk: a.topk,
+            num_experts: a.experts,
+            dtype: a.dtype,
+            routing: a.routing,
+            max_nodes,
+            hole_rate: 0.0,
+            seed: a.seed,
+        },
+        config: config.clone(),
+        warmup: a.warmup,
+        iters: a.iters,
+        check: a.check,
+    };
+    info!(
+        "config: num_channels={} chunk_tokens={} buffer_tokens={} timeout_ms={}",
+        config.num_channels, config.chunk_tokens, config.buffer_tokens, config.timeout_ms
+    );
+    info!(
+        "workload: {} nodes x {} ranks, {} tokens/rank, hidden {}, top-{} of {} experts, {}, routing {}{}, seed {}; warmup {}, iters {}{}",
+        a.nodes,
+        a.ranks_per_node,
+        a.tokens,
+        a.hidden,
+        a.topk,
+        a.experts,
+        a.dtype,
+        routing_name(a.routing),
+        if a.routing == RoutingKind::NodeLimited { format!(" (max {max_nodes} nodes)") } else { String::new() },
+        a.seed,
+        a.warmup,
+        a.iters,
+        if a.check { ", checked against the oracle" } else { "" }
+    );
+
+    let bar = LazyBar::new(spec.total_steps(), "bench");
+    let measurements = match backend {
+        BackendKind::Cpu => bench::run_cpu(&spec, &|done, _total| bar.set(done)),
+    };
+    bar.finish();
+    let measurements = measurements?;
+
+    let world = topology.world();
+    let max_logical = measurements.iter().map(|m| m.logical_bytes).max().unwrap_or(0) as usize;
+    let memcpy_gbps = bench::measure_memcpy(world, max_logical.div_ceil(world.max(1)), a.iters.max(5));
+    let results = bench::results(&spec, backend.name(), &measurements, memcpy_gbps);
+
+    println!(
+        "# switchyard bench: backend {}, {} nodes x {} ranks, tokens/rank {}, hidden {}, top-{} of {} experts, routing {}, seed {}",
+        backend.name(),
+        a.nodes,
+        a.ranks_per_node,
+        a.tokens,
+        a.hidden,
+        a.topk,
+        a.experts,
+        routing_name(a.routing),
+        a.seed
+    );
+    println!(
+        "# config: channels {}, chunk {} tokens, buffer {} tokens; warmup {}, iters {}",
+        config.num_channels, config.chunk_tokens, config.buffer_tokens, a.warmup, a.iters
+    );
+    print!("{}", bench::format_table(&results, memcpy_gbps));
+
+    if let Some(path) = &a.json {
+        let gpus =
+            if backend == BackendKind::Cpu { Vec::new() } else { probe::probe().gpus.into_iter().map(|g| g.name).collect() };
+        let report = Report {
+            schema: bench::SCHEMA_VERSION,
+            machine: bench::machine(gpus),
+            commit: bench::source_commit(),
+            date: bench::iso8601_utc(SystemTime::now()),
+            memcpy_gbps,
+            results: results.clone(),
+        };
+        std::fs::write(path, report.to_json() + "\n").map_err(|source| Error::Io { path: path.clone(), source })?;
+        info!("wrote {}", path.display());
+    }
+
+    let wrong: u64 = results.iter().filter_map(|r| r.wrong).sum();
+    if wrong > 0 {
+        for r in results.iter().filter(|r| r.wrong.unwrap_or(0) > 0) {
+            warn!("{}: {} results differ from the oracle", r.op.name(), r.wrong.unwrap_or(0));
+        }
+        eprintln!("error: {wrong} results differ from the oracle");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn routing_name(r: RoutingKind) -> &'static str {
+    match r {
+        RoutingKind::Uniform => "uniform",
+        RoutingKind::NodeLimited => "node-limited",
+        RoutingKind::Zipf => "zipf",
+    }
+}
+
+fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
+    let backend = choose_backend(a.backend)?;
+    let cases: Vec<_> =
+        conformance::standard_cases().into_iter().filter(|c| a.filter.as_deref().map_or(true, |f| c.name.contains(f))).collect();
+    if cases.is_empty() {
+        return Err(match &a.filter {
+            Some(f) => {
+                Error::InvalidArgument { arg: "--filter".into(), reason: format!("no conformance case name contains {f:?}") }
+            }
+            None => Error::InvalidArgument { arg: "conformance cases".into(), reason: "none are defined".into() },
+        });
+    }
+    let width = cases.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    let bar = LazyBar::new(cases.len() as u64, "check");
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for (i, case) in cases.iter().enumerate() {
+        let report = match backend {
+            BackendKind::Cpu => conformance::run_case_cpu(case),
+        };
+        let line = if report.passed() {
+            passed += 1;
+            format!("{:<width$}  PASS", report.name)
+        } else {
+            failed += 1;
+            let detail = match &report.error {
+                Some(e) => format!("error: {e}"),
+                None => format!("{} wrong", report.wrong),
+            };
+            format!("{:<width$}  FAIL  {detail}", report.name)
+        };
+        bar.bar.suspend(|| println!("{line}"));
+        bar.set(i as u64 + 1);
+    }
+    bar.finish();
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn cmd_info() -> Result<ExitCode, Error> {
+    let p = probe::probe();
+    println!("switchyard {}", env!("CARGO_PKG_VERSION"));
+    println!("commit: {}", bench::source_commit().unwrap_or_else(|| "unknown".into()));
+    println!("backends:");
+    println!("  cpu   usable (reference backend: threads as ranks, emulated nodes)");
+    println!("  cuda  not usable: {}", probe::CUDA_NOT_BUILT.split(';').next().unwrap_or(""));
+    println!("CUDA libraries (loaded at run time):");
+    for l in &p.libraries {
+        let state = if l.loadable { "loads" } else { "not found" };
+        println!("  {:<9} {:<10} {}", l.name, state, l.purpose);
+        for path in &l.paths {
+            println!("            {}", path.display());
+        }
+        if !l.loadable && !l.paths.is_empty() {
+            println!(
+                "            (present under a name cudarc does not open; e.g. add a {}.so symlink to LD_LIBRARY_PATH)",
+                l.name
+            );
+        }
+    }
+    println!("  searched: LD_LIBRARY_PATH and {}", probe::SYSTEM_LIB_DIRS.join(", "));
+    if p.gpus.is_empty() {
+        println!("GPUs: none");
+    } else {
+        println!("GPUs: {}", p.gpus.len());
+        for g in &p.gpus {
+            println!(
+                "  [{}] {}  sm_{}{}  {} SMs  {:.1} GiB",
+                g.index,
+                g.name,
+                g.compute_capability.0,
+                g.compute_capability.1,
+                g.sm_count,
+                g.total_mem_bytes as f64 / (1u64 << 30) as f64
+            );
+        }
+        println!("peer access (row can access column):");
+        print!("      ");
+        for j in 0..p.gpus.len() {
+            print!(" {j:>3}");
+        }
+        println!();
+        for (i, row) in p.peer_access.iter().enumerate() {
+            print!("  {i:>3} ");
+            for &ok in row {
+                print!(" {:>3}", if ok { "yes" } else { "no" });
+            }
+            println!();
+        }
+    }
+    println!("CUDA usable: {} ({})", if p.cuda_usable { "yes" } else { "no" }, p.reason);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,140 @@
+//! The notify step of the CPU backend: an all-gather of small per-rank posts
+//! (counts, buffer handles, or an error) through shared memory, with a barrier
+//! whose every wait has a deadline.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result, Role, WaitDiagnostic};
+
+pub(crate) struct Board {
+    world: usize,
+    posts: Vec<Mutex<Option<Arc<dyn Any + Send + Sync>>>>,
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+    broken: AtomicBool,
+}
+
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+}
+
+impl Board {
+    pub(crate) fn new(world: usize) -> Self {
+        Self {
+            world,
+            posts: (0..world).map(|_| Mutex::new(None)).collect(),
+            state: Mutex::new(BarrierState { arrived: 0, generation: 0 }),
+            cv: Condvar::new(),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    /// Wait for every rank; fails after `timeout`, and then for good (the group is broken).
+    pub(crate) fn barrier(&self, rank: usize, timeout: Duration) -> Result<()> {
+        let broken_err =
+            || Error::Protocol { rank, detail: "the group is unusable: an earlier wait timed out on some rank".into() };
+        if self.broken.load(Ordering::Acquire) {
+            return Err(broken_err());
+        }
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let gen = st.generation;
+        st.arrived += 1;
+        if st.arrived == self.world {
+            st.arrived = 0;
+            st.generation += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while st.generation == gen {
+            if self.broken.load(Ordering::Acquire) {
+                return Err(broken_err());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.broken.store(true, Ordering::Release);
+                self.cv.notify_all();
+                return Err(Error::Timeout {
+                    timeout_ms: timeout.as_millis() as u64,
+                    diag: WaitDiagnostic {
+                        rank,
+                        channel: 0,
+                        role: Role::Notify,
+                        head: st.arrived as u64,
+                        tail: self.world as u64,
+                        detail: format!("barrier: {} of {} ranks arrived", st.arrived, self.world),
+                    },
+                });
+            }
+            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(())
+    }
+
+    /// Post `item` and return every rank's post, in rank order.
+    pub(crate) fn all_gather<T: Any + Send + Sync>(&self, rank: usize, item: T, timeout: Duration) -> Result<Vec<Arc<T>>> {
+        *self.posts[rank].lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(item));
+        self.barrier(rank, timeout)?;
+        let all = self
+            .posts
+            .iter()
+            .enumerate()
+            .map(|(r, p)| {
+                let any = p.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                any.and_then(|a| a.downcast::<T>().ok()).ok_or_else(|| Error::Protocol {
+                    rank,
+                    detail: format!("rank {r} posted a different message in the same step"),
+                })
+            })
+            .collect::<Result<Vec<_>>>();
+        // Nobody may overwrite a post before everyone has read it.
+        self.barrier(rank, timeout)?;
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_gather_returns_every_post_in_rank_order() {
+        let board = Arc::new(Board::new(3));
+        let hs: Vec<_> = (0..3)
+            .map(|r| {
+                let b = board.clone();
+                std::thread::spawn(move || {
+                    (0..5).map(|round| b.all_gather(r, r * 10 + round, Duration::from_secs(5)).unwrap()).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in hs {
+            let rounds = h.join().unwrap();
+            for (round, got) in rounds.iter().enumerate() {
+                let vals: Vec<usize> = got.iter().map(|a| **a).collect();
+                assert_eq!(vals, vec![round, 10 + round, 20 + round]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_rank_times_out_with_a_diagnostic() {
+        let board = Board::new(2);
+        let t = Instant::now();
+        let err = board.barrier(0, Duration::from_millis(100)).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        match err {
+            Error::Timeout { diag, .. } => {
+                assert_eq!(diag.role, Role::Notify);
+                assert_eq!((diag.head, diag.tail), (1, 2));
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        // The group is now broken: later waits fail at once.
+        assert!(matches!(board.barrier(1, Duration::from_secs(10)), Err(Error::Protocol { .. })));
+    }
+}

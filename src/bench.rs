@@ -1,0 +1,765 @@
+//! Benchmark harness shared by `switchyard bench` and tests: runs dispatch,
+//! cached dispatch and combine on every rank of a group, times them the way
+//! nccl-tests does, counts the bytes that crossed each hop, measures memcpy in
+//! the same run as a reference, optionally checks every result against the
+//! serial [`oracle`](crate::oracle), and holds the results schema (`--json`).
+//!
+//! # Definitions
+//! - **Iteration time**: all ranks pass a `barrier()`, each rank times its own
+//!   call; the iteration's time is the maximum over ranks. Reported: min, median
+//!   and max over the timed iterations (warm-up iterations are not timed).
+//! - **Logical bytes** (per iteration, summed over all ranks): bytes of the rows
+//!   delivered to receivers, local ones included. Dispatch: received rows x row
+//!   bytes (FP8 rows include their f32 scales). Combine: rows sent back x BF16
+//!   row bytes.
+//! - **Physical bytes per hop** (per iteration, summed over all ranks): the
+//!   bytes the backend's [`traffic`](crate::Communicator::traffic) counters say
+//!   crossed the inter-node hop and the intra-node hop (payload, scales and
+//!   per-row metadata), counted over the timed loop and divided by its
+//!   iterations.
+//! - **GB/s** = bytes / median iteration time / 1e9, aggregated over all ranks
+//!   of the group.
+//! - **memcpy GB/s**: every rank's thread copies, in parallel, as many bytes as
+//!   its share of the largest op's logical bytes, between buffers larger than
+//!   the caches; bytes are counted once per copy; same timing rule.
+//! - **ratio to memcpy** = op logical GB/s / memcpy GB/s.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use half::bf16;
+
+use crate::backend::cpu::CpuCluster;
+use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::routing::Layout;
+use crate::tensor::{DType, Rows};
+use crate::topology::Topology;
+use crate::workload::{self, RankInput, RoutingKind, WorkloadSpec};
+
+/// Version of the results JSON schema written by `switchyard bench --json`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Minimum size of each memcpy buffer, so the copy streams from memory, not cache.
+pub const MEMCPY_MIN_BUFFER_BYTES: usize = 32 << 20;
+
+/// An operation the bench times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Op {
+    /// [`Communicator::dispatch`] (layout computed beforehand, outside the timing).
+    Dispatch,
+    /// [`Communicator::dispatch_cached`] with the handle of an earlier dispatch.
+    DispatchCached,
+    /// [`Communicator::combine`] of one BF16 row per received row, without weights.
+    Combine,
+}
+
+impl Op {
+    /// Every op, in the order the bench runs and prints them.
+    pub const ALL: [Op; 3] = [Op::Dispatch, Op::DispatchCached, Op::Combine];
+
+    /// Name as printed and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Dispatch => "dispatch",
+            Op::DispatchCached => "dispatch-cached",
+            Op::Combine => "combine",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchSpec {
+    /// Inputs of every rank (topology, shape, dtype, routing, seed).
+    pub workload: WorkloadSpec,
+    /// Data-movement configuration.
+    pub config: Config,
+    /// Untimed iterations per op before the timed ones.
+    pub warmup: usize,
+    /// Timed iterations per op (>= 1).
+    pub iters: usize,
+    /// After timing, run each op once more and compare with the oracle.
+    pub check: bool,
+}
+
+impl BenchSpec {
+    /// Progress steps of a run: every iteration of every op, plus one per op for the check.
+    pub fn total_steps(&self) -> u64 {
+        let per_op = (self.warmup + self.iters + usize::from(self.check)) as u64;
+        per_op * Op::ALL.len() as u64
+    }
+}
+
+/// Raw figures of one op, before they are turned into an [`OpResult`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measurement {
+    /// Which op.
+    pub op: Op,
+    /// Per timed iteration: the maximum over ranks of each rank's time, in seconds.
+    pub iter_seconds: Vec<f64>,
+    /// Logical bytes of one call, summed over ranks.
+    pub logical_bytes: u64,
+    /// Inter-node hop bytes of one call (traffic counters / iterations), summed over ranks.
+    pub inter_node_bytes: f64,
+    /// Intra-node hop bytes of one call, summed over ranks.
+    pub intra_node_bytes: f64,
+    /// Elements or rows that differ from the oracle; `None` without `check`.
+    pub wrong: Option<u64>,
+}
+
+/// Min, median and max over iterations, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TimeStats {
+    /// Fastest iteration.
+    pub min: f64,
+    /// Median iteration (mean of the two middle ones for an even count).
+    pub median: f64,
+    /// Slowest iteration.
+    pub max: f64,
+}
+
+impl TimeStats {
+    /// Statistics of samples given in seconds (reported in microseconds). Empty input gives zeros.
+    pub fn from_seconds(samples: &[f64]) -> Self {
+        if samples.is_empty() {
+            return Self { min: 0.0, median: 0.0, max: 0.0 };
+        }
+        let mut s: Vec<f64> = samples.iter().map(|x| x * 1e6).collect();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+        Self { min: s[0], median, max: s[n - 1] }
+    }
+}
+
+/// The machine a report was taken on.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Machine {
+    /// Host name.
+    pub hostname: String,
+    /// Logical CPUs available to the process.
+    pub cpus: usize,
+    /// Names of the GPUs the CUDA driver reports (empty without one).
+    pub gpus: Vec<String>,
+}
+
+/// Problem shape of a result (per rank).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shape {
+    /// Tokens per rank.
+    pub tokens: usize,
+    /// Elements per token row.
+    pub hidden: usize,
+    /// Experts per token.
+    pub topk: usize,
+    /// Total experts.
+    pub experts: usize,
+}
+
+/// Bandwidth per hop.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PhysicalGbps {
+    /// Bytes over the inter-node hop / median time.
+    pub inter_node: f64,
+    /// Bytes over the intra-node hop / median time.
+    pub intra_node: f64,
+}
+
+/// One op's row of the results (one line of the table, one element of `results`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OpResult {
+    /// Which op.
+    pub op: Op,
+    /// Row type on the wire for dispatch (combine always moves BF16).
+    pub dtype: DType,
+    /// Backend that ran it ("cpu", "cuda").
+    pub backend: String,
+    /// Per-rank problem shape.
+    pub shape: Shape,
+    /// Nodes and ranks per node.
+    pub topology: Topology,
+    /// Routing rule of the workload.
+    pub routing: RoutingKind,
+    /// SMs used on a GPU; `null` on the CPU backend.
+    pub num_sms: Option<u32>,
+    /// Configuration in force.
+    pub config: Config,
+    /// Iteration times in microseconds.
+    pub time_us: TimeStats,
+    /// Logical bytes / median time, all ranks together, in GB/s (1e9 bytes/s).
+    pub logical_gbps: f64,
+    /// Physical bytes per hop / median time, all ranks together.
+    pub physical_gbps: PhysicalGbps,
+    /// `logical_gbps / memcpy_gbps` of the same run.
+    pub ratio_to_memcpy: f64,
+    /// Mismatches with the oracle; `null` when not checked.
+    pub wrong: Option<u64>,
+}
+
+/// A whole results file (`switchyard bench --json FILE`), schema version [`SCHEMA_VERSION`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub schema: u32,
+    /// Where it ran.
+    pub machine: Machine,
+    /// Git commit of the source, if known.
+    pub commit: Option<String>,
+    /// When it ran, ISO-8601 UTC (`2025-01-31T12:34:56Z`).
+    pub date: String,
+    /// memcpy bandwidth measured in the same run, GB/s, all ranks' threads together.
+    pub memcpy_gbps: f64,
+    /// One entry per op.
+    pub results: Vec<OpResult>,
+}
+
+impl Report {
+    /// Pretty JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("results serialize")
+    }
+
+    /// Parse JSON text, checking the schema version.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let r: Report = serde_json::from_str(text)
+            .map_err(|e| Error::InvalidArgument { arg: "results JSON".into(), reason: e.to_string() })?;
+        if r.schema != SCHEMA_VERSION {
+            return Err(Error::InvalidArgument {
+                arg: "results JSON".into(),
+                reason: format!("schema {} is not the supported version {SCHEMA_VERSION}", r.schema),
+            });
+        }
+        Ok(r)
+    }
+}
+
+/// What one rank's thread brings back.
+struct RankRun {
+    /// `[op][iter]` seconds.
+    seconds: [Vec<f64>; 3],
+    /// `[op]` logical bytes of one call on this rank.
+    logical: [u64; 3],
+    /// `[op]` (inter, intra) bytes over the timed loop.
+    physical: [(u64, u64); 3],
+    /// Results of the extra checked calls.
+    checked: Option<(DispatchOutput, Rows, CombineOutput, Vec<bf16>)>,
+}
+
+/// Barrier, then time one call on this rank (the call's output is dropped after the clock stops).
+fn time_call<T>(comm: &mut dyn Communicator, f: &mut impl FnMut(&mut dyn Communicator) -> Result<T>) -> Result<f64> {
+    comm.barrier()?;
+    let t0 = Instant::now();
+    let out = f(comm)?;
+    let dt = t0.elapsed().as_secs_f64();
+    drop(out);
+    Ok(dt)
+}
+
+fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, step: &dyn Fn()) -> Result<RankRun> {
+    let w = &spec.workload;
+    let (k, hidden) = (w.topk, w.hidden);
+    let layout = Layout::new(&input.topk_idx, k, w.num_experts, w.topology)?;
+    let opts = DispatchOptions::default();
+    let x = input.x.as_ref();
+    let mut seconds: [Vec<f64>; 3] = Default::default();
+    let mut physical = [(0u64, 0u64); 3];
+
+    // The dispatch whose output and handle the other ops use.
+    let (recv, handle) = comm.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?;
+    let y = workload::expert_outputs(&recv.x, comm.rank());
+    let rows = recv.x.num_rows() as u64;
+    let logical = [
+        rows * w.dtype.row_bytes(hidden) as u64,
+        rows * w.dtype.row_bytes(hidden) as u64,
+        rows * DType::Bf16.row_bytes(hidden) as u64,
+    ];
+
+    for (i, op) in Op::ALL.into_iter().enumerate() {
+        // Outputs are returned, so they are dropped only after the clock stops.
+        let mut call = |c: &mut dyn Communicator| -> Result<Box<dyn std::any::Any>> {
+            Ok(match op {
+                Op::Dispatch => Box::new(c.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?),
+                Op::DispatchCached => Box::new(c.dispatch_cached(x, &handle, &opts)?),
+                Op::Combine => Box::new(c.combine(&y, hidden, &handle, None)?),
+            })
+        };
+        for _ in 0..spec.warmup {
+            time_call(comm, &mut call)?;
+            step();
+        }
+        comm.barrier()?;
+        comm.reset_traffic();
+        for _ in 0..spec.iters {
+            seconds[i].push(time_call(comm, &mut call)?);
+            step();
+        }
+        let t = comm.traffic();
+        let t = if op == Op::Combine { &t.combine } else { &t.dispatch };
+        physical[i] = (t.inter_node.bytes, t.intra_node.bytes);
+    }
+
+    let checked = if spec.check {
+        comm.barrier()?;
+        let (d, h2) = comm.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?;
+        step();
+        let cached = comm.dispatch_cached(x, &h2, &opts)?;
+        step();
+        let y2 = workload::expert_outputs(&d.x, comm.rank());
+        let c = comm.combine(&y2, hidden, &h2, None)?;
+        step();
+        Some((d, cached, c, y2))
+    } else {
+        None
+    };
+    Ok(RankRun { seconds, logical, physical, checked })
+}
+
+/// Pick the most informative of several ranks' errors: a rank's own error over
+/// "a peer failed" reports.
+fn first_error(errors: Vec<Error>) -> Option<Error> {
+    let mut fallback = None;
+    for e in errors {
+        if matches!(e, Error::PeerFailed { .. }) {
+            fallback.get_or_insert(e);
+        } else {
+            return Some(e);
+        }
+    }
+    fallback
+}
+
+/// Run the bench on the CPU backend: one thread per rank. `progress(done, total)`
+/// is called from rank 0's thread after each step (see [`BenchSpec::total_steps`]).
+pub fn run_cpu(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Vec<Measurement>> {
+    if spec.iters == 0 {
+        return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
+    }
+    let inputs = spec.workload.generate()?;
+    let ranks = CpuCluster::new(spec.workload.topology, spec.config.clone())?.into_ranks();
+    let total = spec.total_steps();
+    let done = AtomicU64::new(0);
+    let results: Vec<Result<RankRun>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .zip(&inputs)
+            .map(|(mut comm, input)| {
+                let done = &done;
+                s.spawn(move || {
+                    let is_zero = comm.rank() == 0;
+                    let step = move || {
+                        if is_zero {
+                            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+                        }
+                    };
+                    run_rank(&mut comm, input, spec, &step)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| Err(Error::Protocol { rank: usize::MAX, detail: "a rank thread panicked".into() }))
+            })
+            .collect()
+    });
+    let mut runs = Vec::with_capacity(results.len());
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok(run) => runs.push(run),
+            Err(e) => errors.push(e),
+        }
+    }
+    if let Some(e) = first_error(errors) {
+        return Err(e);
+    }
+
+    let wrong = if spec.check { Some(check_against_oracle(spec, &inputs, &runs)) } else { None };
+    let iters = spec.iters;
+    Ok(Op::ALL
+        .into_iter()
+        .enumerate()
+        .map(|(i, op)| Measurement {
+            op,
+            iter_seconds: (0..iters).map(|it| runs.iter().map(|r| r.seconds[i][it]).fold(0.0, f64::max)).collect(),
+            logical_bytes: runs.iter().map(|r| r.logical[i]).sum(),
+            inter_node_bytes: runs.iter().map(|r| r.physical[i].0).sum::<u64>() as f64 / iters as f64,
+            intra_node_bytes: runs.iter().map(|r| r.physical[i].1).sum::<u64>() as f64 / iters as f64,
+            wrong: wrong.map(|w| w[i]),
+        })
+        .collect())
+}
+
+/// `[op]` mismatches of the checked calls against the serial oracle.
+fn check_against_oracle(spec: &BenchSpec, inputs: &[RankInput], runs: &[RankRun]) -> [u64; 3] {
+    let w = &spec.workload;
+    let want = crate::oracle::dispatch(w.topology, w.num_experts, w.topk, inputs, &DispatchOptions::default());
+    let mut wrong = [0u64; 3];
+    let checked: Vec<_> = runs.iter().map(|r| r.checked.as_ref().expect("checked run")).collect();
+    for (rank, (d, cached, _, _)) in checked.iter().enumerate() {
+        wrong[0] += crate::conformance::count_wrong_dispatch(d, &want[rank]) as u64;
+        wrong[1] += count_wrong_rows(cached, &want[rank].x) as u64;
+    }
+    // Combine: every rank's expert outputs computed from the oracle's received rows.
+    let ys: Vec<Vec<bf16>> = want.iter().enumerate().map(|(r, o)| workload::expert_outputs(&o.x, r)).collect();
+    let tokens: Vec<usize> = inputs.iter().map(|i| i.topk_idx.len() / w.topk).collect();
+    let want_c = crate::oracle::combine(&tokens, w.hidden, w.topk, &want, &ys, None);
+    let abs = crate::conformance::abs_sums(&tokens, w.hidden, &want, &ys);
+    for (rank, (_, _, c, _)) in checked.iter().enumerate() {
+        wrong[2] += crate::conformance::count_wrong_combine(c, &want_c[rank], &abs[rank]) as u64;
+    }
+    wrong
+}
+
+/// Rows of `got` whose payload or scales differ from `want` (bit-exact), plus
+/// the difference in row counts.
+pub fn count_wrong_rows(got: &Rows, want: &Rows) -> usize {
+    if got.dtype() != want.dtype() || got.hidden() != want.hidden() {
+        return got.num_rows().max(want.num_rows()).max(1);
+    }
+    let (g, w) = (got.as_ref(), want.as_ref());
+    let n = g.num_rows().min(w.num_rows());
+    let differing = (0..n).filter(|&i| g.row_payload(i) != w.row_payload(i) || g.row_scales(i) != w.row_scales(i)).count();
+    differing + g.num_rows().abs_diff(w.num_rows())
+}
+
+/// memcpy bandwidth in GB/s: `threads` threads copy `bytes_per_thread` each, in
+/// parallel, `iters` timed times after one warm-up; per iteration the time is
+/// the slowest thread's, and the result is total bytes / median time. Each
+/// thread's buffers are at least [`MEMCPY_MIN_BUFFER_BYTES`]; successive copies
+/// move through them so the source is not cache-hot.
+pub fn measure_memcpy(threads: usize, bytes_per_thread: usize, iters: usize) -> f64 {
+    let threads = threads.max(1);
+    let bytes = bytes_per_thread.max(4096);
+    let iters = iters.max(1);
+    let region = bytes.max(MEMCPY_MIN_BUFFER_BYTES);
+    let barrier = Barrier::new(threads);
+    let times: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let src = vec![0x5au8; region];
+                    let mut dst = vec![0xa5u8; region];
+                    let slots = (region - bytes) / 4096 + 1;
+                    let mut out = Vec::with_capacity(iters);
+                    for it in 0..=iters {
+                        let off = (it * bytes.div_ceil(4096)) % slots * 4096;
+                        barrier.wait();
+                        let t0 = Instant::now();
+                        dst[off..off + bytes].copy_from_slice(&src[off..off + bytes]);
+                        std::hint::black_box(&mut dst);
+                        let dt = t0.elapsed().as_secs_f64();
+                        if it > 0 {
+                            out.push(dt);
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("memcpy thread")).collect()
+    });
+    let per_iter: Vec<f64> = (0..iters).map(|i| times.iter().map(|t| t[i]).fold(0.0, f64::max)).collect();
+    let median_us = TimeStats::from_seconds(&per_iter).median;
+    (threads * bytes) as f64 / (median_us * 1e-6).max(1e-12) / 1e9
+}
+
+/// Turn measurements into result rows.
+pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], memcpy_gbps: f64) -> Vec<OpResult> {
+    let w = &spec.workload;
+    measurements
+        .iter()
+        .map(|m| {
+            let time_us = TimeStats::from_seconds(&m.iter_seconds);
+            let secs = (time_us.median * 1e-6).max(1e-12);
+            let logical_gbps = m.logical_bytes as f64 / secs / 1e9;
+            OpResult {
+                op: m.op,
+                dtype: if m.op == Op::Combine { DType::Bf16 } else { w.dtype },
+                backend: backend.into(),
+                shape: Shape { tokens: w.tokens, hidden: w.hidden, topk: w.topk, experts: w.num_experts },
+                topology: w.topology,
+                routing: w.routing,
+                num_sms: None,
+                config: spec.config.clone(),
+                time_us,
+                logical_gbps,
+                physical_gbps: PhysicalGbps {
+                    inter_node: m.inter_node_bytes / secs / 1e9,
+                    intra_node: m.intra_node_bytes / secs / 1e9,
+                },
+                ratio_to_memcpy: if memcpy_gbps > 0.0 { logical_gbps / memcpy_gbps } else { 0.0 },
+                wrong: m.wrong,
+            }
+        })
+        .collect()
+}
+
+/// Header lines of the table (each starting with `#`).
+pub const TABLE_HEADER: [&str; 2] = [
+    "#              op  dtype     min(us)  median(us)     max(us)   logical   inter-node   intra-node   #wrong  x memcpy",
+    "#                                                               (GB/s)       (GB/s)       (GB/s)                   ",
+];
+
+/// One table line for a result, aligned under [`TABLE_HEADER`]; `-` when not checked.
+pub fn format_row(r: &OpResult) -> String {
+    let wrong = r.wrong.map_or_else(|| "-".to_string(), |w| w.to_string());
+    format!(
+        "{:>17}  {:>5}  {:>10.1}  {:>10.1}  {:>10.1}  {:>8.2}  {:>11.2}  {:>11.2}  {:>7}  {:>8.2}",
+        r.op.name(),
+        r.dtype.name(),
+        r.time_us.min,
+        r.time_us.median,
+        r.time_us.max,
+        r.logical_gbps,
+        r.physical_gbps.inter_node,
+        r.physical_gbps.intra_node,
+        wrong,
+        r.ratio_to_memcpy
+    )
+}
+
+/// The whole table: header, one row per result, and a footer naming the
+/// definitions and the memcpy reference.
+pub fn format_table(results: &[OpResult], memcpy_gbps: f64) -> String {
+    let mut s = String::new();
+    for h in TABLE_HEADER {
+        s.push_str(h.trim_end());
+        s.push('\n');
+    }
+    for r in results {
+        s.push_str(&format_row(r));
+        s.push('\n');
+    }
+    let ranks = results.first().map_or(0, |r| r.topology.world());
+    s.push_str(&format!(
+        "# GB/s = bytes / median time, summed over all {ranks} ranks; logical = rows delivered (incl. local),\n\
+         # inter-node/intra-node = bytes that crossed each hop; memcpy ({ranks} threads in parallel): {memcpy_gbps:.2} GB/s\n"
+    ));
+    s
+}
+
+/// ISO-8601 UTC text of a time, to the second (`YYYY-MM-DDTHH:MM:SSZ`).
+pub fn iso8601_utc(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Git commit of the source tree this binary was built from: `SWITCHYARD_COMMIT`
+/// set at build time if any, else `git rev-parse HEAD` in the crate's source
+/// directory at run time (with `-dirty` when it has uncommitted changes), else `None`.
+pub fn source_commit() -> Option<String> {
+    if let Some(c) = option_env!("SWITCHYARD_COMMIT") {
+        return Some(c.to_string());
+    }
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("git")
+        .args(["-C", dir, "rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mut c = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    if c.is_empty() {
+        return None;
+    }
+    let dirty = std::process::Command::new("git")
+        .args(["-C", dir, "status", "--porcelain", "--untracked-files=no"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .is_some_and(|o| o.status.success() && !o.stdout.is_empty());
+    if dirty {
+        c.push_str("-dirty");
+    }
+    Some(c)
+}
+
+/// The machine description for a report.
+pub fn machine(gpus: Vec<String>) -> Machine {
+    Machine { hostname: crate::probe::hostname(), cpus: std::thread::available_parallelism().map_or(1, |n| n.get()), gpus }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Report {
+        let spec = BenchSpec {
+            workload: WorkloadSpec {
+                topology: Topology::new(2, 2).unwrap(),
+                tokens: 64,
+                hidden: 256,
+                topk: 4,
+                num_experts: 16,
+                dtype: DType::Fp8,
+                routing: RoutingKind::NodeLimited,
+                max_nodes: 1,
+                hole_rate: 0.0,
+                seed: 7,
+            },
+            config: Config::default(),
+            warmup: 0,
+            iters: 4,
+            check: false,
+        };
+        let ms: Vec<Measurement> = Op::ALL
+            .into_iter()
+            .map(|op| Measurement {
+                op,
+                iter_seconds: vec![4e-6, 1e-6, 3e-6, 2e-6],
+                logical_bytes: 2_500_000,
+                inter_node_bytes: 1e6,
+                intra_node_bytes: 5e5,
+                wrong: (op == Op::Combine).then_some(0),
+            })
+            .collect();
+        Report {
+            schema: SCHEMA_VERSION,
+            machine: machine(vec![]),
+            commit: None,
+            date: iso8601_utc(SystemTime::now()),
+            memcpy_gbps: 2000.0,
+            results: results(&spec, "cpu", &ms, 2000.0),
+        }
+    }
+
+    #[test]
+    fn figures_follow_the_definitions() {
+        let r = sample();
+        let d = &r.results[0];
+        assert_eq!(d.time_us, TimeStats { min: 1.0, median: 2.5, max: 4.0 });
+        assert!((d.logical_gbps - 1000.0).abs() < 1e-6, "{}", d.logical_gbps); // 2.5 MB / 2.5 us
+        assert!((d.physical_gbps.inter_node - 400.0).abs() < 1e-6);
+        assert!((d.physical_gbps.intra_node - 200.0).abs() < 1e-6);
+        assert!((d.ratio_to_memcpy - 0.5).abs() < 1e-12);
+        assert_eq!(d.dtype, DType::Fp8);
+        assert_eq!(r.results[2].dtype, DType::Bf16, "combine moves BF16");
+        assert_eq!(TimeStats::from_seconds(&[3e-6, 1e-6, 2e-6]).median, 2.0);
+    }
+
+    #[test]
+    fn json_schema_round_trips_with_the_documented_keys() {
+        let r = sample();
+        let text = r.to_json();
+        // serde_json parses floats to within one ulp, so compare floats with a tolerance.
+        let back = Report::from_json(&text).unwrap();
+        assert_eq!((back.schema, &back.machine, &back.commit, &back.date), (r.schema, &r.machine, &r.commit, &r.date));
+        assert_eq!(back.results.len(), r.results.len());
+        for (a, b) in back.results.iter().zip(&r.results) {
+            assert_eq!(
+                (a.op, a.dtype, &a.backend, a.shape, a.topology, a.routing, a.num_sms, &a.config, a.wrong),
+                (b.op, b.dtype, &b.backend, b.shape, b.topology, b.routing, b.num_sms, &b.config, b.wrong)
+            );
+            let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * y.abs().max(1.0);
+            assert!(close(a.logical_gbps, b.logical_gbps) && close(a.ratio_to_memcpy, b.ratio_to_memcpy));
+            assert!(close(a.physical_gbps.inter_node, b.physical_gbps.inter_node));
+            assert!(close(a.time_us.median, b.time_us.median));
+        }
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for key in ["schema", "machine", "commit", "date", "memcpy_gbps", "results"] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        for key in ["hostname", "cpus", "gpus"] {
+            assert!(v["machine"].get(key).is_some(), "missing machine.{key}");
+        }
+        let e = &v["results"][0];
+        for key in [
+            "op",
+            "dtype",
+            "backend",
+            "shape",
+            "topology",
+            "routing",
+            "num_sms",
+            "config",
+            "time_us",
+            "logical_gbps",
+            "physical_gbps",
+            "ratio_to_memcpy",
+            "wrong",
+        ] {
+            assert!(e.get(key).is_some(), "missing results[].{key}");
+        }
+        assert_eq!(e["op"], "dispatch");
+        assert_eq!(v["results"][1]["op"], "dispatch-cached");
+        assert_eq!(e["dtype"], "fp8");
+        assert_eq!(e["routing"], "node-limited");
+        assert!(e["num_sms"].is_null() && e["wrong"].is_null());
+        assert_eq!(v["results"][2]["wrong"], 0);
+        assert_eq!(e["shape"], serde_json::json!({"tokens": 64, "hidden": 256, "topk": 4, "experts": 16}));
+        assert_eq!(e["topology"], serde_json::json!({"num_nodes": 2, "ranks_per_node": 2}));
+        for key in ["num_channels", "chunk_tokens", "buffer_tokens", "timeout_ms"] {
+            assert!(e["config"].get(key).is_some(), "missing config.{key}");
+        }
+        for key in ["min", "median", "max"] {
+            assert!(e["time_us"][key].is_f64());
+        }
+        assert!(e["physical_gbps"]["inter_node"].is_f64() && e["physical_gbps"]["intra_node"].is_f64());
+        let bad = text.replacen("\"schema\": 1", "\"schema\": 2", 1);
+        assert!(Report::from_json(&bad).is_err());
+    }
+
+    #[test]
+    fn table_has_one_aligned_row_per_op() {
+        let r = sample();
+        let t = format_table(&r.results, r.memcpy_gbps);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with('#') && lines[0].contains("#wrong") && lines[0].contains("x memcpy"));
+        let rows: Vec<&str> = lines.iter().copied().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(rows.len(), 3);
+        assert!(rows[0].trim_start().starts_with("dispatch ") && rows[0].contains("fp8"));
+        assert!(rows[1].trim_start().starts_with("dispatch-cached"));
+        assert!(rows[2].trim_start().starts_with("combine") && rows[2].contains("bf16"));
+        // Unchecked rows print `-`, checked ones the count; all rows are as wide as the header.
+        assert_eq!(rows[0].split_whitespace().nth(8), Some("-"));
+        assert_eq!(rows[2].split_whitespace().nth(8), Some("0"));
+        for row in &rows {
+            assert_eq!(row.len(), TABLE_HEADER[0].trim_end().len(), "{row}");
+        }
+        assert!(t.contains("summed over all 4 ranks"));
+    }
+
+    #[test]
+    fn iso_dates() {
+        assert_eq!(iso8601_utc(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601_utc(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(iso8601_utc(UNIX_EPOCH + Duration::from_secs(1_735_689_599)), "2024-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn wrong_rows_are_counted() {
+        let a = Rows::Bf16 { hidden: 2, data: vec![bf16::ONE; 6] };
+        let mut b = a.clone();
+        assert_eq!(count_wrong_rows(&a, &b), 0);
+        if let Rows::Bf16 { data, .. } = &mut b {
+            data[3] = bf16::ZERO;
+            data.truncate(4);
+        }
+        assert_eq!(count_wrong_rows(&a, &b), 2); // one differing row + one missing
+    }
+
+    #[test]
+    fn memcpy_measures_something_positive() {
+        let g = measure_memcpy(2, 1 << 20, 2);
+        assert!(g.is_finite() && g > 0.0, "{g}");
+    }
+}
