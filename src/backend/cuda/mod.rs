@@ -112,7 +112,8 @@ impl CudaCluster {
         Ok(Self { shared: Arc::new(Shared { buffers, gpus, peers, group: HostGroup::new(num_gpus), buffer_bytes, arch, comm_id }), config })
     }
 
-    /// One endpoint per GPU, in rank order; move each to its own thread.
+    /// One endpoint per GPU, in rank order; move each to its own thread. (Unlike
+    /// `CpuCluster::into_ranks` this can fail: each rank creates a stream and pinned memory.)
     pub fn into_ranks(self) -> Result<Vec<CudaRank>> {
         let world = self.shared.gpus.len();
         (0..world)
@@ -422,10 +423,9 @@ impl Communicator for CudaRank {
         self.count_traffic(&pos, row_bytes, &mut tr);
         self.traffic.dispatch = tr;
 
-        let recv_topk_idx: Vec<i64> = idx32.iter().map(|&v| v as i64).collect();
         let out = DispatchOutput {
             x: rows,
-            topk_idx: recv_topk_idx.clone(),
+            topk_idx: idx32.iter().map(|&v| v as i64).collect(),
             topk_weights: w,
             tokens_per_expert,
             source_rank: src.iter().step_by(2).map(|&v| v as u32).collect(),
@@ -440,8 +440,6 @@ impl Communicator for CudaRank {
             num_experts: e,
             source_rank: out.source_rank.clone(),
             source_token: out.source_token.clone(),
-            token_in_rank: pos.iter().map(|&q| q >= 0).collect(),
-            recv_topk_idx,
             backend_state: Arc::new(CudaHandleState { pos, send_base, max_recv_any }),
         };
         Ok((out, handle))
