@@ -2,6 +2,7 @@
 //! (and by the CUDA backend).
 
 pub mod cpu;
+pub mod cuda;
 
 use half::bf16;
 

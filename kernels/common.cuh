@@ -1,0 +1,267 @@
+// switchyard: shared device code for the intra-node kernels.
+//
+// Compiled by NVRTC with no CUDA headers: every type and primitive used here is
+// defined below (raw integer types, bf16 as u16 bits, inline PTX for flags,
+// timers and the FP8 cast). Shapes and topology arrive as -D constants:
+//   SY_WORLD        ranks in the node (2..8)
+//   SY_HIDDEN       elements per row
+//   SY_TOPK         top-k slots per token
+//   SY_NUM_EXPERTS  experts over all ranks
+//   SY_X_FP8        1: dispatch input is FP8 (+ scales); 0: BF16
+//   SY_WIRE_FP8     1: rows travel and land as FP8 (+ scales); 0: BF16
+//   SY_MAX_CHANNELS upper bound of gridDim.x for dispatch/combine (flag slots)
+//   SY_THREADS      threads per block of dispatch/combine
+// The host (src/backend/cuda/layout.rs) mirrors SyParams, the signal area and
+// the host-meta layout; change both sides together.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef int i32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+struct __align__(16) v4u32 {
+    u32 x, y, z, w;
+};
+
+#ifndef SY_WORLD
+#error "SY_WORLD must be defined"
+#endif
+#ifndef SY_MAX_CHANNELS
+#define SY_MAX_CHANNELS 256
+#endif
+#ifndef SY_THREADS
+#define SY_THREADS 512
+#endif
+
+#define SY_MAX_WORLD 8
+#define SY_EPR (SY_NUM_EXPERTS / SY_WORLD)
+#define SY_GROUPS (SY_HIDDEN / 128)
+#define SY_WARPS (SY_THREADS / 32)
+#define SY_NOTIFY_THREADS 512
+
+static_assert(SY_WORLD >= 1 && SY_WORLD <= SY_MAX_WORLD, "world must be 1..8");
+static_assert(SY_NUM_EXPERTS % SY_WORLD == 0, "experts must split evenly over ranks");
+static_assert(SY_NUM_EXPERTS <= 4096, "notify keeps per-expert counts in shared memory");
+static_assert(SY_HIDDEN % 8 == 0, "rows move as 16-byte vectors: hidden must be a multiple of 8");
+static_assert(!(SY_WIRE_FP8 || SY_X_FP8) || SY_HIDDEN % 128 == 0, "FP8 needs hidden % 128 == 0");
+static_assert(SY_THREADS % 32 == 0 && SY_THREADS <= 1024, "bad block size");
+
+// Roles, as numbered by the host's Role mapping (diag.role).
+#define SY_ROLE_SENDER 0
+#define SY_ROLE_FORWARDER 1
+#define SY_ROLE_RECEIVER 2
+#define SY_ROLE_NOTIFY 3
+
+// What a wait was for (diag.what); the host turns it into text.
+#define SY_WAIT_NOTIFY 1
+#define SY_WAIT_RECV_READY 2
+#define SY_WAIT_DISPATCH_ARRIVE 3
+#define SY_WAIT_COMBINE_READY 4
+#define SY_WAIT_COMBINE_DONE 5
+
+// One parameter block for every kernel, passed by value. Every field is 8 bytes
+// so the C and Rust layouts cannot disagree on padding.
+struct SyParams {
+    u64 peers[SY_MAX_WORLD];  // base of each rank's communication buffer (peer-mapped); peers[rank] is ours
+    u64 x;                    // [T, H] input payload (bf16 or e4m3 bytes)
+    u64 x_scales;             // [T, H/128] f32 (FP8 input only)
+    u64 topk_idx;             // [T, k] i64
+    u64 topk_weights;         // [T, k] f32
+    u64 pos;                  // [T, W] i32: row of token t among those sent to rank d, -1 if not sent
+    u64 send_base;            // [W] i32: where my rows start in rank d's receive area
+    u64 out;                  // combine: [T, H] bf16
+    u64 out_weights;          // combine: [T, k] f32
+    u64 host_meta;            // mapped pinned host memory: diagnostics and notify results
+    u64 seq;                  // call sequence number (same on every rank); flags hold the last seq
+    u64 timeout_ns;           // deadline of every wait
+    u64 num_tokens;           // T
+    u64 rank;                 // my rank in the node
+    u64 max_recv;             // capacity of the receive area in rows
+    u64 flags;                // SY_FLAG_*
+    // Byte offsets inside every rank's communication buffer.
+    u64 off_counts;           // i32 rank_counts[W][W], then i32 expert_counts[W][EPR]
+    u64 off_recv_x;           // [max_recv, wire row bytes]
+    u64 off_recv_scales;      // [max_recv, H/128] f32
+    u64 off_recv_idx;         // [max_recv, k] i32 (local ids, -1 elsewhere)
+    u64 off_recv_w;           // [max_recv, k] f32
+    u64 off_recv_src;         // [max_recv] i32x2 (source rank, source token)
+    u64 off_y;                // [max_recv, H] bf16: combine input rows
+    u64 off_y_w;              // [max_recv, k] f32: combine input weights
+};
+
+#define SY_FLAG_WRITE_META 1u    // dispatch: also write idx/weights/src (not needed by cached dispatch)
+#define SY_FLAG_WITH_WEIGHTS 2u  // combine: also sum weights
+
+// Signal area at offset 0 of every buffer, in u64 slots. A slot holds the seq
+// of the last call that set it, so nothing is ever reset between calls.
+#define SY_SIG_NOTIFY 0                                     // [W]: source s posted its counts
+#define SY_SIG_RECV_READY (SY_SIG_NOTIFY + SY_MAX_WORLD)    // [W]: rank d's receive area is free for this call
+#define SY_SIG_COMBINE_READY (SY_SIG_RECV_READY + SY_MAX_WORLD)  // [W]: rank d's y rows are in place
+#define SY_SIG_DIAG_CLAIM (SY_SIG_COMBINE_READY + SY_MAX_WORLD)  // one slot: first timed-out wait of a call wins
+#define SY_SIG_DISPATCH_ARRIVE (SY_SIG_DIAG_CLAIM + 8)      // [W][MAX_CH]: source s channel c finished its rows
+#define SY_SIG_COMBINE_DONE (SY_SIG_DISPATCH_ARRIVE + SY_MAX_WORLD * SY_MAX_CHANNELS)  // [W][MAX_CH]
+#define SY_SIG_SLOTS (SY_SIG_COMBINE_DONE + SY_MAX_WORLD * SY_MAX_CHANNELS)
+
+// Host meta (mapped pinned), byte offsets.
+#define SY_META_DIAG 0            // SyDiag
+#define SY_META_NUM_RECV 64       // i32: rows I receive
+#define SY_META_MAX_RECV_ANY 68   // i32: the most rows any rank receives (overflow check, same on all ranks)
+#define SY_META_RECV_BASE 72      // i32[8]: where source s's rows start in my receive area
+#define SY_META_SEND_BASE 104     // i32[8]: where my rows start in rank d's receive area
+#define SY_META_TPE 192           // i32[EPR]: received (token, slot) pairs per local expert
+
+struct SyDiag {
+    u32 timed_out;  // 1 when a wait gave up in this call (host clears it before launching)
+    u32 rank;
+    u32 channel;
+    u32 role;
+    u64 head;       // value seen in the flag
+    u64 tail;       // value waited for
+    u32 peer;       // rank whose flag it was
+    u32 what;       // SY_WAIT_*
+    u64 seq;
+};
+
+// ---------------------------------------------------------------- primitives
+
+__device__ __forceinline__ u64* sig(u64 base) { return reinterpret_cast<u64*>(base); }
+
+__device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
+    u64 v;
+    // Acquire at system scope: pairs with a peer GPU's st.release.sys on this slot.
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
+    // Release at system scope: orders our earlier (fenced) row writes before the flag for peer GPUs.
+    asm volatile("st.release.sys.global.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void fence_acq_rel_sys() {
+    // Cumulative fence: writes this thread made (or saw via bar.sync) are visible system-wide before later flags.
+    asm volatile("fence.acq_rel.sys;" : : : "memory");
+}
+
+__device__ __forceinline__ u64 globaltimer_ns() {
+    u64 t;
+    // Global nanosecond timer: deadlines independent of SM clock changes.
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ v4u32 ld_nc_v4(const v4u32* p) {
+    v4u32 v;
+    // Input rows are read once and never written by this kernel: skip L1 so they do not evict
+    // the flags and metadata we do reuse (the DeepSeek-V3 "no_allocate" trick).
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void st_na_v4(v4u32* p, const v4u32& v) {
+    // Stores to a peer's receive area are never read back by us: do not allocate in L1.
+    asm volatile("st.global.L1::no_allocate.v4.u32 [%0], {%1, %2, %3, %4};"
+                 : : "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+__device__ __forceinline__ v4u32 ld_v4(const v4u32* p) {
+    // Plain (coherent) load: used on peer y rows, which were written after this kernel may have started.
+    v4u32 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_v4(v4u32* p, const v4u32& v) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" : : "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
+__device__ __forceinline__ float bf16_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(u32 w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+// f32 -> bf16 bits, round to nearest even; NaN kept quiet. Same rule as `half::bf16::from_f32`.
+__device__ __forceinline__ u32 f32_to_bf16_bits(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return ((x >> 16) | 0x0040u) & 0xFFFFu;
+    const u32 round_bit = 0x00008000u;
+    u32 r = x >> 16;
+    if ((x & round_bit) != 0 && (x & (3u * round_bit - 1u)) != 0) r += 1;
+    return r & 0xFFFFu;
+}
+
+// Two f32 -> two E4M3 bytes (lo in bits 0..7), round to nearest even, saturating to +-448.
+// cvt...satfinite is exactly the reference rule (src/quant.rs) for finite and infinite inputs.
+__device__ __forceinline__ u32 f32x2_to_e4m3x2(float lo, float hi) {
+    u16 r;
+    // Native FP8 convert (sm_89+): operand a lands in the upper byte, b in the lower.
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return (u32)r;
+}
+
+// --------------------------------------------------------------- diagnostics
+
+// What a wait needs to report a timeout, by value: taking the address of the kernel's
+// parameter block would copy all of it to the stack.
+struct SyWaitCtx {
+    u64 claim;      // device slot for "first timeout of this call wins"
+    u64 host_meta;  // mapped pinned SyDiag
+    u64 seq;
+    u64 timeout_ns;
+    u32 rank;
+};
+
+__device__ __forceinline__ SyWaitCtx sy_wait_ctx(const SyParams& p) {
+    SyWaitCtx c;
+    c.claim = p.peers[p.rank] + SY_SIG_DIAG_CLAIM * 8;
+    c.host_meta = p.host_meta;
+    c.seq = p.seq;
+    c.timeout_ns = p.timeout_ns;
+    c.rank = (u32)p.rank;
+    return c;
+}
+
+// Record the first timed-out wait of this call in host-visible memory. The claim is
+// an atomicMax on a device-memory slot (seq-based: no reset), so no atomics touch host memory.
+__device__ __noinline__ void sy_record_timeout(SyWaitCtx c, u32 channel, u32 role, u32 peer, u32 what, u64 head,
+                                               u64 tail) {
+    u64 old;
+    // 64-bit atomic max in our own device memory.
+    asm volatile("atom.global.max.u64 %0, [%1], %2;" : "=l"(old) : "l"(c.claim), "l"(c.seq) : "memory");
+    if (old >= c.seq) return;
+    volatile SyDiag* d = reinterpret_cast<volatile SyDiag*>(c.host_meta + SY_META_DIAG);
+    d->rank = c.rank;
+    d->channel = channel;
+    d->role = role;
+    d->head = head;
+    d->tail = tail;
+    d->peer = peer;
+    d->what = what;
+    d->seq = c.seq;
+    __threadfence_system();
+    d->timed_out = 1;
+    __threadfence_system();
+}
+
+// Spin until *flag >= target or the deadline passes; false (and a diagnostic) on timeout.
+__device__ __forceinline__ bool sy_wait(const u64* flag, u64 target, const SyWaitCtx& c, u32 channel, u32 role,
+                                        u32 peer, u32 what) {
+    u64 v = ld_acquire_sys(flag);
+    if (v >= target) return true;
+    const u64 start = globaltimer_ns();
+    while (true) {
+        v = ld_acquire_sys(flag);
+        if (v >= target) return true;
+        if (globaltimer_ns() - start > c.timeout_ns) {
+            sy_record_timeout(c, channel, role, peer, what, v, target);
+            return false;
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Thin RAII wrappers over the CUDA driver (cudarc's `result`/`sys` layers).
+//! Raw handles stay inside this module; everything returns our `Error::Cuda`.
+
+use std::ffi::{c_void, CString};
+
+use cudarc::driver::{result, sys};
+
+use super::layout::SyParams;
+use crate::error::{Error, Result};
+
+fn err(what: &str) -> impl FnOnce(result::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// Whether libcuda can be loaded. Check before any other driver call: cudarc panics without it.
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// Initialize the driver and count devices.
+pub fn device_count() -> Result<usize> {
+    if !driver_available() {
+        return Err(Error::BackendUnavailable { backend: "cuda", reason: "libcuda not found (no NVIDIA driver)".into() });
+    }
+    result::init().map_err(err("cuInit"))?;
+    Ok(result::device::get_count().map_err(err("cuDeviceGetCount"))? as usize)
+}
+
+/// One GPU and its retained primary context.
+pub struct Gpu {
+    ordinal: usize,
+    dev: sys::CUdevice,
+    ctx: sys::CUcontext,
+}
+
+// SAFETY: a CUDA context may be used from any thread once made current there.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+impl Gpu {
+    /// Retain the primary context of device `ordinal`.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let dev = result::device::get(ordinal as i32).map_err(err("cuDeviceGet"))?;
+        // SAFETY: valid device.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }.map_err(err("cuDevicePrimaryCtxRetain"))?;
+        Ok(Self { ordinal, dev, ctx })
+    }
+
+    /// Device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Make this GPU's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        // SAFETY: context retained for our lifetime.
+        unsafe { result::ctx::set_current(self.ctx) }.map_err(err("cuCtxSetCurrent"))
+    }
+
+    /// Compute capability (major, minor).
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        use sys::CUdevice_attribute::*;
+        // SAFETY: valid device.
+        unsafe {
+            let ma = result::device::get_attribute(self.dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(err("cuDeviceGetAttribute"))?;
+            let mi = result::device::get_attribute(self.dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).map_err(err("cuDeviceGetAttribute"))?;
+            Ok((ma, mi))
+        }
+    }
+
+    /// Number of SMs.
+    pub fn sm_count(&self) -> Result<usize> {
+        // SAFETY: valid device.
+        unsafe { result::device::get_attribute(self.dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT) }
+            .map(|v| v as usize)
+            .map_err(err("cuDeviceGetAttribute"))
+    }
+
+    /// Device name.
+    pub fn name(&self) -> String {
+        result::device::get_name(self.dev).unwrap_or_else(|_| "?".into())
+    }
+
+    /// Whether this GPU can map `other`'s memory.
+    pub fn can_access_peer(&self, other: &Gpu) -> Result<bool> {
+        let mut ok = 0;
+        // SAFETY: valid devices, valid out-pointer.
+        unsafe { sys::cuDeviceCanAccessPeer(&mut ok, self.dev, other.dev) }.result().map_err(err("cuDeviceCanAccessPeer"))?;
+        Ok(ok != 0)
+    }
+
+    /// Map `other`'s allocations into this context (idempotent).
+    pub fn enable_peer_access(&self, other: &Gpu) -> Result<()> {
+        self.bind()?;
+        // SAFETY: both contexts are retained.
+        let r = unsafe { sys::cuCtxEnablePeerAccess(other.ctx, 0) };
+        match r {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
+            e => Err(Error::Cuda(format!("cuCtxEnablePeerAccess({} -> {}): {e:?}", self.ordinal, other.ordinal))),
+        }
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // SAFETY: retained in new().
+        unsafe {
+            let _ = result::primary_ctx::release(self.dev);
+        }
+    }
+}
+
+/// A non-blocking stream of one GPU.
+pub struct Stream {
+    raw: sys::CUstream,
+}
+
+// SAFETY: streams may be used from any thread with their context current.
+unsafe impl Send for Stream {}
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    /// A new stream in the current context.
+    pub fn new() -> Result<Self> {
+        let raw = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(err("cuStreamCreate"))?;
+        Ok(Self { raw })
+    }
+
+    /// Wait for all work on the stream.
+    pub fn sync(&self) -> Result<()> {
+        // SAFETY: valid stream.
+        unsafe { result::stream::synchronize(self.raw) }.map_err(err("cuStreamSynchronize"))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: created in new().
+        unsafe {
+            let _ = result::stream::destroy(self.raw);
+        }
+    }
+}
+
+/// Device memory of one GPU.
+pub struct DeviceBuffer {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+// SAFETY: a device address is plain data; the driver is thread-safe.
+unsafe impl Send for DeviceBuffer {}
+unsafe impl Sync for DeviceBuffer {}
+
+impl DeviceBuffer {
+    /// Allocate `bytes` (at least 1) in the current context.
+    pub fn new(bytes: usize) -> Result<Self> {
+        // SAFETY: plain allocation.
+        let ptr = unsafe { result::malloc_sync(bytes.max(256)) }.map_err(err("cuMemAlloc"))?;
+        Ok(Self { ptr, bytes: bytes.max(256) })
+    }
+
+    /// Device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// Never empty (allocations are at least 256 bytes).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Zero the whole buffer (synchronously).
+    pub fn zero(&self) -> Result<()> {
+        // SAFETY: in bounds.
+        unsafe { result::memset_d8_sync(self.ptr, 0, self.bytes) }.map_err(err("cuMemsetD8"))
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new(); with unified addressing any context may free it.
+        unsafe {
+            let _ = result::memory_free(self.ptr);
+        }
+    }
+}
+
+/// A workspace that grows on demand (contents are not kept when it grows).
+#[derive(Default)]
+pub struct Scratch(Option<DeviceBuffer>);
+
+impl Scratch {
+    /// Device address of at least `bytes` bytes.
+    pub fn get(&mut self, bytes: usize) -> Result<u64> {
+        if self.0.as_ref().map_or(true, |b| b.len() < bytes) {
+            self.0 = None;
+            self.0 = Some(DeviceBuffer::new(bytes.next_power_of_two())?);
+        }
+        Ok(self.0.as_ref().map(|b| b.ptr()).unwrap_or(0))
+    }
+}
+
+/// Pinned host memory mapped into the device address space (the kernels write
+/// diagnostics and notify results there; the host reads it after a stream sync).
+pub struct MappedHost {
+    host: *mut c_void,
+    dev: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+// SAFETY: plain memory; accesses are ordered by stream syncs.
+unsafe impl Send for MappedHost {}
+unsafe impl Sync for MappedHost {}
+
+impl MappedHost {
+    /// Allocate and zero `bytes` of portable, device-mapped pinned memory.
+    pub fn new(bytes: usize) -> Result<Self> {
+        const PORTABLE: u32 = 0x01;
+        const DEVICEMAP: u32 = 0x02;
+        // SAFETY: plain allocation; zeroed before use.
+        let host = unsafe { result::malloc_host(bytes, PORTABLE | DEVICEMAP) }.map_err(err("cuMemHostAlloc"))?;
+        unsafe { std::ptr::write_bytes(host as *mut u8, 0, bytes) };
+        let mut dev = 0;
+        // SAFETY: host pointer from cuMemHostAlloc with DEVICEMAP.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host, 0) }.result().map_err(err("cuMemHostGetDevicePointer"))?;
+        Ok(Self { host, dev, bytes })
+    }
+
+    /// Device address.
+    pub fn dev_ptr(&self) -> u64 {
+        self.dev
+    }
+
+    /// Read a plain value at byte `offset` (volatile: the device writes it).
+    pub fn read<T: Copy>(&self, offset: usize) -> T {
+        assert!(offset + std::mem::size_of::<T>() <= self.bytes);
+        // SAFETY: in bounds; T is plain data.
+        unsafe { std::ptr::read_volatile((self.host as *const u8).add(offset) as *const T) }
+    }
+
+    /// Write a plain value at byte `offset`.
+    pub fn write<T: Copy>(&self, offset: usize, v: T) {
+        assert!(offset + std::mem::size_of::<T>() <= self.bytes);
+        // SAFETY: in bounds; T is plain data.
+        unsafe { std::ptr::write_volatile((self.host as *mut u8).add(offset) as *mut T, v) }
+    }
+}
+
+impl Drop for MappedHost {
+    fn drop(&mut self) {
+        // SAFETY: from cuMemHostAlloc.
+        unsafe {
+            let _ = result::free_host(self.host);
+        }
+    }
+}
+
+/// A loaded CUBIN and its three kernels.
+pub struct Kernels {
+    module: sys::CUmodule,
+    notify: sys::CUfunction,
+    dispatch: sys::CUfunction,
+    combine: sys::CUfunction,
+}
+
+// SAFETY: module handles are usable from any thread with the context current.
+unsafe impl Send for Kernels {}
+unsafe impl Sync for Kernels {}
+
+/// Which kernel to launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// `sy_notify`.
+    Notify,
+    /// `sy_dispatch`.
+    Dispatch,
+    /// `sy_combine`.
+    Combine,
+}
+
+impl Kernels {
+    /// Load a CUBIN into the current context.
+    pub fn load(image: &[u8]) -> Result<Self> {
+        // SAFETY: a valid ELF image from NVRTC (the driver validates it).
+        let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(err("cuModuleLoadData"))?;
+        let get = |n: &str| {
+            // SAFETY: module loaded.
+            unsafe { result::module::get_function(module, CString::new(n).unwrap()) }.map_err(err("cuModuleGetFunction"))
+        };
+        Ok(Self { notify: get("sy_notify")?, dispatch: get("sy_dispatch")?, combine: get("sy_combine")?, module })
+    }
+
+    /// Launch `which` with one parameter block on `stream`.
+    pub fn launch(&self, which: Kernel, grid: u32, block: u32, params: &SyParams, stream: &Stream) -> Result<()> {
+        let f = match which {
+            Kernel::Notify => self.notify,
+            Kernel::Dispatch => self.dispatch,
+            Kernel::Combine => self.combine,
+        };
+        let mut p = *params;
+        let mut args = [&mut p as *mut SyParams as *mut c_void];
+        // SAFETY: the kernel takes exactly one `SyParams` by value; the driver copies it before returning.
+        unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
+            .map_err(err("cuLaunchKernel"))
+    }
+}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        // SAFETY: loaded in load().
+        unsafe {
+            let _ = result::module::unload(self.module);
+        }
+    }
+}
+
+/// Copy host bytes to device address `dst` and wait.
+pub fn htod<T: Copy>(dst: u64, src: &[T], stream: &Stream) -> Result<()> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: caller guarantees dst has room; we sync before src can move.
+    unsafe { result::memcpy_htod_async(dst, src, stream.raw) }.map_err(err("cuMemcpyHtoDAsync"))?;
+    stream.sync()
+}
+
+/// Copy device bytes at `src` into `dst` and wait.
+pub fn dtoh<T: Copy>(dst: &mut [T], src: u64, stream: &Stream) -> Result<()> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: caller guarantees src holds dst.len() elements; we sync before returning.
+    unsafe { result::memcpy_dtoh_async(dst, src, stream.raw) }.map_err(err("cuMemcpyDtoHAsync"))?;
+    stream.sync()
+}

@@ -1,0 +1,559 @@
+//! CUDA backend, intra-node: the ranks of one node as threads of one process, one
+//! GPU (context + stream) per rank, communication buffers peer-mapped over NVLink.
+//!
+//! Each call: host agreement (bad input on one rank fails all), then on the rank's
+//! stream `sy_notify` (counts, positions, receive prefix) and `sy_dispatch` (rows
+//! written straight into their final place in every destination), or `sy_combine`
+//! (pull-based sum in destination order). Kernels come from NVRTC with the shape
+//! baked in ([`compile`]). This host-slice API copies inputs in and outputs out; it
+//! exists for the conformance suite and the bench.
+
+pub mod compile;
+pub mod driver;
+pub mod layout;
+pub mod peer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use half::bf16;
+
+use self::compile::{KernelSpec, NOTIFY_THREADS, THREADS};
+use self::driver::{dtoh, htod, DeviceBuffer, Gpu, Kernel, Kernels, MappedHost, Scratch, Stream};
+use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
+use self::peer::{HostGroup, PeerMap};
+use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, Traffic, TrafficLog};
+use crate::config::Config;
+use crate::error::{Error, Result, Role, WaitDiagnostic};
+use crate::handle::Handle;
+use crate::routing::{validate_topk_idx, validate_weights, Layout};
+use crate::tensor::{DType, Rows, RowsRef};
+use crate::topology::Topology;
+
+/// Environment variable: communication buffer size per GPU, in MiB (default 2048).
+pub const BUFFER_MB_ENV: &str = "SWITCHYARD_CUDA_BUFFER_MB";
+const DEFAULT_BUFFER_MB: usize = 2048;
+
+/// State shared by the ranks of a cluster: contexts and buffers live until the last rank drops.
+struct Shared {
+    // Never read: kept alive here because every rank's kernels write into them.
+    #[allow(dead_code)]
+    buffers: Vec<DeviceBuffer>,
+    gpus: Vec<Gpu>,
+    peers: PeerMap,
+    group: HostGroup,
+    buffer_bytes: usize,
+    arch: String,
+    comm_id: u64,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Free each buffer with its own context current, before the contexts are released.
+        for (g, b) in self.gpus.iter().zip(self.buffers.drain(..)) {
+            let _ = g.bind();
+            drop(b);
+        }
+    }
+}
+
+/// The GPUs of one node; split into per-rank endpoints with [`CudaCluster::into_ranks`].
+pub struct CudaCluster {
+    shared: Arc<Shared>,
+    config: Config,
+}
+
+impl CudaCluster {
+    /// Use GPUs `0..num_gpus` (2..=8) as the ranks of one node. Fails with
+    /// [`Error::BackendUnavailable`] when the driver, NVRTC or the GPUs are missing.
+    pub fn new(num_gpus: usize, config: Config) -> Result<Self> {
+        config.validate()?;
+        if !(1..=layout::MAX_WORLD).contains(&num_gpus) {
+            return Err(Error::InvalidArgument { arg: "num_gpus".into(), reason: format!("{num_gpus}: 1..=8 supported") });
+        }
+        let available = driver::device_count()?;
+        if !compile::nvrtc_available() {
+            return Err(Error::BackendUnavailable { backend: "cuda", reason: "libnvrtc not found".into() });
+        }
+        if available < num_gpus {
+            return Err(Error::BackendUnavailable { backend: "cuda", reason: format!("{num_gpus} GPUs asked for, {available} present") });
+        }
+        let gpus: Vec<Gpu> = (0..num_gpus).map(Gpu::new).collect::<Result<_>>()?;
+        let (major, minor) = gpus[0].compute_capability()?;
+        if major < 9 {
+            // cvt...e4m3x2 needs sm_89; the flag protocol is tested on sm_90.
+            return Err(Error::BackendUnavailable { backend: "cuda", reason: format!("compute capability {major}.{minor}: sm_90 or newer needed") });
+        }
+        let arch = compile::arch_for(major, minor);
+        let mb = std::env::var(BUFFER_MB_ENV).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DEFAULT_BUFFER_MB);
+        let buffer_bytes = mb << 20;
+        let mut buffers = Vec::with_capacity(num_gpus);
+        for g in &gpus {
+            g.bind()?;
+            let b = DeviceBuffer::new(buffer_bytes)?;
+            // Once, at creation: flags start at 0 and only ever grow (seq-based), so never again.
+            b.zero()?;
+            buffers.push(b);
+        }
+        let peers = peer::map_in_process(&gpus, &buffers)?;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let comm_id = 0xC0DA_0000_0000 | NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            gpus = num_gpus,
+            device = %gpus[0].name(),
+            arch = %arch,
+            sms = gpus[0].sm_count().unwrap_or(0),
+            buffer_mb = mb,
+            channels = config.num_channels,
+            timeout_ms = config.timeout_ms,
+            "cuda cluster ready"
+        );
+        Ok(Self { shared: Arc::new(Shared { buffers, gpus, peers, group: HostGroup::new(num_gpus), buffer_bytes, arch, comm_id }), config })
+    }
+
+    /// One endpoint per GPU, in rank order; move each to its own thread. (Unlike
+    /// `CpuCluster::into_ranks` this can fail: each rank creates a stream and pinned memory.)
+    pub fn into_ranks(self) -> Result<Vec<CudaRank>> {
+        let world = self.shared.gpus.len();
+        (0..world)
+            .map(|rank| {
+                self.shared.gpus[rank].bind()?;
+                Ok(CudaRank {
+                    rank,
+                    world,
+                    config: self.config.clone(),
+                    stream: Stream::new()?,
+                    meta: MappedHost::new(meta::bytes(compile::MAX_EXPERTS))?,
+                    kernels: HashMap::new(),
+                    ws: Workspace::default(),
+                    seq: 0,
+                    traffic: TrafficLog::default(),
+                    poisoned: None,
+                    shared: self.shared.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct Workspace {
+    x: Scratch,
+    scales: Scratch,
+    idx: Scratch,
+    w: Scratch,
+    pos: Scratch,
+    send_base: Scratch,
+    out: Scratch,
+    out_w: Scratch,
+}
+
+/// What a CUDA dispatch leaves in its [`Handle`].
+struct CudaHandleState {
+    /// `[T, W]` row of each token among those sent to each rank (-1: not sent).
+    pos: Vec<i32>,
+    /// `[W]` start of my rows in each rank's receive area.
+    send_base: Vec<i32>,
+    /// Most rows any rank received (capacity check for reuse).
+    max_recv_any: usize,
+}
+
+/// Compiled CUBINs of this process, per (spec, arch): every rank thread shares one compile.
+fn cubin_for(spec: &KernelSpec, arch: &str) -> Result<Arc<compile::Cubin>> {
+    static CACHE: OnceLock<Mutex<HashMap<(KernelSpec, String), Arc<compile::Cubin>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut map = cache.lock().map_err(|_| Error::Cuda("kernel cache lock poisoned".into()))?;
+    if let Some(c) = map.get(&(*spec, arch.to_string())) {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(compile::compile_intranode(spec, arch)?);
+    for r in c.resources() {
+        tracing::debug!(spec = %spec.name(), kernel = %r.name, regs = r.registers, stack = r.stack_bytes, spills = r.spill_stores + r.spill_loads, "kernel resources");
+    }
+    map.insert((*spec, arch.to_string()), c.clone());
+    Ok(c)
+}
+
+/// One rank (GPU) of a [`CudaCluster`].
+pub struct CudaRank {
+    rank: usize,
+    world: usize,
+    config: Config,
+    stream: Stream,
+    meta: MappedHost,
+    kernels: HashMap<KernelSpec, Kernels>,
+    ws: Workspace,
+    seq: u64,
+    traffic: TrafficLog,
+    poisoned: Option<String>,
+    // Last: dropped after the stream, modules and workspaces of this rank.
+    shared: Arc<Shared>,
+}
+
+impl CudaRank {
+    fn gpu(&self) -> &Gpu {
+        &self.shared.gpus[self.rank]
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.timeout_ms)
+    }
+
+    fn ensure_kernels(&mut self, spec: &KernelSpec) -> Result<()> {
+        if !self.kernels.contains_key(spec) {
+            let cubin = cubin_for(spec, &self.shared.arch)?;
+            self.gpu().bind()?;
+            let k = Kernels::load(&cubin.image)?;
+            self.kernels.insert(*spec, k);
+        }
+        Ok(())
+    }
+
+    /// Agree with every rank that the call may go ahead; `prep` runs the local checks.
+    fn agree(&mut self, prep: Result<()>) -> Result<()> {
+        let own = match (&self.poisoned, prep) {
+            (Some(p), _) => Some(Error::Cuda(format!("communicator unusable after an earlier failure: {p}"))),
+            (None, Err(e)) => Some(e),
+            (None, Ok(())) => None,
+        };
+        let text = own.as_ref().map(|e| e.to_string());
+        let all = self.shared.group.gather(self.rank, text, self.timeout())?;
+        peer::settle(self.rank, own, &all)
+    }
+
+    fn base_params(&self, spec: &KernelSpec, num_tokens: usize) -> (SyParams, BufferLayout) {
+        let lay = BufferLayout::new(spec, self.shared.buffer_bytes);
+        let mut p = SyParams {
+            peers: self.shared.peers.bases,
+            host_meta: self.meta.dev_ptr(),
+            seq: self.seq,
+            timeout_ns: self.config.timeout_ms.saturating_mul(1_000_000),
+            num_tokens: num_tokens as u64,
+            rank: self.rank as u64,
+            ..Default::default()
+        };
+        lay.apply(&mut p);
+        debug_assert!(lay.counts >= SIGNAL_SLOTS * 8);
+        (p, lay)
+    }
+
+    fn channels(&self) -> u32 {
+        self.config.num_channels.clamp(1, compile::MAX_CHANNELS) as u32
+    }
+
+    /// Launch, wait, and turn a device-side timeout into `Error::Timeout`.
+    fn run(&mut self, spec: &KernelSpec, which: Kernel, grid: u32, block: u32, p: &SyParams) -> Result<()> {
+        self.meta.write(meta::DIAG, SyDiag::default());
+        let k = &self.kernels[spec];
+        let r = k.launch(which, grid, block, p, &self.stream).and_then(|_| self.stream.sync());
+        if let Err(e) = r {
+            self.poisoned = Some(e.to_string());
+            return Err(e);
+        }
+        let d: SyDiag = self.meta.read(meta::DIAG);
+        if d.timed_out != 0 {
+            let role = match d.role {
+                0 => Role::Sender,
+                1 => Role::Forwarder,
+                2 => Role::Receiver,
+                _ => Role::Notify,
+            };
+            let e = Error::Timeout {
+                timeout_ms: self.config.timeout_ms,
+                diag: WaitDiagnostic {
+                    rank: d.rank as usize,
+                    channel: d.channel as usize,
+                    role,
+                    head: d.head,
+                    tail: d.tail,
+                    detail: format!("{:?} kernel, {} (peer {}, call {})", which, layout::wait_name(d.what), d.peer, d.seq),
+                },
+            };
+            tracing::error!(error = %e, "device wait timed out");
+            self.poisoned = Some(e.to_string());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn upload_x(&mut self, x: &RowsRef<'_>, p: &mut SyParams) -> Result<()> {
+        let s = &self.stream;
+        match *x {
+            RowsRef::Bf16 { data, .. } => {
+                p.x = self.ws.x.get(data.len() * 2)?;
+                htod(p.x, data, s)?;
+            }
+            RowsRef::Fp8 { data, scales, .. } => {
+                p.x = self.ws.x.get(data.len())?;
+                htod(p.x, data, s)?;
+                p.x_scales = self.ws.scales.get(scales.len() * 4)?;
+                htod(p.x_scales, scales, s)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn upload_plan(&mut self, pos: &[i32], send_base: &[i32], p: &mut SyParams) -> Result<()> {
+        p.pos = self.ws.pos.get(pos.len() * 4)?;
+        htod(p.pos, pos, &self.stream)?;
+        p.send_base = self.ws.send_base.get(send_base.len() * 4)?;
+        htod(p.send_base, send_base, &self.stream)
+    }
+
+    fn read_rows(&self, spec: &KernelSpec, lay: &BufferLayout, n: usize, hidden: usize) -> Result<Rows> {
+        let own = self.shared.peers.bases[self.rank];
+        if spec.wire_fp8 {
+            let mut data = vec![0u8; n * hidden];
+            let mut scales = vec![0f32; n * hidden / 128];
+            dtoh(&mut data, own + lay.recv_x as u64, &self.stream)?;
+            dtoh(&mut scales, own + lay.recv_scales as u64, &self.stream)?;
+            Ok(Rows::Fp8 { hidden, data, scales })
+        } else {
+            let mut data = vec![bf16::ZERO; n * hidden];
+            dtoh(&mut data, own + lay.recv_x as u64, &self.stream)?;
+            Ok(Rows::Bf16 { hidden, data })
+        }
+    }
+
+    fn count_traffic(&self, pos: &[i32], row_bytes: usize, into: &mut Traffic) {
+        for row in pos.chunks_exact(self.world) {
+            for (d, &q) in row.iter().enumerate() {
+                if q >= 0 {
+                    if d == self.rank { into.local.add(row_bytes) } else { into.intra_node.add(row_bytes) }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for CudaRank {
+    fn drop(&mut self) {
+        // Module unload and stream destroy act on the current context: make it ours.
+        let _ = self.gpu().bind();
+    }
+}
+
+fn spec_for(world: usize, x: &RowsRef<'_>, topk: usize, num_experts: usize, options: &DispatchOptions) -> KernelSpec {
+    let x_fp8 = x.dtype() == DType::Fp8;
+    KernelSpec { world, hidden: x.hidden(), topk, num_experts, x_fp8, wire_fp8: x_fp8 || options.fp8_on_wire }
+}
+
+impl Communicator for CudaRank {
+    fn backend_name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn topology(&self) -> Topology {
+        Topology { num_nodes: 1, ranks_per_node: self.world }
+    }
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn dispatch(
+        &mut self,
+        x: RowsRef<'_>,
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+        layout: &Layout,
+        options: &DispatchOptions,
+    ) -> Result<(DispatchOutput, Handle)> {
+        let (t, k, e) = (layout.num_tokens, layout.topk, layout.num_experts);
+        let spec = spec_for(self.world, &x, k, e, options);
+        let prep = (|| {
+            if layout.topology != self.topology() {
+                return Err(Error::InvalidArgument { arg: "layout".into(), reason: format!("made for topology {}, not {}", layout.topology, self.topology()) });
+            }
+            x.validate("x", t)?;
+            validate_topk_idx(topk_idx, t, k, e)?;
+            validate_weights("topk_weights", topk_weights, t, k)?;
+            spec.validate()?;
+            self.ensure_kernels(&spec)
+        })();
+        self.agree(prep)?;
+        self.gpu().bind()?;
+        self.seq += 1;
+        let (mut p, lay) = self.base_params(&spec, t);
+        self.upload_x(&x, &mut p)?;
+        p.topk_idx = self.ws.idx.get(topk_idx.len() * 8)?;
+        htod(p.topk_idx, topk_idx, &self.stream)?;
+        p.topk_weights = self.ws.w.get(topk_weights.len() * 4)?;
+        htod(p.topk_weights, topk_weights, &self.stream)?;
+        p.pos = self.ws.pos.get(t * self.world * 4)?;
+        p.send_base = self.ws.send_base.get(self.world * 4)?;
+
+        self.run(&spec, Kernel::Notify, 1, NOTIFY_THREADS as u32, &p)?;
+        let num_recv = self.meta.read::<i32>(meta::NUM_RECV) as usize;
+        let max_recv_any = self.meta.read::<i32>(meta::MAX_RECV_ANY) as usize;
+        let send_base: Vec<i32> = (0..self.world).map(|d| self.meta.read::<i32>(meta::SEND_BASE + 4 * d)).collect();
+        let epr = e / self.world;
+        let align = options.expert_alignment.max(1);
+        let tokens_per_expert: Vec<usize> =
+            (0..epr).map(|i| (self.meta.read::<i32>(meta::TPE + 4 * i) as usize).div_ceil(align) * align).collect();
+        let mut pos = vec![0i32; t * self.world];
+        dtoh(&mut pos, p.pos, &self.stream)?;
+        if max_recv_any > lay.max_recv {
+            // Every rank sees the same counts matrix, so every rank stops here together.
+            return Err(Error::InvalidArgument {
+                arg: BUFFER_MB_ENV.into(),
+                reason: format!("a rank receives {max_recv_any} rows; the buffer holds {} for this shape", lay.max_recv),
+            });
+        }
+
+        p.flags = FLAG_WRITE_META;
+        self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p)?;
+
+        let rows = self.read_rows(&spec, &lay, num_recv, spec.hidden)?;
+        let own = self.shared.peers.bases[self.rank];
+        let mut idx32 = vec![0i32; num_recv * k];
+        dtoh(&mut idx32, own + lay.recv_idx as u64, &self.stream)?;
+        let mut w = vec![0f32; num_recv * k];
+        dtoh(&mut w, own + lay.recv_w as u64, &self.stream)?;
+        let mut src = vec![0i32; num_recv * 2];
+        dtoh(&mut src, own + lay.recv_src as u64, &self.stream)?;
+
+        let row_bytes = spec_row_bytes(&spec) + k * 8 + 8;
+        let mut tr = std::mem::take(&mut self.traffic.dispatch);
+        self.count_traffic(&pos, row_bytes, &mut tr);
+        self.traffic.dispatch = tr;
+
+        let out = DispatchOutput {
+            x: rows,
+            topk_idx: idx32.iter().map(|&v| v as i64).collect(),
+            topk_weights: w,
+            tokens_per_expert,
+            source_rank: src.iter().step_by(2).map(|&v| v as u32).collect(),
+            source_token: src.iter().skip(1).step_by(2).map(|&v| v as u32).collect(),
+        };
+        let handle = Handle {
+            comm_id: self.shared.comm_id,
+            rank: self.rank,
+            topology: self.topology(),
+            num_tokens: t,
+            topk: k,
+            num_experts: e,
+            source_rank: out.source_rank.clone(),
+            source_token: out.source_token.clone(),
+            backend_state: Arc::new(CudaHandleState { pos, send_base, max_recv_any }),
+        };
+        Ok((out, handle))
+    }
+
+    fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows> {
+        let spec = spec_for(self.world, &x, handle.topk, handle.num_experts, options);
+        let prep = (|| {
+            handle.check_owner(self.shared.comm_id, self.rank, Some(x.num_rows()))?;
+            let st = handle.state::<CudaHandleState>("cuda")?;
+            x.validate("x", handle.num_tokens)?;
+            spec.validate()?;
+            let cap = BufferLayout::new(&spec, self.shared.buffer_bytes).max_recv;
+            if st.max_recv_any > cap {
+                return Err(Error::InvalidArgument { arg: BUFFER_MB_ENV.into(), reason: format!("{} rows do not fit {cap}", st.max_recv_any) });
+            }
+            self.ensure_kernels(&spec)
+        })();
+        self.agree(prep)?;
+        let st = handle.state::<CudaHandleState>("cuda")?;
+        self.gpu().bind()?;
+        self.seq += 1;
+        let (mut p, lay) = self.base_params(&spec, handle.num_tokens);
+        self.upload_x(&x, &mut p)?;
+        self.upload_plan(&st.pos, &st.send_base, &mut p)?;
+        p.flags = 0;
+        self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p)?;
+        let mut tr = std::mem::take(&mut self.traffic.dispatch);
+        self.count_traffic(&st.pos, spec_row_bytes(&spec), &mut tr);
+        self.traffic.dispatch = tr;
+        self.read_rows(&spec, &lay, handle.num_recv(), spec.hidden)
+    }
+
+    fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput> {
+        let (t, k, r) = (handle.num_tokens, handle.topk, handle.num_recv());
+        let spec = KernelSpec { world: self.world, hidden, topk: k, num_experts: handle.num_experts, x_fp8: false, wire_fp8: false };
+        let prep = (|| {
+            handle.check_owner(self.shared.comm_id, self.rank, None)?;
+            let st = handle.state::<CudaHandleState>("cuda")?;
+            crate::tensor::check_len("y", y.len(), r * hidden, format!("[R={r}, H={hidden}]"))?;
+            if let Some(w) = topk_weights {
+                validate_weights("topk_weights", w, r, k)?;
+            }
+            spec.validate()?;
+            let cap = BufferLayout::new(&spec, self.shared.buffer_bytes).max_recv;
+            if st.max_recv_any > cap {
+                return Err(Error::InvalidArgument { arg: BUFFER_MB_ENV.into(), reason: format!("{} rows do not fit {cap}", st.max_recv_any) });
+            }
+            self.ensure_kernels(&spec)
+        })();
+        self.agree(prep)?;
+        let st = handle.state::<CudaHandleState>("cuda")?;
+        self.gpu().bind()?;
+        self.seq += 1;
+        let (mut p, lay) = self.base_params(&spec, t);
+        let own = self.shared.peers.bases[self.rank];
+        // y goes into our own buffer, where peers pull it from (stream-ordered before the kernel).
+        htod(own + lay.y as u64, y, &self.stream)?;
+        if let Some(w) = topk_weights {
+            htod(own + lay.y_w as u64, w, &self.stream)?;
+            p.flags |= FLAG_WITH_WEIGHTS;
+        }
+        self.upload_plan(&st.pos, &st.send_base, &mut p)?;
+        p.out = self.ws.out.get(t * hidden * 2)?;
+        p.out_weights = self.ws.out_w.get(t * k * 4)?;
+        self.run(&spec, Kernel::Combine, self.channels(), THREADS as u32, &p)?;
+        let mut x = vec![bf16::ZERO; t * hidden];
+        dtoh(&mut x, p.out, &self.stream)?;
+        let weights = match topk_weights {
+            Some(_) => {
+                let mut w = vec![0f32; t * k];
+                dtoh(&mut w, p.out_weights, &self.stream)?;
+                Some(w)
+            }
+            None => None,
+        };
+        // Rows that crossed back to us: one per (token, rank it went to).
+        let mut tr = std::mem::take(&mut self.traffic.combine);
+        self.count_traffic(&st.pos, hidden * 2, &mut tr);
+        self.traffic.combine = tr;
+        Ok(CombineOutput { x, topk_weights: weights })
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.agree(Ok(()))
+    }
+
+    fn traffic(&self) -> &TrafficLog {
+        &self.traffic
+    }
+
+    fn reset_traffic(&mut self) {
+        self.traffic = TrafficLog::default();
+    }
+}
+
+fn spec_row_bytes(spec: &KernelSpec) -> usize {
+    if spec.wire_fp8 { spec.hidden + spec.hidden / 128 * 4 } else { spec.hidden * 2 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_gpu_is_an_error_not_a_panic() {
+        // On a machine without the driver this must come back as a value.
+        if driver::driver_available() {
+            return;
+        }
+        match CudaCluster::new(2, Config::default()) {
+            Err(Error::BackendUnavailable { backend: "cuda", .. }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("no driver, yet a cluster"),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! CUDA intra-node dispatch / cached dispatch / combine against the serial oracle,
+//! bit-exact (FP8 bytes and scales included, combine sums included).
+//!
+//! Needs >= 2 GPUs with peer access. Without them the test prints why and passes,
+//! unless `SWITCHYARD_REQUIRE_CUDA=1`, where it fails.
+//!
+//!   SWITCHYARD_REQUIRE_CUDA=1 cargo test --release --test cuda_intranode -- --nocapture
+
+use switchyard::backend::cuda::{driver, CudaCluster, CudaRank};
+use switchyard::workload::{expert_outputs, RankInput, RoutingKind, WorkloadSpec};
+use switchyard::{oracle, Communicator, Config, DType, DispatchOptions, Layout, Topology};
+
+fn gpus_or_skip() -> Option<usize> {
+    let required = std::env::var("SWITCHYARD_REQUIRE_CUDA").map(|v| v == "1").unwrap_or(false);
+    let n = if driver::driver_available() { driver::device_count().unwrap_or(0) } else { 0 };
+    if n < 2 {
+        assert!(!required, "SWITCHYARD_REQUIRE_CUDA=1 but only {n} GPUs are usable");
+        eprintln!("SKIPPED: {n} GPUs (need 2)");
+        return None;
+    }
+    Some(n.min(8))
+}
+
+struct Case {
+    name: &'static str,
+    tokens: usize,
+    hidden: usize,
+    topk: usize,
+    experts: usize,
+    dtype: DType,
+    fp8_on_wire: bool,
+    channels: usize,
+    hole_rate: f64,
+    alignment: usize,
+}
+
+fn run_case(world: usize, c: &Case) -> Result<(), String> {
+    let spec = WorkloadSpec {
+        topology: Topology::new(1, world).unwrap(),
+        tokens: c.tokens,
+        hidden: c.hidden,
+        topk: c.topk,
+        num_experts: c.experts,
+        dtype: c.dtype,
+        routing: RoutingKind::Uniform,
+        max_nodes: 1,
+        hole_rate: c.hole_rate,
+        seed: 42,
+    };
+    let inputs: Vec<RankInput> = spec.generate().map_err(|e| e.to_string())?;
+    let options = DispatchOptions { fp8_on_wire: c.fp8_on_wire, expert_alignment: c.alignment };
+    let want = oracle::dispatch(spec.topology, c.experts, c.topk, &inputs, &options);
+    let ys: Vec<Vec<half::bf16>> = want.iter().enumerate().map(|(r, o)| expert_outputs(&o.x, r)).collect();
+    let ws: Vec<Vec<f32>> = want.iter().map(|o| o.topk_weights.iter().map(|w| w * 0.5 + 0.25).collect()).collect();
+    let want_combine = oracle::combine(&vec![c.tokens; world], c.hidden, c.topk, &want, &ys, Some(&ws));
+
+    let config = Config { num_channels: c.channels, timeout_ms: 10_000, ..Config::default() };
+    let ranks: Vec<CudaRank> = CudaCluster::new(world, config).and_then(|cl| cl.into_ranks()).map_err(|e| e.to_string())?;
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = ranks
+            .into_iter()
+            .enumerate()
+            .map(|(r, mut comm)| {
+                let (inp, want, y, w, wc) = (&inputs[r], &want[r], &ys[r], &ws[r], &want_combine[r]);
+                s.spawn(move || -> Result<(), String> {
+                    let layout = Layout::new(&inp.topk_idx, c.topk, c.experts, comm.topology()).map_err(|e| e.to_string())?;
+                    for round in 0..2 {
+                        let (got, handle) = comm
+                            .dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &options)
+                            .map_err(|e| format!("rank {r} dispatch: {e}"))?;
+                        if &got != want {
+                            return Err(format!("rank {r} round {round}: dispatch differs from the oracle ({})", diff(&got, want)));
+                        }
+                        let cached = comm.dispatch_cached(inp.x.as_ref(), &handle, &options).map_err(|e| format!("rank {r} cached: {e}"))?;
+                        if cached != want.x {
+                            return Err(format!("rank {r}: cached dispatch rows differ"));
+                        }
+                        let out = comm.combine(y, c.hidden, &handle, Some(w)).map_err(|e| format!("rank {r} combine: {e}"))?;
+                        if &out != wc {
+                            let bad = out.x.iter().zip(&wc.x).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                            return Err(format!("rank {r}: combine differs in {bad} of {} elements (weights equal: {})", out.x.len(), out.topk_weights == wc.topk_weights));
+                        }
+                    }
+                    comm.barrier().map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("rank thread panicked".into()))).collect()
+    });
+    let errs: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
+    if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+}
+
+fn diff(a: &switchyard::DispatchOutput, b: &switchyard::DispatchOutput) -> String {
+    let mut d = Vec::new();
+    if a.x != b.x {
+        d.push(format!("x (rows {} vs {})", a.x.num_rows(), b.x.num_rows()));
+    }
+    if a.topk_idx != b.topk_idx {
+        d.push("topk_idx".into());
+    }
+    if a.topk_weights != b.topk_weights {
+        d.push("topk_weights".into());
+    }
+    if a.tokens_per_expert != b.tokens_per_expert {
+        d.push(format!("tokens_per_expert {:?} vs {:?}", &a.tokens_per_expert[..a.tokens_per_expert.len().min(8)], &b.tokens_per_expert[..b.tokens_per_expert.len().min(8)]));
+    }
+    if a.source_rank != b.source_rank || a.source_token != b.source_token {
+        d.push("source".into());
+    }
+    d.join(", ")
+}
+
+#[test]
+fn intranode_matches_the_oracle() {
+    let Some(n) = gpus_or_skip() else { return };
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
+    let cases = [
+        Case { name: "tiny-bf16", tokens: 7, hidden: 128, topk: 2, experts: 8, dtype: DType::Bf16, fp8_on_wire: false, channels: 3, hole_rate: 0.2, alignment: 0 },
+        Case { name: "tiny-fp8-wire", tokens: 7, hidden: 128, topk: 2, experts: 8, dtype: DType::Bf16, fp8_on_wire: true, channels: 2, hole_rate: 0.2, alignment: 4 },
+        Case { name: "odd-hidden-bf16", tokens: 33, hidden: 72, topk: 3, experts: 12, dtype: DType::Bf16, fp8_on_wire: false, channels: 5, hole_rate: 0.1, alignment: 0 },
+        Case { name: "fp8-in", tokens: 100, hidden: 384, topk: 4, experts: 24, dtype: DType::Fp8, fp8_on_wire: false, channels: 4, hole_rate: 0.05, alignment: 0 },
+        Case { name: "one-channel", tokens: 64, hidden: 2048, topk: 6, experts: 64, dtype: DType::Bf16, fp8_on_wire: true, channels: 1, hole_rate: 0.0, alignment: 0 },
+        Case { name: "ht-a-bf16", tokens: 4096, hidden: 7168, topk: 8, experts: 256, dtype: DType::Bf16, fp8_on_wire: false, channels: 24, hole_rate: 0.0, alignment: 0 },
+        Case { name: "ht-a-fp8", tokens: 4096, hidden: 7168, topk: 8, experts: 256, dtype: DType::Bf16, fp8_on_wire: true, channels: 24, hole_rate: 0.0, alignment: 128 },
+        Case { name: "ll-b", tokens: 128, hidden: 7168, topk: 8, experts: 256, dtype: DType::Bf16, fp8_on_wire: false, channels: 132, hole_rate: 0.0, alignment: 0 },
+    ];
+    let mut worlds = vec![2];
+    if n > 2 {
+        worlds.push(n);
+    }
+    let mut failed = Vec::new();
+    for &world in &worlds {
+        for c in &cases {
+            let t = std::time::Instant::now();
+            match run_case(world, c) {
+                Ok(()) => eprintln!("ok    world={world} {:18} {:?}", c.name, t.elapsed()),
+                Err(e) => {
+                    eprintln!("FAIL  world={world} {:18} {e}", c.name);
+                    failed.push(format!("world={world} {}: {e}", c.name));
+                }
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{} case(s) failed:\n{}", failed.len(), failed.join("\n"));
+}
