@@ -357,11 +357,33 @@ fn first_error(errors: Vec<Error>) -> Option<Error> {
 /// Run the bench on the CPU backend: one thread per rank. `progress(done, total)`
 /// is called from rank 0's thread after each step (see [`BenchSpec::total_steps`]).
 pub fn run_cpu(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Vec<Measurement>> {
+    let ranks = CpuCluster::new(spec.workload.topology, spec.config.clone())?.into_ranks();
+    run_on(spec, ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect(), progress)
+}
+
+/// Run the bench on the CUDA backend: one node of `ranks_per_node` GPUs.
+pub fn run_cuda(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Vec<Measurement>> {
+    let topo = spec.workload.topology;
+    if topo.num_nodes != 1 {
+        return Err(Error::InvalidArgument {
+            arg: "--nodes".into(),
+            reason: format!("the CUDA backend runs one node for now (intra-node); got {} nodes", topo.num_nodes),
+        });
+    }
+    let ranks = crate::backend::cuda::CudaCluster::new(topo.ranks_per_node, spec.config.clone())?.into_ranks()?;
+    run_on(spec, ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect(), progress)
+}
+
+/// Run the bench on the given ranks (one thread per rank, all in this process).
+pub fn run_on(
+    spec: &BenchSpec,
+    ranks: Vec<Box<dyn Communicator>>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Vec<Measurement>> {
     if spec.iters == 0 {
         return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
     }
     let inputs = spec.workload.generate()?;
-    let ranks = CpuCluster::new(spec.workload.topology, spec.config.clone())?.into_ranks();
     let total = spec.total_steps();
     let done = AtomicU64::new(0);
     let results: Vec<Result<RankRun>> = std::thread::scope(|s| {
@@ -377,7 +399,7 @@ pub fn run_cpu(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
                             progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
                         }
                     };
-                    run_rank(&mut comm, input, spec, &step)
+                    run_rank(comm.as_mut(), input, spec, &step)
                 })
             })
             .collect();

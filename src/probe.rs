@@ -236,7 +236,7 @@ fn query_driver() -> std::result::Result<(Vec<GpuInfo>, Vec<Vec<bool>>), String>
 pub enum BackendChoice {
     /// The CPU reference backend (threads as ranks).
     Cpu,
-    /// The CUDA backend (not built yet: always an error).
+    /// The CUDA backend (one node: all visible GPUs, peer-mapped over NVLink).
     Cuda,
     /// CUDA if it is usable here, else CPU.
     Auto,
@@ -248,6 +248,8 @@ pub enum BackendChoice {
 pub enum BackendKind {
     /// The CPU reference backend.
     Cpu,
+    /// The CUDA backend.
+    Cuda,
 }
 
 impl BackendKind {
@@ -255,28 +257,34 @@ impl BackendKind {
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
         }
     }
 }
 
-/// Why the CUDA backend cannot be used, whatever the machine offers.
-pub const CUDA_NOT_BUILT: &str =
-    "the CUDA backend is not built yet (src/backend/cuda/ and kernels/ are in progress); use --backend cpu";
-
 /// Turn a choice into a runnable backend plus a one-line reason for the choice.
-/// `probe` is consulted only for `Auto` (pass a closure so `Cpu` costs nothing).
+/// `probe` is consulted only for `Cuda` and `Auto` (pass a closure so `Cpu` costs nothing).
 pub fn resolve_backend(choice: BackendChoice, probe: impl FnOnce() -> Probe) -> Result<(BackendKind, String)> {
     match choice {
         BackendChoice::Cpu => Ok((BackendKind::Cpu, "--backend cpu was asked for".into())),
-        BackendChoice::Cuda => Err(Error::BackendUnavailable { backend: "cuda", reason: CUDA_NOT_BUILT.into() }),
+        BackendChoice::Cuda => {
+            let p = probe();
+            if p.cuda_usable {
+                Ok((BackendKind::Cuda, format!("--backend cuda was asked for; {}", p.summary())))
+            } else {
+                Err(Error::BackendUnavailable { backend: "cuda", reason: format!("CUDA is not usable here: {}", p.reason) })
+            }
+        }
         BackendChoice::Auto => {
             let p = probe();
-            let why = if p.cuda_usable {
-                format!("CUDA is usable here ({}), but the CUDA backend is not built yet", p.reason)
+            if p.cuda_usable {
+                Ok((BackendKind::Cuda, format!("auto chose cuda: {}", p.summary())))
             } else {
-                format!("CUDA is not usable here: {}", p.reason)
-            };
-            Ok((BackendKind::Cpu, format!("auto chose cpu: {why}; probe found: {}", p.summary())))
+                Ok((
+                    BackendKind::Cpu,
+                    format!("auto chose cpu: CUDA is not usable here: {}; probe found: {}", p.reason, p.summary()),
+                ))
+            }
         }
     }
 }
@@ -319,13 +327,13 @@ mod tests {
             move || Probe { libraries: vec![], gpus: vec![], peer_access: vec![], cuda_usable: usable, reason: "test".into() }
         };
         assert_eq!(resolve_backend(BackendChoice::Cpu, || unreachable!()).unwrap().0, BackendKind::Cpu);
-        let e = resolve_backend(BackendChoice::Cuda, fake(true)).unwrap_err();
-        assert!(e.to_string().contains("not built yet"), "{e}");
+        assert_eq!(resolve_backend(BackendChoice::Cuda, fake(true)).unwrap().0, BackendKind::Cuda);
+        let e = resolve_backend(BackendChoice::Cuda, fake(false)).unwrap_err();
+        assert!(e.to_string().contains("not usable") && e.to_string().contains("test"), "{e}");
         let (k, why) = resolve_backend(BackendChoice::Auto, fake(false)).unwrap();
         assert_eq!(k, BackendKind::Cpu);
         assert!(why.contains("not usable") && why.contains("test"), "{why}");
-        let (_, why) = resolve_backend(BackendChoice::Auto, fake(true)).unwrap();
-        assert!(why.contains("not built yet"), "{why}");
+        assert_eq!(resolve_backend(BackendChoice::Auto, fake(true)).unwrap().0, BackendKind::Cuda);
     }
 
     #[test]

@@ -70,7 +70,7 @@ fn cuda_backend_is_a_clear_error() {
         let out = switchyard(&[cmd, "--backend", "cuda"]);
         assert_eq!(out.status.code(), Some(2), "{cmd}");
         let e = text(&out.stderr);
-        assert!(e.contains("error:") && e.contains("not built yet"), "{cmd}: {e}");
+        assert!(e.contains("error:") && e.contains("CUDA is not usable here"), "{cmd}: {e}");
     }
 }
 

@@ -69,16 +69,25 @@ fn run_case(world: usize, c: &Case) -> Result<(), String> {
                             .dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &options)
                             .map_err(|e| format!("rank {r} dispatch: {e}"))?;
                         if &got != want {
-                            return Err(format!("rank {r} round {round}: dispatch differs from the oracle ({})", diff(&got, want)));
+                            return Err(format!(
+                                "rank {r} round {round}: dispatch differs from the oracle ({})",
+                                diff(&got, want)
+                            ));
                         }
-                        let cached = comm.dispatch_cached(inp.x.as_ref(), &handle, &options).map_err(|e| format!("rank {r} cached: {e}"))?;
+                        let cached = comm
+                            .dispatch_cached(inp.x.as_ref(), &handle, &options)
+                            .map_err(|e| format!("rank {r} cached: {e}"))?;
                         if cached != want.x {
                             return Err(format!("rank {r}: cached dispatch rows differ"));
                         }
                         let out = comm.combine(y, c.hidden, &handle, Some(w)).map_err(|e| format!("rank {r} combine: {e}"))?;
                         if &out != wc {
                             let bad = out.x.iter().zip(&wc.x).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                            return Err(format!("rank {r}: combine differs in {bad} of {} elements (weights equal: {})", out.x.len(), out.topk_weights == wc.topk_weights));
+                            return Err(format!(
+                                "rank {r}: combine differs in {bad} of {} elements (weights equal: {})",
+                                out.x.len(),
+                                out.topk_weights == wc.topk_weights
+                            ));
                         }
                     }
                     comm.barrier().map_err(|e| e.to_string())
@@ -88,7 +97,11 @@ fn run_case(world: usize, c: &Case) -> Result<(), String> {
         hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("rank thread panicked".into()))).collect()
     });
     let errs: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
-    if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
 }
 
 fn diff(a: &switchyard::DispatchOutput, b: &switchyard::DispatchOutput) -> String {
@@ -103,7 +116,11 @@ fn diff(a: &switchyard::DispatchOutput, b: &switchyard::DispatchOutput) -> Strin
         d.push("topk_weights".into());
     }
     if a.tokens_per_expert != b.tokens_per_expert {
-        d.push(format!("tokens_per_expert {:?} vs {:?}", &a.tokens_per_expert[..a.tokens_per_expert.len().min(8)], &b.tokens_per_expert[..b.tokens_per_expert.len().min(8)]));
+        d.push(format!(
+            "tokens_per_expert {:?} vs {:?}",
+            &a.tokens_per_expert[..a.tokens_per_expert.len().min(8)],
+            &b.tokens_per_expert[..b.tokens_per_expert.len().min(8)]
+        ));
     }
     if a.source_rank != b.source_rank || a.source_token != b.source_token {
         d.push("source".into());
@@ -116,14 +133,102 @@ fn intranode_matches_the_oracle() {
     let Some(n) = gpus_or_skip() else { return };
     let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
     let cases = [
-        Case { name: "tiny-bf16", tokens: 7, hidden: 128, topk: 2, experts: 8, dtype: DType::Bf16, fp8_on_wire: false, channels: 3, hole_rate: 0.2, alignment: 0 },
-        Case { name: "tiny-fp8-wire", tokens: 7, hidden: 128, topk: 2, experts: 8, dtype: DType::Bf16, fp8_on_wire: true, channels: 2, hole_rate: 0.2, alignment: 4 },
-        Case { name: "odd-hidden-bf16", tokens: 33, hidden: 72, topk: 3, experts: 12, dtype: DType::Bf16, fp8_on_wire: false, channels: 5, hole_rate: 0.1, alignment: 0 },
-        Case { name: "fp8-in", tokens: 100, hidden: 384, topk: 4, experts: 24, dtype: DType::Fp8, fp8_on_wire: false, channels: 4, hole_rate: 0.05, alignment: 0 },
-        Case { name: "one-channel", tokens: 64, hidden: 2048, topk: 6, experts: 64, dtype: DType::Bf16, fp8_on_wire: true, channels: 1, hole_rate: 0.0, alignment: 0 },
-        Case { name: "ht-a-bf16", tokens: 4096, hidden: 7168, topk: 8, experts: 256, dtype: DType::Bf16, fp8_on_wire: false, channels: 24, hole_rate: 0.0, alignment: 0 },
-        Case { name: "ht-a-fp8", tokens: 4096, hidden: 7168, topk: 8, experts: 256, dtype: DType::Bf16, fp8_on_wire: true, channels: 24, hole_rate: 0.0, alignment: 128 },
-        Case { name: "ll-b", tokens: 128, hidden: 7168, topk: 8, experts: 256, dtype: DType::Bf16, fp8_on_wire: false, channels: 132, hole_rate: 0.0, alignment: 0 },
+        Case {
+            name: "tiny-bf16",
+            tokens: 7,
+            hidden: 128,
+            topk: 2,
+            experts: 8,
+            dtype: DType::Bf16,
+            fp8_on_wire: false,
+            channels: 3,
+            hole_rate: 0.2,
+            alignment: 0,
+        },
+        Case {
+            name: "tiny-fp8-wire",
+            tokens: 7,
+            hidden: 128,
+            topk: 2,
+            experts: 8,
+            dtype: DType::Bf16,
+            fp8_on_wire: true,
+            channels: 2,
+            hole_rate: 0.2,
+            alignment: 4,
+        },
+        Case {
+            name: "odd-hidden-bf16",
+            tokens: 33,
+            hidden: 72,
+            topk: 3,
+            experts: 12,
+            dtype: DType::Bf16,
+            fp8_on_wire: false,
+            channels: 5,
+            hole_rate: 0.1,
+            alignment: 0,
+        },
+        Case {
+            name: "fp8-in",
+            tokens: 100,
+            hidden: 384,
+            topk: 4,
+            experts: 24,
+            dtype: DType::Fp8,
+            fp8_on_wire: false,
+            channels: 4,
+            hole_rate: 0.05,
+            alignment: 0,
+        },
+        Case {
+            name: "one-channel",
+            tokens: 64,
+            hidden: 2048,
+            topk: 6,
+            experts: 64,
+            dtype: DType::Bf16,
+            fp8_on_wire: true,
+            channels: 1,
+            hole_rate: 0.0,
+            alignment: 0,
+        },
+        Case {
+            name: "ht-a-bf16",
+            tokens: 4096,
+            hidden: 7168,
+            topk: 8,
+            experts: 256,
+            dtype: DType::Bf16,
+            fp8_on_wire: false,
+            channels: 24,
+            hole_rate: 0.0,
+            alignment: 0,
+        },
+        Case {
+            name: "ht-a-fp8",
+            tokens: 4096,
+            hidden: 7168,
+            topk: 8,
+            experts: 256,
+            dtype: DType::Bf16,
+            fp8_on_wire: true,
+            channels: 24,
+            hole_rate: 0.0,
+            alignment: 128,
+        },
+        Case {
+            name: "ll-b",
+            tokens: 128,
+            hidden: 7168,
+            topk: 8,
+            experts: 256,
+            dtype: DType::Bf16,
+            fp8_on_wire: false,
+            channels: 132,
+            hole_rate: 0.0,
+            alignment: 0,
+        },
     ];
     let mut worlds = vec![2];
     if n > 2 {

@@ -9,7 +9,9 @@ use switchyard::backend::cuda::compile::{compile_intranode, nvrtc_available, nvr
 /// DeepSeek-V3 shape on 2 and 8 ranks, and small odd shapes.
 fn variants() -> Vec<KernelSpec> {
     let mut v = Vec::new();
-    for &(world, hidden, topk, num_experts) in &[(2, 7168, 8, 256), (8, 7168, 8, 256), (2, 128, 2, 8), (4, 256, 3, 12), (3, 384, 4, 24), (2, 2048, 6, 64)] {
+    for &(world, hidden, topk, num_experts) in
+        &[(2, 7168, 8, 256), (8, 7168, 8, 256), (2, 128, 2, 8), (4, 256, 3, 12), (3, 384, 4, 24), (2, 2048, 6, 64)]
+    {
         for &(x_fp8, wire_fp8) in &[(false, false), (false, true), (true, true)] {
             v.push(KernelSpec { world, hidden, topk, num_experts, x_fp8, wire_fp8 });
         }
@@ -40,10 +42,20 @@ fn every_variant_compiles_for_sm_90a() {
         }
         let res = c.resources();
         for k in ["sy_notify", "sy_dispatch", "sy_combine"] {
-            let r = res.iter().find(|r| r.name == k).unwrap_or_else(|| panic!("{}: no ptxas report for {k}:\n{}", spec.name(), c.log));
+            let r = res
+                .iter()
+                .find(|r| r.name == k)
+                .unwrap_or_else(|| panic!("{}: no ptxas report for {k}:\n{}", spec.name(), c.log));
             eprintln!(
                 "{:30} {:11} {:3} regs {:4} B stack {:5} B smem  spill st/ld {}/{}  cubin {} B",
-                spec.name(), k, r.registers, r.stack_bytes, r.smem_bytes, r.spill_stores, r.spill_loads, c.image.len()
+                spec.name(),
+                k,
+                r.registers,
+                r.stack_bytes,
+                r.smem_bytes,
+                r.spill_stores,
+                r.spill_loads,
+                c.image.len()
             );
             // No spills and no stack frame: a regression here costs bandwidth on the GPU.
             assert!(r.spill_stores == 0 && r.spill_loads == 0, "{}: {k} spills: {r:?}", spec.name());

@@ -257,6 +257,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
     let bar = LazyBar::new(spec.total_steps(), "bench");
     let measurements = match backend {
         BackendKind::Cpu => bench::run_cpu(&spec, &|done, _total| bar.set(done)),
+        BackendKind::Cuda => bench::run_cuda(&spec, &|done, _total| bar.set(done)),
     };
     bar.finish();
     let measurements = measurements?;
@@ -330,12 +331,30 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
             None => Error::InvalidArgument { arg: "conformance cases".into(), reason: "none are defined".into() },
         });
     }
+    // The CUDA backend runs the cases of one node with as many ranks as GPUs.
+    let cases: Vec<_> = match backend {
+        BackendKind::Cpu => cases,
+        BackendKind::Cuda => {
+            let gpus = probe::probe().gpus.len();
+            let fit: Vec<_> =
+                cases.into_iter().filter(|c| c.spec.topology.num_nodes == 1 && c.spec.topology.ranks_per_node == gpus).collect();
+            info!("cuda: {} cases fit one node of {gpus} GPUs", fit.len());
+            if fit.is_empty() {
+                return Err(Error::InvalidArgument {
+                    arg: "conformance cases".into(),
+                    reason: format!("none fits one node of {gpus} GPUs"),
+                });
+            }
+            fit
+        }
+    };
     let width = cases.iter().map(|c| c.name.len()).max().unwrap_or(0);
     let bar = LazyBar::new(cases.len() as u64, "check");
     let (mut passed, mut failed) = (0usize, 0usize);
     for (i, case) in cases.iter().enumerate() {
         let report = match backend {
             BackendKind::Cpu => conformance::run_case_cpu(case),
+            BackendKind::Cuda => run_case_cuda(case),
         };
         let line = if report.passed() {
             passed += 1;
@@ -356,13 +375,25 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
     Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
+/// One conformance case on a fresh CUDA cluster of the case's ranks.
+fn run_case_cuda(case: &conformance::Case) -> conformance::CaseReport {
+    let ranks = switchyard::backend::cuda::CudaCluster::new(case.spec.topology.ranks_per_node, case.config.clone())
+        .and_then(|c| c.into_ranks());
+    match ranks {
+        Ok(r) => {
+            conformance::run_case_on(case, r.into_iter().map(|r| Box::new(r) as Box<dyn switchyard::Communicator>).collect())
+        }
+        Err(e) => conformance::CaseReport { name: case.name.clone(), wrong: 0, error: Some(e.to_string()) },
+    }
+}
+
 fn cmd_info() -> Result<ExitCode, Error> {
     let p = probe::probe();
     println!("switchyard {}", env!("CARGO_PKG_VERSION"));
     println!("commit: {}", bench::source_commit().unwrap_or_else(|| "unknown".into()));
     println!("backends:");
     println!("  cpu   usable (reference backend: threads as ranks, emulated nodes)");
-    println!("  cuda  not usable: {}", probe::CUDA_NOT_BUILT.split(';').next().unwrap_or(""));
+    println!("  cuda  {}", if p.cuda_usable { "usable".to_string() } else { format!("not usable: {}", p.reason) });
     println!("CUDA libraries (loaded at run time):");
     for l in &p.libraries {
         let state = if l.loadable { "loads" } else { "not found" };

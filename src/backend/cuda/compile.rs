@@ -154,8 +154,9 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 fn unavailable() -> Error {
     Error::BackendUnavailable {
         backend: "cuda",
-        reason: "libnvrtc not found (install nvidia-cuda-nvrtc or put libnvrtc.so on LD_LIBRARY_PATH; see scripts/install-nvrtc.sh)"
-            .into(),
+        reason:
+            "libnvrtc not found (install nvidia-cuda-nvrtc or put libnvrtc.so on LD_LIBRARY_PATH; see scripts/install-nvrtc.sh)"
+                .into(),
     }
 }
 
@@ -427,7 +428,18 @@ mod tests {
     #[test]
     fn options_carry_every_define_and_the_arch() {
         let o = nvrtc_options(&spec(), "sm_90a", &[PathBuf::from("/inc")]);
-        for want in ["--gpu-architecture=sm_90a", "-DSY_WORLD=2", "-DSY_HIDDEN=7168", "-DSY_TOPK=8", "-DSY_NUM_EXPERTS=256", "-DSY_X_FP8=0", "-DSY_WIRE_FP8=1", "-I/inc", "--ftz=false", "--prec-div=true"] {
+        for want in [
+            "--gpu-architecture=sm_90a",
+            "-DSY_WORLD=2",
+            "-DSY_HIDDEN=7168",
+            "-DSY_TOPK=8",
+            "-DSY_NUM_EXPERTS=256",
+            "-DSY_X_FP8=0",
+            "-DSY_WIRE_FP8=1",
+            "-I/inc",
+            "--ftz=false",
+            "--prec-div=true",
+        ] {
             assert!(o.iter().any(|x| x == want), "missing {want} in {o:?}");
         }
     }
@@ -488,7 +500,17 @@ ptxas info    : Used 40 registers, used 1 barriers, 5132 bytes smem
 ";
         let r = parse_ptxas_report(log);
         assert_eq!(r.len(), 2);
-        assert_eq!(r[0], KernelResources { name: "sy_combine".into(), registers: 58, stack_bytes: 8, spill_stores: 4, spill_loads: 12, smem_bytes: 4 });
+        assert_eq!(
+            r[0],
+            KernelResources {
+                name: "sy_combine".into(),
+                registers: 58,
+                stack_bytes: 8,
+                spill_stores: 4,
+                spill_loads: 12,
+                smem_bytes: 4
+            }
+        );
         assert_eq!((r[1].name.as_str(), r[1].registers, r[1].smem_bytes, r[1].stack_bytes), ("sy_notify", 40, 5132, 0));
     }
 }

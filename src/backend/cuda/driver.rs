@@ -63,8 +63,10 @@ impl Gpu {
         use sys::CUdevice_attribute::*;
         // SAFETY: valid device.
         unsafe {
-            let ma = result::device::get_attribute(self.dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(err("cuDeviceGetAttribute"))?;
-            let mi = result::device::get_attribute(self.dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).map_err(err("cuDeviceGetAttribute"))?;
+            let ma = result::device::get_attribute(self.dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                .map_err(err("cuDeviceGetAttribute"))?;
+            let mi = result::device::get_attribute(self.dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                .map_err(err("cuDeviceGetAttribute"))?;
             Ok((ma, mi))
         }
     }
@@ -307,8 +309,7 @@ impl Kernels {
         let mut p = *params;
         let mut args = [&mut p as *mut SyParams as *mut c_void];
         // SAFETY: the kernel takes exactly one `SyParams` by value; the driver copies it before returning.
-        unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
-            .map_err(err("cuLaunchKernel"))
+        unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }.map_err(err("cuLaunchKernel"))
     }
 }
 

@@ -266,7 +266,11 @@ mod tests {
 
     #[test]
     fn regions_are_aligned_disjoint_and_fit() {
-        for s in [spec(), KernelSpec { wire_fp8: false, ..spec() }, KernelSpec { world: 8, hidden: 72, topk: 3, num_experts: 24, x_fp8: false, wire_fp8: false }] {
+        for s in [
+            spec(),
+            KernelSpec { wire_fp8: false, ..spec() },
+            KernelSpec { world: 8, hidden: 72, topk: 3, num_experts: 24, x_fp8: false, wire_fp8: false },
+        ] {
             let cap = 256 << 20;
             let l = BufferLayout::new(&s, cap);
             assert!(l.total <= cap, "{l:?}");
@@ -276,7 +280,10 @@ mod tests {
             assert!(offs.iter().all(|o| o % 256 == 0));
             assert!(l.counts >= SIGNAL_SLOTS * 8);
             // One more row would not fit.
-            assert!(BufferLayout::with_rows(&s, l.max_recv + 1).total > cap || l.max_recv == (cap - BufferLayout::fixed_bytes(&s)) / BufferLayout::bytes_per_row(&s));
+            assert!(
+                BufferLayout::with_rows(&s, l.max_recv + 1).total > cap
+                    || l.max_recv == (cap - BufferLayout::fixed_bytes(&s)) / BufferLayout::bytes_per_row(&s)
+            );
         }
     }
 

@@ -77,13 +77,19 @@ impl CudaCluster {
             return Err(Error::BackendUnavailable { backend: "cuda", reason: "libnvrtc not found".into() });
         }
         if available < num_gpus {
-            return Err(Error::BackendUnavailable { backend: "cuda", reason: format!("{num_gpus} GPUs asked for, {available} present") });
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                reason: format!("{num_gpus} GPUs asked for, {available} present"),
+            });
         }
         let gpus: Vec<Gpu> = (0..num_gpus).map(Gpu::new).collect::<Result<_>>()?;
         let (major, minor) = gpus[0].compute_capability()?;
         if major < 9 {
             // cvt...e4m3x2 needs sm_89; the flag protocol is tested on sm_90.
-            return Err(Error::BackendUnavailable { backend: "cuda", reason: format!("compute capability {major}.{minor}: sm_90 or newer needed") });
+            return Err(Error::BackendUnavailable {
+                backend: "cuda",
+                reason: format!("compute capability {major}.{minor}: sm_90 or newer needed"),
+            });
         }
         let arch = compile::arch_for(major, minor);
         let mb = std::env::var(BUFFER_MB_ENV).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DEFAULT_BUFFER_MB);
@@ -109,7 +115,10 @@ impl CudaCluster {
             timeout_ms = config.timeout_ms,
             "cuda cluster ready"
         );
-        Ok(Self { shared: Arc::new(Shared { buffers, gpus, peers, group: HostGroup::new(num_gpus), buffer_bytes, arch, comm_id }), config })
+        Ok(Self {
+            shared: Arc::new(Shared { buffers, gpus, peers, group: HostGroup::new(num_gpus), buffer_bytes, arch, comm_id }),
+            config,
+        })
     }
 
     /// One endpoint per GPU, in rank order; move each to its own thread. (Unlike
@@ -320,7 +329,11 @@ impl CudaRank {
         for row in pos.chunks_exact(self.world) {
             for (d, &q) in row.iter().enumerate() {
                 if q >= 0 {
-                    if d == self.rank { into.local.add(row_bytes) } else { into.intra_node.add(row_bytes) }
+                    if d == self.rank {
+                        into.local.add(row_bytes)
+                    } else {
+                        into.intra_node.add(row_bytes)
+                    }
                 }
             }
         }
@@ -368,7 +381,10 @@ impl Communicator for CudaRank {
         let spec = spec_for(self.world, &x, k, e, options);
         let prep = (|| {
             if layout.topology != self.topology() {
-                return Err(Error::InvalidArgument { arg: "layout".into(), reason: format!("made for topology {}, not {}", layout.topology, self.topology()) });
+                return Err(Error::InvalidArgument {
+                    arg: "layout".into(),
+                    reason: format!("made for topology {}, not {}", layout.topology, self.topology()),
+                });
             }
             x.validate("x", t)?;
             validate_topk_idx(topk_idx, t, k, e)?;
@@ -454,7 +470,10 @@ impl Communicator for CudaRank {
             spec.validate()?;
             let cap = BufferLayout::new(&spec, self.shared.buffer_bytes).max_recv;
             if st.max_recv_any > cap {
-                return Err(Error::InvalidArgument { arg: BUFFER_MB_ENV.into(), reason: format!("{} rows do not fit {cap}", st.max_recv_any) });
+                return Err(Error::InvalidArgument {
+                    arg: BUFFER_MB_ENV.into(),
+                    reason: format!("{} rows do not fit {cap}", st.max_recv_any),
+                });
             }
             self.ensure_kernels(&spec)
         })();
@@ -475,7 +494,8 @@ impl Communicator for CudaRank {
 
     fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput> {
         let (t, k, r) = (handle.num_tokens, handle.topk, handle.num_recv());
-        let spec = KernelSpec { world: self.world, hidden, topk: k, num_experts: handle.num_experts, x_fp8: false, wire_fp8: false };
+        let spec =
+            KernelSpec { world: self.world, hidden, topk: k, num_experts: handle.num_experts, x_fp8: false, wire_fp8: false };
         let prep = (|| {
             handle.check_owner(self.shared.comm_id, self.rank, None)?;
             let st = handle.state::<CudaHandleState>("cuda")?;
@@ -486,7 +506,10 @@ impl Communicator for CudaRank {
             spec.validate()?;
             let cap = BufferLayout::new(&spec, self.shared.buffer_bytes).max_recv;
             if st.max_recv_any > cap {
-                return Err(Error::InvalidArgument { arg: BUFFER_MB_ENV.into(), reason: format!("{} rows do not fit {cap}", st.max_recv_any) });
+                return Err(Error::InvalidArgument {
+                    arg: BUFFER_MB_ENV.into(),
+                    reason: format!("{} rows do not fit {cap}", st.max_recv_any),
+                });
             }
             self.ensure_kernels(&spec)
         })();
@@ -537,7 +560,11 @@ impl Communicator for CudaRank {
 }
 
 fn spec_row_bytes(spec: &KernelSpec) -> usize {
-    if spec.wire_fp8 { spec.hidden + spec.hidden / 128 * 4 } else { spec.hidden * 2 }
+    if spec.wire_fp8 {
+        spec.hidden + spec.hidden / 128 * 4
+    } else {
+        spec.hidden * 2
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,10 @@ pub struct PeerMap {
 /// Enable peer access between every pair of GPUs and collect the buffer addresses.
 pub fn map_in_process(gpus: &[Gpu], buffers: &[DeviceBuffer]) -> Result<PeerMap> {
     if gpus.len() > MAX_WORLD || gpus.len() != buffers.len() {
-        return Err(Error::InvalidArgument { arg: "num_gpus".into(), reason: format!("{} GPUs: 1..={MAX_WORLD} supported", gpus.len()) });
+        return Err(Error::InvalidArgument {
+            arg: "num_gpus".into(),
+            reason: format!("{} GPUs: 1..={MAX_WORLD} supported", gpus.len()),
+        });
     }
     for a in gpus {
         for b in gpus {
@@ -102,7 +105,11 @@ impl HostGroup {
                     },
                 });
             }
-            g = self.cv.wait_timeout(g, deadline - now).map_err(|_| Error::Protocol { rank, detail: "host group lock poisoned".into() })?.0;
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .map_err(|_| Error::Protocol { rank, detail: "host group lock poisoned".into() })?
+                .0;
             if g.generation != gen {
                 return Ok(g.last.clone());
             }
