@@ -266,13 +266,16 @@ enum CallOutput {
     Other,
 }
 
-/// Barrier, then time one call on this rank. Its output is handed back
+/// Barrier, then time one call on this rank (host clock, or the device time of
+/// its kernels on a device backend). Its output is handed back
 /// ([`Communicator::recycle_rows`]) or dropped after the clock stops.
 fn time_call(comm: &mut dyn Communicator, f: &mut impl FnMut(&mut dyn Communicator) -> Result<CallOutput>) -> Result<f64> {
     comm.barrier()?;
     let t0 = Instant::now();
     let out = f(comm)?;
-    let dt = t0.elapsed().as_secs_f64();
+    // On a device, the op's time is its kernels' time (the host-slice API around
+    // them copies inputs and outputs through the host, which a device caller does not).
+    let dt = comm.device_time_us().map(|us| us * 1e-6).unwrap_or_else(|| t0.elapsed().as_secs_f64());
     if let CallOutput::Rows(rows) = out {
         comm.recycle_rows(rows);
     }

@@ -163,6 +163,13 @@ pub trait Communicator: Send {
     /// Zero the traffic counters.
     fn reset_traffic(&mut self);
 
+    /// Device time of the last data-moving call's kernels in microseconds (CUDA
+    /// events around each launch, host reads between them excluded); `None` on
+    /// backends without a device.
+    fn device_time_us(&self) -> Option<f64> {
+        None
+    }
+
     /// Hand back rows this communicator returned (received rows of a dispatch or
     /// cached dispatch) once you are done with them, so the next dispatch reuses
     /// their memory instead of mapping and page-faulting tens of MB afresh.

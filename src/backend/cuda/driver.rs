@@ -145,6 +145,44 @@ impl Drop for Stream {
     }
 }
 
+/// A timing event of the current context (for device-side durations).
+pub struct Event {
+    raw: sys::CUevent,
+}
+
+// SAFETY: events may be used from any thread with their context current.
+unsafe impl Send for Event {}
+unsafe impl Sync for Event {}
+
+impl Event {
+    /// A new timing event in the current context.
+    pub fn new() -> Result<Self> {
+        let raw = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(err("cuEventCreate"))?;
+        Ok(Self { raw })
+    }
+
+    /// Record on `stream`.
+    pub fn record(&self, stream: &Stream) -> Result<()> {
+        // SAFETY: valid event and stream of the current context.
+        unsafe { result::event::record(self.raw, stream.raw) }.map_err(err("cuEventRecord"))
+    }
+
+    /// Milliseconds from `start` to `self`; both must have completed.
+    pub fn elapsed_ms_since(&self, start: &Event) -> Result<f32> {
+        // SAFETY: both events recorded and completed (the caller synchronized the stream).
+        unsafe { result::event::elapsed(start.raw, self.raw) }.map_err(err("cuEventElapsedTime"))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created in new().
+        unsafe {
+            let _ = result::event::destroy(self.raw);
+        }
+    }
+}
+
 /// Device memory of one GPU.
 pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,

@@ -20,7 +20,7 @@ use std::time::Duration;
 use half::bf16;
 
 use self::compile::{KernelSpec, NOTIFY_THREADS, THREADS};
-use self::driver::{dtoh, htod, DeviceBuffer, Gpu, Kernel, Kernels, MappedHost, Scratch, Stream};
+use self::driver::{dtoh, htod, DeviceBuffer, Event, Gpu, Kernel, Kernels, MappedHost, Scratch, Stream};
 use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
 use self::peer::{HostGroup, PeerMap};
 use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, Traffic, TrafficLog};
@@ -139,6 +139,8 @@ impl CudaCluster {
                     seq: 0,
                     traffic: TrafficLog::default(),
                     poisoned: None,
+                    events: None,
+                    device_us: 0.0,
                     shared: self.shared.clone(),
                 })
             })
@@ -196,6 +198,10 @@ pub struct CudaRank {
     seq: u64,
     traffic: TrafficLog,
     poisoned: Option<String>,
+    /// Timing events around each launch, made on first use.
+    events: Option<(Event, Event)>,
+    /// Device time of the current call's kernels, in microseconds.
+    device_us: f64,
     // Last: dropped after the stream, modules and workspaces of this rank.
     shared: Arc<Shared>,
 }
@@ -254,8 +260,18 @@ impl CudaRank {
     /// Launch, wait, and turn a device-side timeout into `Error::Timeout`.
     fn run(&mut self, spec: &KernelSpec, which: Kernel, grid: u32, block: u32, p: &SyParams) -> Result<()> {
         self.meta.write(meta::DIAG, SyDiag::default());
+        if self.events.is_none() {
+            self.events = Some((Event::new()?, Event::new()?));
+        }
+        let (start, end) = self.events.as_ref().expect("created above");
         let k = &self.kernels[spec];
-        let r = k.launch(which, grid, block, p, &self.stream).and_then(|_| self.stream.sync());
+        let r = start
+            .record(&self.stream)
+            .and_then(|_| k.launch(which, grid, block, p, &self.stream))
+            .and_then(|_| end.record(&self.stream))
+            .and_then(|_| self.stream.sync())
+            .and_then(|_| end.elapsed_ms_since(start));
+        let r = r.map(|ms| self.device_us += ms as f64 * 1e3);
         if let Err(e) = r {
             self.poisoned = Some(e.to_string());
             return Err(e);
@@ -395,6 +411,7 @@ impl Communicator for CudaRank {
         self.agree(prep)?;
         self.gpu().bind()?;
         self.seq += 1;
+        self.device_us = 0.0;
         let (mut p, lay) = self.base_params(&spec, t);
         self.upload_x(&x, &mut p)?;
         p.topk_idx = self.ws.idx.get(topk_idx.len() * 8)?;
@@ -404,6 +421,9 @@ impl Communicator for CudaRank {
         p.pos = self.ws.pos.get(t * self.world * 4)?;
         p.send_base = self.ws.send_base.get(self.world * 4)?;
 
+        // Start the ranks' kernels together: each spin-waits for its peers, so a
+        // rank still uploading would show up in the others' device time.
+        self.agree(Ok(()))?;
         self.run(&spec, Kernel::Notify, 1, NOTIFY_THREADS as u32, &p)?;
         let num_recv = self.meta.read::<i32>(meta::NUM_RECV) as usize;
         let max_recv_any = self.meta.read::<i32>(meta::MAX_RECV_ANY) as usize;
@@ -423,6 +443,7 @@ impl Communicator for CudaRank {
         }
 
         p.flags = FLAG_WRITE_META;
+        self.agree(Ok(()))?;
         self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p)?;
 
         let rows = self.read_rows(&spec, &lay, num_recv, spec.hidden)?;
@@ -481,10 +502,12 @@ impl Communicator for CudaRank {
         let st = handle.state::<CudaHandleState>("cuda")?;
         self.gpu().bind()?;
         self.seq += 1;
+        self.device_us = 0.0;
         let (mut p, lay) = self.base_params(&spec, handle.num_tokens);
         self.upload_x(&x, &mut p)?;
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
         p.flags = 0;
+        self.agree(Ok(()))?;
         self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p)?;
         let mut tr = std::mem::take(&mut self.traffic.dispatch);
         self.count_traffic(&st.pos, spec_row_bytes(&spec), &mut tr);
@@ -517,6 +540,7 @@ impl Communicator for CudaRank {
         let st = handle.state::<CudaHandleState>("cuda")?;
         self.gpu().bind()?;
         self.seq += 1;
+        self.device_us = 0.0;
         let (mut p, lay) = self.base_params(&spec, t);
         let own = self.shared.peers.bases[self.rank];
         // y goes into our own buffer, where peers pull it from (stream-ordered before the kernel).
@@ -528,6 +552,7 @@ impl Communicator for CudaRank {
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
         p.out = self.ws.out.get(t * hidden * 2)?;
         p.out_weights = self.ws.out_w.get(t * k * 4)?;
+        self.agree(Ok(()))?;
         self.run(&spec, Kernel::Combine, self.channels(), THREADS as u32, &p)?;
         let mut x = vec![bf16::ZERO; t * hidden];
         dtoh(&mut x, p.out, &self.stream)?;
@@ -544,6 +569,10 @@ impl Communicator for CudaRank {
         self.count_traffic(&st.pos, hidden * 2, &mut tr);
         self.traffic.combine = tr;
         Ok(CombineOutput { x, topk_weights: weights })
+    }
+
+    fn device_time_us(&self) -> Option<f64> {
+        Some(self.device_us)
     }
 
     fn barrier(&mut self) -> Result<()> {
