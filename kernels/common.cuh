@@ -40,6 +40,8 @@ struct __align__(16) v4u32 {
 #define SY_EPR (SY_NUM_EXPERTS / SY_WORLD)
 #define SY_GROUPS (SY_HIDDEN / 128)
 #define SY_WARPS (SY_THREADS / 32)
+// 16-byte vectors each lane loads ahead of its stores in dispatch.
+#define SY_DUNROLL 8
 #define SY_NOTIFY_THREADS 512
 
 static_assert(SY_WORLD >= 1 && SY_WORLD <= SY_MAX_WORLD, "world must be 1..8");
