@@ -44,7 +44,7 @@ that crossed that hop (backend traffic counters). x memcpy = logical GB/s / memc
 the same run with one copying thread per rank.\n\nConfig precedence: --channels/--chunk-tokens/--buffer-tokens \
 > --config FILE (or SWITCHYARD_CONFIG) > built-in defaults.")]
 struct BenchArgs {
-    /// Backend: cpu, cuda (not built yet: fails), or auto (cuda if usable, else cpu).
+    /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
     /// Number of nodes (emulated on the CPU backend).
@@ -108,7 +108,7 @@ struct BenchArgs {
 
 #[derive(Args, Debug)]
 struct CheckArgs {
-    /// Backend: cpu, cuda (not built yet: fails), or auto (cuda if usable, else cpu).
+    /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
     /// Run only the cases whose name contains this text.
