@@ -47,12 +47,12 @@ struct BenchArgs {
     /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
-    /// Number of nodes (emulated on the CPU backend).
-    #[arg(long, default_value_t = 2)]
-    nodes: usize,
-    /// Ranks per node.
-    #[arg(long, default_value_t = 2)]
-    ranks_per_node: usize,
+    /// Number of nodes (emulated on the CPU backend) [default: cpu 2, cuda 1].
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Ranks per node [default: cpu 2, cuda the number of visible GPUs].
+    #[arg(long)]
+    ranks_per_node: Option<usize>,
     /// Tokens per rank.
     #[arg(long, default_value_t = 1024)]
     tokens: usize,
@@ -209,11 +209,17 @@ impl LazyBar {
     }
 }
 
-fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
+fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
     let backend = choose_backend(a.backend)?;
-    let topology = Topology::new(a.nodes, a.ranks_per_node)?;
+    // Defaults per backend: 2 emulated nodes x 2 ranks on the CPU, one node of every GPU on CUDA.
+    let (nodes, ranks_per_node) = match backend {
+        BackendKind::Cpu => (a.nodes.unwrap_or(2), a.ranks_per_node.unwrap_or(2)),
+        BackendKind::Cuda => (a.nodes.unwrap_or(1), a.ranks_per_node.unwrap_or_else(|| probe::probe().gpus.len())),
+    };
+    (a.nodes, a.ranks_per_node) = (Some(nodes), Some(ranks_per_node));
+    let topology = Topology::new(nodes, ranks_per_node)?;
     let config = resolve_config(&a)?;
-    let max_nodes = a.max_nodes.unwrap_or(a.nodes.min(4));
+    let max_nodes = a.max_nodes.unwrap_or(nodes.min(4));
     let spec = BenchSpec {
         workload: WorkloadSpec {
             topology,
@@ -239,8 +245,8 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
     );
     info!(
         "workload: {} nodes x {} ranks, {} tokens/rank, hidden {}, top-{} of {} experts, {}, routing {}{}, seed {}; warmup {}, iters {}{}",
-        a.nodes,
-        a.ranks_per_node,
+        nodes,
+        ranks_per_node,
         a.tokens,
         a.hidden,
         a.topk,
@@ -270,8 +276,8 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
     println!(
         "# switchyard bench: backend {}, {} nodes x {} ranks, tokens/rank {}, hidden {}, top-{} of {} experts, routing {}, seed {}",
         backend.name(),
-        a.nodes,
-        a.ranks_per_node,
+        nodes,
+        ranks_per_node,
         a.tokens,
         a.hidden,
         a.topk,
