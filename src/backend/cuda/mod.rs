@@ -237,6 +237,18 @@ impl CudaRank {
         peer::settle(self.rank, own, &all)
     }
 
+    /// Reject a call whose largest per-rank receive count does not fit this shape's receive area.
+    fn check_fits(&self, spec: &KernelSpec, max_recv_any: usize) -> Result<()> {
+        let cap = BufferLayout::new(spec, self.shared.buffer_bytes).max_recv;
+        if max_recv_any > cap {
+            return Err(Error::InvalidArgument {
+                arg: BUFFER_MB_ENV.into(),
+                reason: format!("{max_recv_any} rows do not fit the {cap} this buffer holds for this shape"),
+            });
+        }
+        Ok(())
+    }
+
     fn base_params(&self, spec: &KernelSpec, num_tokens: usize) -> (SyParams, BufferLayout) {
         let lay = BufferLayout::new(spec, self.shared.buffer_bytes);
         let mut p = SyParams {
@@ -489,13 +501,7 @@ impl Communicator for CudaRank {
             let st = handle.state::<CudaHandleState>("cuda")?;
             x.validate("x", handle.num_tokens)?;
             spec.validate()?;
-            let cap = BufferLayout::new(&spec, self.shared.buffer_bytes).max_recv;
-            if st.max_recv_any > cap {
-                return Err(Error::InvalidArgument {
-                    arg: BUFFER_MB_ENV.into(),
-                    reason: format!("{} rows do not fit {cap}", st.max_recv_any),
-                });
-            }
+            self.check_fits(&spec, st.max_recv_any)?;
             self.ensure_kernels(&spec)
         })();
         self.agree(prep)?;
@@ -527,13 +533,7 @@ impl Communicator for CudaRank {
                 validate_weights("topk_weights", w, r, k)?;
             }
             spec.validate()?;
-            let cap = BufferLayout::new(&spec, self.shared.buffer_bytes).max_recv;
-            if st.max_recv_any > cap {
-                return Err(Error::InvalidArgument {
-                    arg: BUFFER_MB_ENV.into(),
-                    reason: format!("{} rows do not fit {cap}", st.max_recv_any),
-                });
-            }
+            self.check_fits(&spec, st.max_recv_any)?;
             self.ensure_kernels(&spec)
         })();
         self.agree(prep)?;
