@@ -8,7 +8,6 @@
 //! through bounded per-channel rings of `buffer_tokens` slots, `chunk_tokens` at
 //! a time, with head/tail flow control; every wait has a deadline.
 
-mod board;
 mod combine;
 mod dispatch;
 mod progress;
@@ -20,11 +19,11 @@ use std::time::Duration;
 
 use half::bf16;
 
-use self::board::Board;
 use self::dispatch::{CallRings, DispatchInput, RankCtx, Record, RecvPlan, SendPlan};
 use self::ring::Ring;
 use self::slots::{CombineSlot, DispatchSlot};
 use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, TrafficLog};
+use crate::bootstrap::threads::Board;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handle::Handle;

@@ -22,8 +22,9 @@ use half::bf16;
 use self::compile::{KernelSpec, NOTIFY_THREADS, THREADS};
 use self::driver::{dtoh, htod, DeviceBuffer, Event, Gpu, Kernel, Kernels, MappedHost, Scratch, Stream};
 use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
-use self::peer::{HostGroup, PeerMap};
+use self::peer::PeerMap;
 use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, Traffic, TrafficLog};
+use crate::bootstrap::threads::Board;
 use crate::config::Config;
 use crate::error::{Error, Result, Role, WaitDiagnostic};
 use crate::handle::Handle;
@@ -42,7 +43,7 @@ struct Shared {
     buffers: Vec<DeviceBuffer>,
     gpus: Vec<Gpu>,
     peers: PeerMap,
-    group: HostGroup,
+    group: Board,
     buffer_bytes: usize,
     arch: String,
     comm_id: u64,
@@ -116,7 +117,7 @@ impl CudaCluster {
             "cuda cluster ready"
         );
         Ok(Self {
-            shared: Arc::new(Shared { buffers, gpus, peers, group: HostGroup::new(num_gpus), buffer_bytes, arch, comm_id }),
+            shared: Arc::new(Shared { buffers, gpus, peers, group: Board::new(num_gpus), buffer_bytes, arch, comm_id }),
             config,
         })
     }
@@ -233,7 +234,7 @@ impl CudaRank {
             (None, Ok(())) => None,
         };
         let text = own.as_ref().map(|e| e.to_string());
-        let all = self.shared.group.gather(self.rank, text, self.timeout())?;
+        let all = self.shared.group.all_gather(self.rank, text, self.timeout())?;
         peer::settle(self.rank, own, &all)
     }
 

@@ -1,6 +1,7 @@
-//! The notify step of the CPU backend: an all-gather of small per-rank posts
-//! (counts, buffer handles, or an error) through shared memory, with a barrier
-//! whose every wait has a deadline.
+//! All-gather and barrier for ranks that are threads of one process: small
+//! per-rank posts (counts, buffer handles, or an error) through shared memory,
+//! with a barrier whose every wait has a deadline. A timeout breaks the group:
+//! every later wait fails at once with `PeerFailed` naming the rank that gave up.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
