@@ -1,6 +1,7 @@
 //! Backends: one per-rank endpoint trait, implemented by the CPU reference backend
 //! (and by the CUDA backend).
 
+mod checks;
 pub mod cpu;
 pub mod cuda;
 

@@ -22,14 +22,14 @@ use half::bf16;
 use self::dispatch::{CallRings, DispatchInput, RankCtx, Record, RecvPlan, SendPlan};
 use self::ring::Ring;
 use self::slots::{CombineSlot, DispatchSlot};
-use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, TrafficLog};
+use crate::backend::{checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, TrafficLog};
 use crate::bootstrap::threads::Board;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::quant;
-use crate::routing::{self, Layout};
-use crate::tensor::{check_len, DType, Rows, RowsRef};
+use crate::routing::Layout;
+use crate::tensor::{DType, Rows, RowsRef};
 use crate::topology::Topology;
 
 /// A group of CPU ranks sharing memory; split it into per-rank endpoints with [`CpuCluster::into_ranks`].
@@ -243,46 +243,6 @@ impl CpuRank {
         DispatchSlot::new(self.topology.ranks_per_node, topk, groups, x.dtype().row_bytes(x.hidden()) - 4 * groups).bytes()
     }
 
-    /// Check dispatch inputs; returns the rows to put on the wire.
-    fn check_dispatch(
-        &self,
-        x: RowsRef<'_>,
-        topk_idx: &[i64],
-        topk_weights: &[f32],
-        layout: &Layout,
-        options: &DispatchOptions,
-    ) -> Result<Option<Rows>> {
-        let world = self.topology.world();
-        routing::experts_per_rank(layout.num_experts, world)?;
-        if layout.topology != self.topology {
-            return Err(Error::InvalidArgument {
-                arg: "layout".into(),
-                reason: format!("computed for topology {}, communicator has {}", layout.topology, self.topology),
-            });
-        }
-        let (t, k) = (layout.num_tokens, layout.topk);
-        routing::validate_topk_idx(topk_idx, t, k, layout.num_experts)?;
-        routing::validate_weights("topk_weights", topk_weights, t, k)?;
-        x.validate("x", t)?;
-        if options.fp8_on_wire && x.hidden() % quant::SCALE_GROUP != 0 {
-            return Err(Error::HiddenNotMultipleOf128 { arg: "x", hidden: x.hidden() });
-        }
-        // The layout must describe these ids (cheap: one pass).
-        let per_rank = layout.num_experts / world;
-        for (tok, ids) in topk_idx.chunks_exact(k).enumerate() {
-            for r in 0..world {
-                let hit = ids.iter().any(|&e| e >= 0 && e as usize / per_rank == r);
-                if hit != layout.token_in_rank(tok, r) {
-                    return Err(Error::InvalidArgument {
-                        arg: "layout".into(),
-                        reason: format!("does not match topk_idx at token {tok} (rank {r})"),
-                    });
-                }
-            }
-        }
-        Ok(wire_rows(x, options))
-    }
-
     /// A failed data exchange leaves rings half-used: mark the group broken so
     /// every rank's next call fails at once, naming this rank.
     fn give_up_on_error<T>(&self, r: Result<T>) -> Result<T> {
@@ -292,9 +252,8 @@ impl CpuRank {
         r
     }
 
-    /// This rank's state in `handle`, after checking the handle belongs here.
+    /// This backend's state in `handle` (whose owner the shared checks verified).
     fn handle_state<'h>(&self, handle: &'h Handle) -> Result<&'h CpuHandleState> {
-        handle.check_owner(self.comm_id, self.rank, None)?;
         let state: &CpuHandleState = handle.state("cpu")?;
         if state.channels != self.config.num_channels {
             return Err(Error::HandleMismatch {
@@ -344,11 +303,8 @@ impl Communicator for CpuRank {
     ) -> Result<(DispatchOutput, Handle)> {
         let topo = self.topology;
         let channels = self.config.num_channels;
-        let checked = self.check_dispatch(x, topk_idx, topk_weights, layout, options);
-        let quantized = match &checked {
-            Ok(q) => q.clone(),
-            Err(_) => None,
-        };
+        let checked = checks::dispatch(topo, &x, topk_idx, topk_weights, layout, options);
+        let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
         let plan = SendPlan::new(layout.token_in_rank.clone(), layout.num_tokens, topo, channels);
         let slot_bytes = self.dispatch_slot_bytes(&wire, layout.topk);
@@ -413,16 +369,9 @@ impl Communicator for CpuRank {
     fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows> {
         let topo = self.topology;
         let channels = self.config.num_channels;
-        let checked = (|| {
-            self.handle_state(handle)?;
-            handle.check_owner(self.comm_id, self.rank, Some(x.num_rows()))?;
-            x.validate("x", handle.num_tokens)?;
-            if options.fp8_on_wire && x.hidden() % quant::SCALE_GROUP != 0 {
-                return Err(Error::HiddenNotMultipleOf128 { arg: "x", hidden: x.hidden() });
-            }
-            Ok(wire_rows(x, options))
-        })();
-        let quantized = checked.as_ref().ok().cloned().flatten();
+        let checked = checks::dispatch_cached(self.comm_id, self.rank, &x, handle, options)
+            .and_then(|_| self.handle_state(handle).map(|_| ()));
+        let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
         let slot_bytes = self.dispatch_slot_bytes(&wire, handle.topk);
         Self::ensure_rings(&mut self.dispatch_rings, topo, self.rank, channels, self.config.buffer_tokens, slot_bytes);
@@ -461,18 +410,8 @@ impl Communicator for CpuRank {
     fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput> {
         let topo = self.topology;
         let channels = self.config.num_channels;
-        let checked = (|| {
-            self.handle_state(handle)?;
-            if hidden == 0 {
-                return Err(Error::InvalidArgument { arg: "hidden".into(), reason: "must be >= 1".into() });
-            }
-            let r = handle.num_recv();
-            check_len("y", y.len(), r * hidden, format!("[R={r}, H={hidden}]"))?;
-            if let Some(w) = topk_weights {
-                routing::validate_weights("topk_weights", w, r, handle.topk)?;
-            }
-            Ok(())
-        })();
+        let checked = checks::combine(self.comm_id, self.rank, y, hidden, handle, topk_weights)
+            .and_then(|_| self.handle_state(handle).map(|_| ()));
         let kw = if topk_weights.is_some() { handle.topk } else { 0 };
         let slot_bytes = CombineSlot::new(kw, hidden * 2).bytes();
         Self::ensure_rings(&mut self.combine_rings, topo, self.rank, channels, self.config.buffer_tokens, slot_bytes);

@@ -23,12 +23,12 @@ use self::compile::{KernelSpec, NOTIFY_THREADS, THREADS};
 use self::driver::{dtoh, htod, DeviceBuffer, Event, Gpu, Kernel, Kernels, MappedHost, Scratch, Stream};
 use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
 use self::peer::PeerMap;
-use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, Traffic, TrafficLog};
+use crate::backend::{checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, Traffic, TrafficLog};
 use crate::bootstrap::threads::Board;
 use crate::config::Config;
 use crate::error::{Error, Result, Role, WaitDiagnostic};
 use crate::handle::Handle;
-use crate::routing::{validate_topk_idx, validate_weights, Layout};
+use crate::routing::Layout;
 use crate::tensor::{DType, Rows, RowsRef};
 use crate::topology::Topology;
 
@@ -409,15 +409,7 @@ impl Communicator for CudaRank {
         let (t, k, e) = (layout.num_tokens, layout.topk, layout.num_experts);
         let spec = spec_for(self.world, &x, k, e, options);
         let prep = (|| {
-            if layout.topology != self.topology() {
-                return Err(Error::InvalidArgument {
-                    arg: "layout".into(),
-                    reason: format!("made for topology {}, not {}", layout.topology, self.topology()),
-                });
-            }
-            x.validate("x", t)?;
-            validate_topk_idx(topk_idx, t, k, e)?;
-            validate_weights("topk_weights", topk_weights, t, k)?;
+            checks::dispatch(self.topology(), &x, topk_idx, topk_weights, layout, options)?;
             spec.validate()?;
             self.ensure_kernels(&spec)
         })();
@@ -498,9 +490,8 @@ impl Communicator for CudaRank {
     fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows> {
         let spec = spec_for(self.world, &x, handle.topk, handle.num_experts, options);
         let prep = (|| {
-            handle.check_owner(self.shared.comm_id, self.rank, Some(x.num_rows()))?;
+            checks::dispatch_cached(self.shared.comm_id, self.rank, &x, handle, options)?;
             let st = handle.state::<CudaHandleState>("cuda")?;
-            x.validate("x", handle.num_tokens)?;
             spec.validate()?;
             self.check_fits(&spec, st.max_recv_any)?;
             self.ensure_kernels(&spec)
@@ -523,16 +514,12 @@ impl Communicator for CudaRank {
     }
 
     fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput> {
-        let (t, k, r) = (handle.num_tokens, handle.topk, handle.num_recv());
+        let (t, k) = (handle.num_tokens, handle.topk);
         let spec =
             KernelSpec { world: self.world, hidden, topk: k, num_experts: handle.num_experts, x_fp8: false, wire_fp8: false };
         let prep = (|| {
-            handle.check_owner(self.shared.comm_id, self.rank, None)?;
+            checks::combine(self.shared.comm_id, self.rank, y, hidden, handle, topk_weights)?;
             let st = handle.state::<CudaHandleState>("cuda")?;
-            crate::tensor::check_len("y", y.len(), r * hidden, format!("[R={r}, H={hidden}]"))?;
-            if let Some(w) = topk_weights {
-                validate_weights("topk_weights", w, r, k)?;
-            }
             spec.validate()?;
             self.check_fits(&spec, st.max_recv_any)?;
             self.ensure_kernels(&spec)

@@ -1,0 +1,92 @@
+//! Argument checks every backend runs before any data moves, so a bad input is
+//! the same typed error whichever backend gets it.
+
+use half::bf16;
+
+use super::DispatchOptions;
+use crate::error::{Error, Result};
+use crate::handle::Handle;
+use crate::quant;
+use crate::routing::{self, Layout};
+use crate::tensor::{check_len, RowsRef};
+use crate::topology::Topology;
+
+/// FP8 on the wire needs whole 1x128 scale groups.
+fn check_wire(x: &RowsRef<'_>, options: &DispatchOptions) -> Result<()> {
+    if options.fp8_on_wire && x.hidden() % quant::SCALE_GROUP != 0 {
+        return Err(Error::HiddenNotMultipleOf128 { arg: "x", hidden: x.hidden() });
+    }
+    Ok(())
+}
+
+/// Inputs of a dispatch on a communicator of `topology`.
+pub(crate) fn dispatch(
+    topology: Topology,
+    x: &RowsRef<'_>,
+    topk_idx: &[i64],
+    topk_weights: &[f32],
+    layout: &Layout,
+    options: &DispatchOptions,
+) -> Result<()> {
+    let world = topology.world();
+    routing::experts_per_rank(layout.num_experts, world)?;
+    if layout.topology != topology {
+        return Err(Error::InvalidArgument {
+            arg: "layout".into(),
+            reason: format!("computed for topology {}, communicator has {topology}", layout.topology),
+        });
+    }
+    let (t, k) = (layout.num_tokens, layout.topk);
+    routing::validate_topk_idx(topk_idx, t, k, layout.num_experts)?;
+    routing::validate_weights("topk_weights", topk_weights, t, k)?;
+    x.validate("x", t)?;
+    check_wire(x, options)?;
+    // The layout must describe these ids (cheap: one pass).
+    let per_rank = layout.num_experts / world;
+    for (tok, ids) in topk_idx.chunks_exact(k).enumerate() {
+        for r in 0..world {
+            let hit = ids.iter().any(|&e| e >= 0 && e as usize / per_rank == r);
+            if hit != layout.token_in_rank(tok, r) {
+                return Err(Error::InvalidArgument {
+                    arg: "layout".into(),
+                    reason: format!("does not match topk_idx at token {tok} (rank {r})"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Inputs of a cached dispatch on rank `rank` of communicator `comm_id`.
+pub(crate) fn dispatch_cached(
+    comm_id: u64,
+    rank: usize,
+    x: &RowsRef<'_>,
+    handle: &Handle,
+    options: &DispatchOptions,
+) -> Result<()> {
+    handle.check_owner(comm_id, rank, Some(x.num_rows()))?;
+    x.validate("x", handle.num_tokens)?;
+    check_wire(x, options)
+}
+
+/// Inputs of a combine on rank `rank` of communicator `comm_id`.
+pub(crate) fn combine(
+    comm_id: u64,
+    rank: usize,
+    y: &[bf16],
+    hidden: usize,
+    handle: &Handle,
+    topk_weights: Option<&[f32]>,
+) -> Result<()> {
+    handle.check_owner(comm_id, rank, None)?;
+    if hidden == 0 {
+        return Err(Error::InvalidArgument { arg: "hidden".into(), reason: "must be >= 1".into() });
+    }
+    let r = handle.num_recv();
+    check_len("y", y.len(), r * hidden, format!("[R={r}, H={hidden}]"))?;
+    if let Some(w) = topk_weights {
+        routing::validate_weights("topk_weights", w, r, handle.topk)?;
+    }
+    Ok(())
+}
