@@ -238,6 +238,17 @@ impl CudaRank {
         peer::settle(self.rank, own, &all)
     }
 
+    /// Start a collective call: every rank agrees its inputs are fine, then this
+    /// rank binds its GPU, takes the next call sequence number (the flags' epoch)
+    /// and zeroes the call's device time.
+    fn begin_call(&mut self, prep: Result<()>) -> Result<()> {
+        self.agree(prep)?;
+        self.gpu().bind()?;
+        self.seq += 1;
+        self.device_us = 0.0;
+        Ok(())
+    }
+
     /// Reject a call whose largest per-rank receive count does not fit this shape's receive area.
     fn check_fits(&self, spec: &KernelSpec, max_recv_any: usize) -> Result<()> {
         let cap = BufferLayout::new(spec, self.shared.buffer_bytes).max_recv;
@@ -413,10 +424,7 @@ impl Communicator for CudaRank {
             spec.validate()?;
             self.ensure_kernels(&spec)
         })();
-        self.agree(prep)?;
-        self.gpu().bind()?;
-        self.seq += 1;
-        self.device_us = 0.0;
+        self.begin_call(prep)?;
         let (mut p, lay) = self.base_params(&spec, t);
         self.upload_x(&x, &mut p)?;
         p.topk_idx = self.ws.idx.get(topk_idx.len() * 8)?;
@@ -496,11 +504,8 @@ impl Communicator for CudaRank {
             self.check_fits(&spec, st.max_recv_any)?;
             self.ensure_kernels(&spec)
         })();
-        self.agree(prep)?;
+        self.begin_call(prep)?;
         let st = handle.state::<CudaHandleState>("cuda")?;
-        self.gpu().bind()?;
-        self.seq += 1;
-        self.device_us = 0.0;
         let (mut p, lay) = self.base_params(&spec, handle.num_tokens);
         self.upload_x(&x, &mut p)?;
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
@@ -524,11 +529,8 @@ impl Communicator for CudaRank {
             self.check_fits(&spec, st.max_recv_any)?;
             self.ensure_kernels(&spec)
         })();
-        self.agree(prep)?;
+        self.begin_call(prep)?;
         let st = handle.state::<CudaHandleState>("cuda")?;
-        self.gpu().bind()?;
-        self.seq += 1;
-        self.device_us = 0.0;
         let (mut p, lay) = self.base_params(&spec, t);
         let own = self.shared.peers.bases[self.rank];
         // y goes into our own buffer, where peers pull it from (stream-ordered before the kernel).
