@@ -41,7 +41,9 @@ struct __align__(16) v4u32 {
 #define SY_GROUPS (SY_HIDDEN / 128)
 #define SY_WARPS (SY_THREADS / 32)
 // 16-byte vectors each lane loads ahead of its stores in dispatch.
+#ifndef SY_DUNROLL
 #define SY_DUNROLL 8
+#endif
 #define SY_NOTIFY_THREADS 512
 
 static_assert(SY_WORLD >= 1 && SY_WORLD <= SY_MAX_WORLD, "world must be 1..8");
@@ -96,6 +98,7 @@ struct SyParams {
 
 #define SY_FLAG_WRITE_META 1u    // dispatch: also write idx/weights/src (not needed by cached dispatch)
 #define SY_FLAG_WITH_WEIGHTS 2u  // combine: also sum weights
+#define SY_FLAG_SKIP_LOCAL 4u    // dispatch (same type in and out): a copy engine moves my own rows (and scales)
 
 // Signal area at offset 0 of every buffer, in u64 slots. A slot holds the seq
 // of the last call that set it, so nothing is ever reset between calls.
@@ -113,6 +116,7 @@ struct SyParams {
 #define SY_META_MAX_RECV_ANY 68   // i32: the most rows any rank receives (overflow check, same on all ranks)
 #define SY_META_RECV_BASE 72      // i32[8]: where source s's rows start in my receive area
 #define SY_META_SEND_BASE 104     // i32[8]: where my rows start in rank d's receive area
+#define SY_META_STAMPS 136       // u64[3]: block 0's entry, peers-ready and rows-done global-timer stamps
 #define SY_META_TPE 192           // i32[EPR]: received (token, slot) pairs per local expert
 
 struct SyDiag {
@@ -209,6 +213,13 @@ __device__ __forceinline__ u32 f32x2_to_e4m3x2(float lo, float hi) {
 }
 
 // --------------------------------------------------------------- diagnostics
+
+// Block 0 thread 0 stamps the global timer into host meta (SY_META_STAMPS + 8 * which): where the
+// time of a call goes (waiting for peers to start vs moving rows), read by the host at debug level.
+__device__ __forceinline__ void sy_stamp(const SyParams& p, int which) {
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+        reinterpret_cast<volatile u64*>(p.host_meta + SY_META_STAMPS)[which] = globaltimer_ns();
+}
 
 // What a wait needs to report a timeout, by value: taking the address of the kernel's
 // parameter block would copy all of it to the stack.
