@@ -4,17 +4,24 @@
 //! every later wait fails at once with `PeerFailed` naming the rank that gave up.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result, Role, WaitDiagnostic};
+
+/// How long a waiter spins before it sleeps on the condvar.
+const SPIN: Duration = Duration::from_micros(500);
 
 pub(crate) struct Board {
     world: usize,
     posts: Vec<Mutex<Option<Arc<dyn Any + Send + Sync>>>>,
     state: Mutex<BarrierState>,
     cv: Condvar,
+    /// Mirror of `BarrierState::generation`, read without the lock by spinning waiters.
+    released: AtomicU64,
+    /// Spin only when every rank can have a core: otherwise spinners starve the late rank.
+    spin: Duration,
     broken: AtomicBool,
     /// The first timeout: which rank gave up and why, reported to everyone after.
     broken_by: Mutex<Option<(usize, String)>>,
@@ -32,6 +39,8 @@ impl Board {
             posts: (0..world).map(|_| Mutex::new(None)).collect(),
             state: Mutex::new(BarrierState { arrived: 0, generation: 0 }),
             cv: Condvar::new(),
+            released: AtomicU64::new(0),
+            spin: if std::thread::available_parallelism().map_or(1, |n| n.get()) > world { SPIN } else { Duration::ZERO },
             broken: AtomicBool::new(false),
             broken_by: Mutex::new(None),
         }
@@ -53,9 +62,22 @@ impl Board {
         if st.arrived == self.world {
             st.arrived = 0;
             st.generation += 1;
+            self.released.store(st.generation, Ordering::Release);
             self.cv.notify_all();
             return Ok(());
         }
+        // Spin briefly before sleeping: a condvar wake-up can take tens of microseconds, and
+        // the CUDA backend launches kernels that spin-wait for their peers right after this
+        // barrier, so a late waker would show up as the other ranks' device time.
+        drop(st);
+        let spin_until = Instant::now() + self.spin;
+        while Instant::now() < spin_until && !self.broken.load(Ordering::Acquire) {
+            if self.released.load(Ordering::Acquire) != gen {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.generation == gen {
             if self.broken.load(Ordering::Acquire) {
                 return Err(broken_err());
