@@ -181,13 +181,23 @@ __device__ __forceinline__ bool dispatch_entry(const SyParams& p, int ch, int me
     return s_failed == 0;
 }
 
+// Whether a token goes to any rank but me.
+__device__ __forceinline__ bool row_remote_any(const i64 (&row)[SY_WORLD], int me) {
+    bool any = false;
+#pragma unroll
+    for (int d = 0; d < SY_WORLD; ++d) any |= d != me && row[d] >= 0;
+    return any;
+}
+
 extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const SyParams p) {
     const int ch = blockIdx.x, nch = gridDim.x;
     const int me = (int)p.rank;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int T = (int)p.num_tokens;
 
+    sy_stamp(p, 0);
     if (!dispatch_entry(p, ch, me)) return;
+    sy_stamp(p, 1);
 
     const i32* pos = reinterpret_cast<const i32*>(p.pos);
     const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
@@ -266,15 +276,18 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
         // SY_DUNROLL loads go out before the first store: the stores' memory clobber keeps the
         // compiler from hoisting loads past them, which exposed one full load latency per 512
         // bytes of each warp (measured: 133 GB/s per direction where plain stores reach 347).
+        // With SY_FLAG_SKIP_LOCAL the host has a copy engine move my own rows (src/backend/cuda/local_copy.rs).
+        const bool skip_local = (p.flags & SY_FLAG_SKIP_LOCAL) != 0;
+        const bool copy_any = !skip_local || row_remote_any(row, me);
         const v4u32* src = reinterpret_cast<const v4u32*>(reinterpret_cast<const u8*>(p.x) + (i64)t * SY_X_ROW_BYTES);
-        for (int i0 = lane; i0 < SY_WIRE_V4; i0 += 32 * SY_DUNROLL) {
+        for (int i0 = lane; copy_any && i0 < SY_WIRE_V4; i0 += 32 * SY_DUNROLL) {
             v4u32 v[SY_DUNROLL];
 #pragma unroll
             for (int u = 0; u < SY_DUNROLL; ++u)
                 if (i0 + u * 32 < SY_WIRE_V4) v[u] = ld_nc_v4(src + i0 + u * 32);
 #pragma unroll
             for (int d = 0; d < SY_WORLD; ++d) {
-                if (row[d] < 0) continue;
+                if (row[d] < 0 || (d == me && skip_local)) continue;
                 v4u32* dst = reinterpret_cast<v4u32*>(region<u8>(p, d, p.off_recv_x) + row[d] * SY_WIRE_ROW_BYTES);
 #pragma unroll
                 for (int u = 0; u < SY_DUNROLL; ++u)
@@ -287,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
             const float s = xs[g];
 #pragma unroll
             for (int d = 0; d < SY_WORLD; ++d)
-                if (row[d] >= 0) region<float>(p, d, p.off_recv_scales)[row[d] * SY_GROUPS + g] = s;
+                if (row[d] >= 0 && !(d == me && skip_local)) region<float>(p, d, p.off_recv_scales)[row[d] * SY_GROUPS + g] = s;
         }
 #endif
 #endif
@@ -321,6 +334,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
     // this channel's arrival flag there; then block 0 waits for every peer's channels.
     fence_acq_rel_sys();
     __syncthreads();
+    sy_stamp(p, 2);
     if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
         st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_DISPATCH_ARRIVE + me * SY_MAX_CHANNELS + ch, p.seq);
     if (ch == 0) {
@@ -350,6 +364,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
     // Before: my y rows were copied in (stream order); tell every rank, then wait for all of theirs.
     if (threadIdx.x == 0) s_failed = 0;
     __syncthreads();
+    sy_stamp(p, 0);
     if (ch == 0 && threadIdx.x < SY_WORLD) st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_READY + me, p.seq);
     if (threadIdx.x < SY_WORLD) {
         if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_READY + threadIdx.x, p.seq, sy_wait_ctx(p), ch, SY_ROLE_RECEIVER,
@@ -358,6 +373,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
     }
     __syncthreads();
     if (s_failed) return;
+    sy_stamp(p, 1);
 
     const i32* pos = reinterpret_cast<const i32*>(p.pos);
     const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
@@ -427,6 +443,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
     // ranks before the kernel ends, so the host may overwrite y in the next call.
     fence_acq_rel_sys();
     __syncthreads();
+    sy_stamp(p, 2);
     if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
         st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_DONE + me * SY_MAX_CHANNELS + ch, p.seq);
     if (ch == 0) {

@@ -134,6 +134,19 @@ impl Stream {
         // SAFETY: valid stream.
         unsafe { result::stream::synchronize(self.raw) }.map_err(err("cuStreamSynchronize"))
     }
+
+    /// Make later work on this stream wait for `event`'s last recording (no host wait).
+    pub fn wait_event(&self, event: &Event) -> Result<()> {
+        // SAFETY: valid stream and event of the current context.
+        unsafe { result::stream::wait_event(self.raw, event.raw, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(err("cuStreamWaitEvent"))
+    }
+}
+
+/// Enqueue a device-to-device copy of `bytes` on `stream` (a copy engine moves it, no SM).
+pub fn dtod_async(dst: u64, src: u64, bytes: usize, stream: &Stream) -> Result<()> {
+    // SAFETY: the caller guarantees both ranges are live device memory of `bytes` bytes.
+    unsafe { result::memcpy_dtod_async(dst, src, bytes, stream.raw) }.map_err(err("cuMemcpyDtoDAsync"))
 }
 
 impl Drop for Stream {

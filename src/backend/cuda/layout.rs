@@ -22,6 +22,9 @@ pub mod meta {
     pub const RECV_BASE: usize = 72;
     /// i32[8]: start of my rows in each destination's receive area.
     pub const SEND_BASE: usize = 104;
+    /// u64[3]: global-timer stamps (ns) of block 0 of the last dispatch/combine: entry, every
+    /// peer ready, own rows done (the kernel's end is the event time).
+    pub const STAMPS: usize = 136;
     /// i32[experts per rank]: received (token, slot) pairs per local expert.
     pub const TPE: usize = 192;
     /// Bytes of host meta for `epr` experts per rank.
@@ -124,6 +127,8 @@ pub struct SyParams {
 pub const FLAG_WRITE_META: u64 = 1;
 /// `SY_FLAG_WITH_WEIGHTS`.
 pub const FLAG_WITH_WEIGHTS: u64 = 2;
+/// `SY_FLAG_SKIP_LOCAL`: dispatch leaves the rank's own rows (and scales) to copy-engine copies.
+pub const FLAG_SKIP_LOCAL: u64 = 4;
 
 /// Where each region of a communication buffer lies for one kernel spec. Every
 /// rank computes the same layout from the same (spec, capacity), so offsets agree.
@@ -261,7 +266,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<SyParams>(), (MAX_WORLD + 23) * 8);
         assert_eq!(std::mem::size_of::<SyDiag>(), 48);
         assert!(std::mem::size_of::<SyDiag>() <= meta::NUM_RECV);
-        assert!(meta::SEND_BASE + 4 * MAX_WORLD <= meta::TPE);
+        assert!(meta::SEND_BASE + 4 * MAX_WORLD <= meta::STAMPS);
+        assert!(meta::STAMPS + 3 * 8 <= meta::TPE);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod compile;
 pub mod driver;
 pub mod layout;
+pub mod local_copy;
 pub mod peer;
 
 use std::collections::HashMap;
@@ -20,8 +21,9 @@ use std::time::Duration;
 use half::bf16;
 
 use self::compile::{KernelSpec, NOTIFY_THREADS, THREADS};
-use self::driver::{dtoh, htod, DeviceBuffer, Event, Gpu, Kernel, Kernels, MappedHost, Scratch, Stream};
-use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
+use self::driver::{dtod_async, dtoh, htod, DeviceBuffer, Event, Gpu, Kernel, Kernels, MappedHost, Scratch, Stream};
+use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
+use self::local_copy::{CopyOp, LocalCopy, RowArrays};
 use self::peer::PeerMap;
 use crate::backend::{checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, Traffic, TrafficLog};
 use crate::bootstrap::threads::Board;
@@ -141,6 +143,8 @@ impl CudaCluster {
                     traffic: TrafficLog::default(),
                     poisoned: None,
                     events: None,
+                    side: None,
+                    local_copy: LocalCopy::from_env(),
                     device_us: 0.0,
                     shared: self.shared.clone(),
                 })
@@ -203,6 +207,10 @@ pub struct CudaRank {
     events: Option<(Event, Event)>,
     /// Device time of the current call's kernels, in microseconds.
     device_us: f64,
+    /// Side stream and fork/join events for copy-engine copies beside a kernel, made on first use.
+    side: Option<(Stream, Event, Event)>,
+    /// Who copies own rows in dispatch.
+    local_copy: LocalCopy,
     // Last: dropped after the stream, modules and workspaces of this rank.
     shared: Arc<Shared>,
 }
@@ -249,6 +257,14 @@ impl CudaRank {
         Ok(())
     }
 
+    /// Wait for this rank's uploads, then for every rank: the kernels that follow spin-wait
+    /// for their peers, so a rank still copying its input (pageable copies return before the
+    /// DMA ends) would otherwise count as the others' device time.
+    fn start_together(&mut self) -> Result<()> {
+        self.stream.sync()?;
+        self.agree(Ok(()))
+    }
+
     /// Reject a call whose largest per-rank receive count does not fit this shape's receive area.
     fn check_fits(&self, spec: &KernelSpec, max_recv_any: usize) -> Result<()> {
         let cap = BufferLayout::new(spec, self.shared.buffer_bytes).max_recv;
@@ -282,20 +298,67 @@ impl CudaRank {
     }
 
     /// Launch, wait, and turn a device-side timeout into `Error::Timeout`.
-    fn run(&mut self, spec: &KernelSpec, which: Kernel, grid: u32, block: u32, p: &SyParams) -> Result<()> {
+    fn run(&mut self, spec: &KernelSpec, which: Kernel, grid: u32, block: u32, p: &SyParams, side_ops: &[CopyOp]) -> Result<()> {
         self.meta.write(meta::DIAG, SyDiag::default());
         if self.events.is_none() {
             self.events = Some((Event::new()?, Event::new()?));
         }
+        if !side_ops.is_empty() && self.side.is_none() {
+            self.side = Some((Stream::new()?, Event::new()?, Event::new()?));
+        }
         let (start, end) = self.events.as_ref().expect("created above");
         let k = &self.kernels[spec];
+        // The copies run on the side stream (forked before the kernel, so they overlap it); the end
+        // event waits for both.
+        let fork = |main: &Stream| -> Result<()> {
+            match self.side.as_ref().filter(|_| !side_ops.is_empty()) {
+                Some((_, fork, _)) => fork.record(main),
+                None => Ok(()),
+            }
+        };
+        let copies = || -> Result<()> {
+            if let Some((side, fork, join)) = self.side.as_ref().filter(|_| !side_ops.is_empty()) {
+                side.wait_event(fork)?;
+                for op in side_ops {
+                    dtod_async(op.dst, op.src, op.bytes, side)?;
+                }
+                join.record(side)?;
+            }
+            Ok(())
+        };
+        let join_copies = |main: &Stream| -> Result<()> {
+            match self.side.as_ref().filter(|_| !side_ops.is_empty()) {
+                Some((_, _, join)) => main.wait_event(join),
+                None => Ok(()),
+            }
+        };
+        // The kernel goes out first: its peers wait for it, while the copies are only waited for at the end.
+        let host_launch_ns =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let r = start
             .record(&self.stream)
+            .and_then(|_| fork(&self.stream))
             .and_then(|_| k.launch(which, grid, block, p, &self.stream))
+            .and_then(|_| copies())
+            .and_then(|_| join_copies(&self.stream))
             .and_then(|_| end.record(&self.stream))
             .and_then(|_| self.stream.sync())
             .and_then(|_| end.elapsed_ms_since(start));
         let r = r.map(|ms| self.device_us += ms as f64 * 1e3);
+        if r.is_ok() && which != Kernel::Notify && tracing::enabled!(tracing::Level::DEBUG) {
+            let [entry, ready, done]: [u64; 3] = std::array::from_fn(|i| self.meta.read::<u64>(meta::STAMPS + 8 * i));
+            tracing::debug!(
+                rank = self.rank,
+                kernel = ?which,
+                // The global timer follows the host clock on current drivers, so these compare across GPUs.
+                host_launch_ns,
+                entry_ns = entry,
+                wait_peers_us = ready.wrapping_sub(entry) as f64 / 1e3,
+                own_work_us = done.wrapping_sub(ready) as f64 / 1e3,
+                event_us = self.device_us,
+                "where the time went (block 0)"
+            );
+        }
         if let Err(e) = r {
             self.poisoned = Some(e.to_string());
             return Err(e);
@@ -341,6 +404,31 @@ impl CudaRank {
             }
         }
         Ok(())
+    }
+
+    /// Copy-engine copies of this rank's own rows (and scales), if the policy picks them;
+    /// sets `FLAG_SKIP_LOCAL` on `p` so the kernel leaves those rows alone. `p.x` must be set.
+    fn own_row_copies(
+        &self,
+        spec: &KernelSpec,
+        lay: &BufferLayout,
+        pos: &[i32],
+        send_base: &[i32],
+        p: &mut SyParams,
+    ) -> Vec<CopyOp> {
+        let runs = local_copy::own_runs(pos, self.world, self.rank, send_base[self.rank] as usize);
+        if !self.local_copy.use_copy_engine(&runs, spec.x_fp8 == spec.wire_fp8) {
+            return Vec::new();
+        }
+        let own = self.shared.peers.bases[self.rank];
+        let wire_row = if spec.wire_fp8 { spec.hidden } else { spec.hidden * 2 };
+        let mut arrays = vec![RowArrays { src: p.x, dst: own + lay.recv_x as u64, bytes: wire_row }];
+        if spec.x_fp8 {
+            arrays.push(RowArrays { src: p.x_scales, dst: own + lay.recv_scales as u64, bytes: spec.hidden / 128 * 4 });
+        }
+        p.flags |= FLAG_SKIP_LOCAL;
+        tracing::debug!(runs = runs.len(), "own rows by copy engine");
+        local_copy::copy_ops(&runs, &arrays)
     }
 
     fn upload_plan(&mut self, pos: &[i32], send_base: &[i32], p: &mut SyParams) -> Result<()> {
@@ -434,10 +522,8 @@ impl Communicator for CudaRank {
         p.pos = self.ws.pos.get(t * self.world * 4)?;
         p.send_base = self.ws.send_base.get(self.world * 4)?;
 
-        // Start the ranks' kernels together: each spin-waits for its peers, so a
-        // rank still uploading would show up in the others' device time.
-        self.agree(Ok(()))?;
-        self.run(&spec, Kernel::Notify, 1, NOTIFY_THREADS as u32, &p)?;
+        self.start_together()?;
+        self.run(&spec, Kernel::Notify, 1, NOTIFY_THREADS as u32, &p, &[])?;
         let num_recv = self.meta.read::<i32>(meta::NUM_RECV) as usize;
         let max_recv_any = self.meta.read::<i32>(meta::MAX_RECV_ANY) as usize;
         let send_base: Vec<i32> = (0..self.world).map(|d| self.meta.read::<i32>(meta::SEND_BASE + 4 * d)).collect();
@@ -456,8 +542,9 @@ impl Communicator for CudaRank {
         }
 
         p.flags = FLAG_WRITE_META;
-        self.agree(Ok(()))?;
-        self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p)?;
+        let side_ops = self.own_row_copies(&spec, &lay, &pos, &send_base, &mut p);
+        self.start_together()?;
+        self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p, &side_ops)?;
 
         let rows = self.read_rows(&spec, &lay, num_recv, spec.hidden)?;
         let own = self.shared.peers.bases[self.rank];
@@ -510,8 +597,9 @@ impl Communicator for CudaRank {
         self.upload_x(&x, &mut p)?;
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
         p.flags = 0;
-        self.agree(Ok(()))?;
-        self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p)?;
+        let side_ops = self.own_row_copies(&spec, &lay, &st.pos, &st.send_base, &mut p);
+        self.start_together()?;
+        self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p, &side_ops)?;
         let mut tr = std::mem::take(&mut self.traffic.dispatch);
         self.count_traffic(&st.pos, spec_row_bytes(&spec), &mut tr);
         self.traffic.dispatch = tr;
@@ -542,8 +630,8 @@ impl Communicator for CudaRank {
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
         p.out = self.ws.out.get(t * hidden * 2)?;
         p.out_weights = self.ws.out_w.get(t * k * 4)?;
-        self.agree(Ok(()))?;
-        self.run(&spec, Kernel::Combine, self.channels(), THREADS as u32, &p)?;
+        self.start_together()?;
+        self.run(&spec, Kernel::Combine, self.channels(), THREADS as u32, &p, &[])?;
         let mut x = vec![bf16::ZERO; t * hidden];
         dtoh(&mut x, p.out, &self.stream)?;
         let weights = match topk_weights {
