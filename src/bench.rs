@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use half::bf16;
 
 use crate::backend::cpu::CpuCluster;
-use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput};
+use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, ResidentInputs, ResidentOp};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::routing::Layout;
@@ -120,6 +120,8 @@ pub struct Measurement {
     pub intra_node_bytes: f64,
     /// Elements or rows that differ from the oracle; `None` without `check`.
     pub wrong: Option<u64>,
+    /// Timed as back-to-back calls on device-resident inputs (see [`OpResult::device_resident`]).
+    pub device_resident: bool,
 }
 
 /// Min, median and max over iterations, in microseconds.
@@ -209,6 +211,13 @@ pub struct OpResult {
     pub ratio_to_memcpy: f64,
     /// Mismatches with the oracle; `null` when not checked.
     pub wrong: Option<u64>,
+    /// How the time was taken. `true`: `iters` calls back to back on inputs already in
+    /// device memory, each call's device time (CUDA events), no host step between calls,
+    /// the way a model on the GPU calls them. `false`: each call through the host-slice
+    /// API after a barrier (on a GPU: the device time of its kernels, with the GPU and links
+    /// idle between calls while the host copies inputs and outputs).
+    #[serde(default)]
+    pub device_resident: bool,
 }
 
 /// A whole results file (`switchyard bench --json FILE`), schema version [`SCHEMA_VERSION`].
@@ -258,6 +267,8 @@ struct RankRun {
     physical: [(u64, u64); 3],
     /// Results of the extra checked calls.
     checked: Option<(DispatchOutput, Rows, CombineOutput, Vec<bf16>)>,
+    /// `[op]` timed with device-resident inputs ([`Communicator::time_device_resident`]).
+    resident: [bool; 3],
 }
 
 /// What a timed call returned; received rows go back to the communicator for reuse.
@@ -290,6 +301,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     let x = input.x.as_ref();
     let mut seconds: [Vec<f64>; 3] = Default::default();
     let mut physical = [(0u64, 0u64); 3];
+    let mut resident = [false; 3];
 
     // The dispatch whose output and handle the other ops use.
     let (recv, handle) = comm.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?;
@@ -312,15 +324,34 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
                 }
             })
         };
-        for _ in 0..spec.warmup {
-            time_call(comm, &mut call)?;
-            step();
-        }
-        comm.barrier()?;
-        comm.reset_traffic();
-        for _ in 0..spec.iters {
-            seconds[i].push(time_call(comm, &mut call)?);
-            step();
+        let resident_op = match op {
+            Op::Dispatch => None,
+            Op::DispatchCached => Some(ResidentOp::DispatchCached),
+            Op::Combine => Some(ResidentOp::Combine),
+        };
+        let resident_inputs = ResidentInputs { x, y: &y, hidden, handle: &handle, options: &opts };
+        // Device backends: back-to-back calls on device-resident inputs (see `device_resident`).
+        let warm = resident_op.and_then(|r| comm.time_device_resident(r, &resident_inputs, spec.warmup.max(1)));
+        if let (Some(r), Some(warm)) = (resident_op, warm) {
+            warm?;
+            (0..spec.warmup).for_each(|_| step());
+            comm.barrier()?;
+            comm.reset_traffic();
+            let times = comm.time_device_resident(r, &resident_inputs, spec.iters).expect("the backend answered above")?;
+            (0..spec.iters).for_each(|_| step());
+            seconds[i] = times;
+            resident[i] = true;
+        } else {
+            for _ in 0..spec.warmup {
+                time_call(comm, &mut call)?;
+                step();
+            }
+            comm.barrier()?;
+            comm.reset_traffic();
+            for _ in 0..spec.iters {
+                seconds[i].push(time_call(comm, &mut call)?);
+                step();
+            }
         }
         let t = comm.traffic();
         let t = if op == Op::Combine { &t.combine } else { &t.dispatch };
@@ -340,7 +371,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     } else {
         None
     };
-    Ok(RankRun { seconds, logical, physical, checked })
+    Ok(RankRun { seconds, logical, physical, checked, resident })
 }
 
 /// Pick the most informative of several ranks' errors: a rank's own error over
@@ -437,6 +468,7 @@ pub fn run_on(
             inter_node_bytes: runs.iter().map(|r| r.physical[i].0).sum::<u64>() as f64 / iters as f64,
             intra_node_bytes: runs.iter().map(|r| r.physical[i].1).sum::<u64>() as f64 / iters as f64,
             wrong: wrong.map(|w| w[i]),
+            device_resident: runs.iter().all(|r| r.resident[i]),
         })
         .collect())
 }
@@ -530,6 +562,7 @@ pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], me
                 },
                 ratio_to_memcpy: if memcpy_gbps > 0.0 { logical_gbps / memcpy_gbps } else { 0.0 },
                 wrong: m.wrong,
+                device_resident: m.device_resident,
             }
         })
         .collect()
@@ -576,6 +609,13 @@ pub fn format_table(results: &[OpResult], memcpy_gbps: f64) -> String {
         "# GB/s = bytes / median time, summed over all {ranks} ranks; logical = rows delivered (incl. local),\n\
          # inter-node/intra-node = bytes that crossed each hop; memcpy ({ranks} threads in parallel): {memcpy_gbps:.2} GB/s\n"
     ));
+    let resident: Vec<&str> = results.iter().filter(|r| r.device_resident).map(|r| r.op.name()).collect();
+    if !resident.is_empty() {
+        s.push_str(&format!(
+            "# device-resident (back-to-back calls, inputs in device memory): {}; the others: host-slice calls\n",
+            resident.join(", ")
+        ));
+    }
     s
 }
 
@@ -666,6 +706,7 @@ mod tests {
                 inter_node_bytes: 1e6,
                 intra_node_bytes: 5e5,
                 wrong: (op == Op::Combine).then_some(0),
+                device_resident: op == Op::Combine,
             })
             .collect();
         Report {
@@ -732,6 +773,7 @@ mod tests {
             "physical_gbps",
             "ratio_to_memcpy",
             "wrong",
+            "device_resident",
         ] {
             assert!(e.get(key).is_some(), "missing results[].{key}");
         }
@@ -741,6 +783,7 @@ mod tests {
         assert_eq!(e["routing"], "node-limited");
         assert!(e["num_sms"].is_null() && e["wrong"].is_null());
         assert_eq!(v["results"][2]["wrong"], 0);
+        assert_eq!((&e["device_resident"], &v["results"][2]["device_resident"]), (&false.into(), &true.into()));
         assert_eq!(e["shape"], serde_json::json!({"tokens": 64, "hidden": 256, "topk": 4, "experts": 16}));
         assert_eq!(e["topology"], serde_json::json!({"num_nodes": 2, "ranks_per_node": 2}));
         for key in ["num_channels", "chunk_tokens", "buffer_tokens", "timeout_ms"] {

@@ -126,6 +126,30 @@ pub struct TrafficLog {
 /// hidden size and dtype on every rank). Inputs are validated before any data
 /// moves; a rank with bad input makes every rank of the call fail with an error
 /// (its own typed error there, [`Error::PeerFailed`](crate::Error::PeerFailed) elsewhere).
+/// An op that [`Communicator::time_device_resident`] can repeat on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResidentOp {
+    /// Cached dispatch of `inputs.x` with `inputs.handle`.
+    DispatchCached,
+    /// Combine of `inputs.y` (one BF16 row per received row) with `inputs.handle`, no weights.
+    Combine,
+}
+
+/// Inputs of [`Communicator::time_device_resident`]; uploaded once, before the timed calls.
+#[derive(Debug, Clone, Copy)]
+pub struct ResidentInputs<'a> {
+    /// Rows to dispatch.
+    pub x: RowsRef<'a>,
+    /// Expert outputs to combine, `[received rows, hidden]`.
+    pub y: &'a [bf16],
+    /// Elements per row.
+    pub hidden: usize,
+    /// The handle of an earlier dispatch of `x`.
+    pub handle: &'a Handle,
+    /// Dispatch options.
+    pub options: &'a DispatchOptions,
+}
+
 pub trait Communicator: Send {
     /// Backend name ("cpu", "cuda").
     fn backend_name(&self) -> &'static str;
@@ -163,6 +187,16 @@ pub trait Communicator: Send {
 
     /// Zero the traffic counters.
     fn reset_traffic(&mut self);
+
+    /// Time `iters` back-to-back calls of `op` with every input already in device
+    /// memory and no host step between calls, the way a model on the GPU calls them;
+    /// returns each call's device time in seconds, in call order (the same calls on
+    /// every rank). Collective. The host-slice calls copy through the host around
+    /// every call, which idles the GPU and the links between calls. `None`: the
+    /// backend has no device (callers time the host-slice calls instead).
+    fn time_device_resident(&mut self, _op: ResidentOp, _inputs: &ResidentInputs<'_>, _iters: usize) -> Option<Result<Vec<f64>>> {
+        None
+    }
 
     /// Device time of the last data-moving call's kernels in microseconds (CUDA
     /// events around each launch, host reads between them excluded); `None` on

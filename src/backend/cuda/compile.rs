@@ -18,6 +18,15 @@ pub const CACHE_DIR_ENV: &str = "SWITCHYARD_CACHE_DIR";
 /// Environment variable with extra include directories for NVRTC (colon separated).
 pub const INCLUDE_ENV: &str = "SWITCHYARD_CUDA_INCLUDE";
 
+/// Extra `-D` definitions for the kernels, space separated (`SY_CUNROLL=8 SY_DUNROLL=4`): a
+/// knob for kernel experiments, part of the cache key like every other option.
+pub const DEFINES_ENV: &str = "SWITCHYARD_NVRTC_DEFINES";
+
+/// `-D` options from `SWITCHYARD_NVRTC_DEFINES`.
+pub fn extra_defines_from_env() -> Vec<String> {
+    std::env::var(DEFINES_ENV).map(|v| v.split_whitespace().map(|d| format!("-D{d}")).collect()).unwrap_or_default()
+}
+
 /// The shared device header, handed to NVRTC as an in-memory header.
 pub const COMMON_CUH: &str = include_str!("../../../kernels/common.cuh");
 /// The intra-node kernels (notify, dispatch, combine).
@@ -185,7 +194,8 @@ impl Cubin {
 pub fn compile_intranode(spec: &KernelSpec, arch: &str) -> Result<Cubin> {
     spec.validate()?;
     let includes = include_dirs_from_env();
-    let opts = nvrtc_options(spec, arch, &includes);
+    let mut opts = nvrtc_options(spec, arch, &includes);
+    opts.extend(extra_defines_from_env());
     let version = nvrtc_version()?;
     let key = cache_key(&[INTRANODE_CU, COMMON_CUH], &opts, arch, version);
     let dir = cache_dir();

@@ -25,7 +25,9 @@ use self::driver::{dtod_async, dtoh, htod, DeviceBuffer, Event, Gpu, Kernel, Ker
 use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
 use self::local_copy::{CopyOp, LocalCopy, RowArrays};
 use self::peer::PeerMap;
-use crate::backend::{checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, Traffic, TrafficLog};
+use crate::backend::{
+    checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, ResidentInputs, ResidentOp, Traffic, TrafficLog,
+};
 use crate::bootstrap::threads::Board;
 use crate::config::Config;
 use crate::error::{Error, Result, Role, WaitDiagnostic};
@@ -297,53 +299,110 @@ impl CudaRank {
         self.config.num_channels.clamp(1, compile::MAX_CHANNELS) as u32
     }
 
+    /// [`Communicator::time_device_resident`]: upload once, agree once, then enqueue `iters`
+    /// calls back to back (each its own sequence number, so the flags order them) with
+    /// events around each, and wait once at the end.
+    fn resident_loop(&mut self, op: ResidentOp, inp: &ResidentInputs<'_>, iters: usize) -> Result<Vec<f64>> {
+        let h = inp.handle;
+        let spec = match op {
+            ResidentOp::DispatchCached => spec_for(self.world, &inp.x, h.topk, h.num_experts, inp.options),
+            ResidentOp::Combine => {
+                KernelSpec { world: self.world, hidden: inp.hidden, topk: h.topk, num_experts: h.num_experts, x_fp8: false, wire_fp8: false }
+            }
+        };
+        let prep = (|| {
+            match op {
+                ResidentOp::DispatchCached => checks::dispatch_cached(self.shared.comm_id, self.rank, &inp.x, h, inp.options)?,
+                ResidentOp::Combine => checks::combine(self.shared.comm_id, self.rank, inp.y, inp.hidden, h, None)?,
+            }
+            let st = h.state::<CudaHandleState>("cuda")?;
+            spec.validate()?;
+            self.check_fits(&spec, st.max_recv_any)?;
+            self.ensure_kernels(&spec)
+        })();
+        self.begin_call(prep)?;
+        let st = h.state::<CudaHandleState>("cuda")?;
+        let (mut p, lay) = self.base_params(&spec, h.num_tokens);
+        self.upload_plan(&st.pos, &st.send_base, &mut p)?;
+        let (which, side_ops, row_bytes) = match op {
+            ResidentOp::DispatchCached => {
+                self.upload_x(&inp.x, &mut p)?;
+                let ops = self.own_row_copies(&spec, &lay, &st.pos, &st.send_base, &mut p);
+                (Kernel::Dispatch, ops, spec_row_bytes(&spec))
+            }
+            ResidentOp::Combine => {
+                htod(self.shared.peers.bases[self.rank] + lay.y as u64, inp.y, &self.stream)?;
+                p.out = self.ws.out.get(h.num_tokens * inp.hidden * 2)?;
+                p.out_weights = self.ws.out_w.get(h.num_tokens * h.topk * 4)?;
+                (Kernel::Combine, Vec::new(), inp.hidden * 2)
+            }
+        };
+        let events = (0..iters).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
+        self.meta.write(meta::DIAG, SyDiag::default());
+        self.start_together()?;
+        let r = (|| {
+            for (i, (a, b)) in events.iter().enumerate() {
+                if i > 0 {
+                    self.seq += 1;
+                }
+                p.seq = self.seq;
+                a.record(&self.stream)?;
+                self.enqueue(&spec, which, self.channels(), THREADS as u32, &p, &side_ops)?;
+                b.record(&self.stream)?;
+            }
+            self.stream.sync()?;
+            events.iter().map(|(a, b)| b.elapsed_ms_since(a).map(|ms| ms as f64 * 1e-3)).collect::<Result<Vec<f64>>>()
+        })();
+        let times = r.inspect_err(|e| self.poisoned = Some(e.to_string()))?;
+        self.check_device_timeout(which)?;
+        let mut tr = std::mem::take(if op == ResidentOp::Combine { &mut self.traffic.combine } else { &mut self.traffic.dispatch });
+        for _ in 0..iters {
+            self.count_traffic(&st.pos, row_bytes, &mut tr);
+        }
+        *(if op == ResidentOp::Combine { &mut self.traffic.combine } else { &mut self.traffic.dispatch }) = tr;
+        Ok(times)
+    }
+
+    /// Enqueue one kernel on this rank's stream, with `side_ops` copy-engine copies beside it
+    /// (forked before the kernel so they overlap it, joined after it). No host wait.
+    fn enqueue(&mut self, spec: &KernelSpec, which: Kernel, grid: u32, block: u32, p: &SyParams, side_ops: &[CopyOp]) -> Result<()> {
+        if !side_ops.is_empty() && self.side.is_none() {
+            self.side = Some((Stream::new()?, Event::new()?, Event::new()?));
+        }
+        let side = self.side.as_ref().filter(|_| !side_ops.is_empty());
+        if let Some((_, fork, _)) = side {
+            fork.record(&self.stream)?;
+        }
+        // The kernel goes out first: its peers wait for it, while the copies are only waited for at the end.
+        self.kernels[spec].launch(which, grid, block, p, &self.stream)?;
+        if let Some((side, fork, join)) = side {
+            side.wait_event(fork)?;
+            for op in side_ops {
+                dtod_async(op.dst, op.src, op.bytes, side)?;
+            }
+            join.record(side)?;
+            self.stream.wait_event(join)?;
+        }
+        Ok(())
+    }
+
     /// Launch, wait, and turn a device-side timeout into `Error::Timeout`.
     fn run(&mut self, spec: &KernelSpec, which: Kernel, grid: u32, block: u32, p: &SyParams, side_ops: &[CopyOp]) -> Result<()> {
         self.meta.write(meta::DIAG, SyDiag::default());
         if self.events.is_none() {
             self.events = Some((Event::new()?, Event::new()?));
         }
-        if !side_ops.is_empty() && self.side.is_none() {
-            self.side = Some((Stream::new()?, Event::new()?, Event::new()?));
-        }
-        let (start, end) = self.events.as_ref().expect("created above");
-        let k = &self.kernels[spec];
-        // The copies run on the side stream (forked before the kernel, so they overlap it); the end
-        // event waits for both.
-        let fork = |main: &Stream| -> Result<()> {
-            match self.side.as_ref().filter(|_| !side_ops.is_empty()) {
-                Some((_, fork, _)) => fork.record(main),
-                None => Ok(()),
-            }
-        };
-        let copies = || -> Result<()> {
-            if let Some((side, fork, join)) = self.side.as_ref().filter(|_| !side_ops.is_empty()) {
-                side.wait_event(fork)?;
-                for op in side_ops {
-                    dtod_async(op.dst, op.src, op.bytes, side)?;
-                }
-                join.record(side)?;
-            }
-            Ok(())
-        };
-        let join_copies = |main: &Stream| -> Result<()> {
-            match self.side.as_ref().filter(|_| !side_ops.is_empty()) {
-                Some((_, _, join)) => main.wait_event(join),
-                None => Ok(()),
-            }
-        };
-        // The kernel goes out first: its peers wait for it, while the copies are only waited for at the end.
         let host_launch_ns =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let r = start
-            .record(&self.stream)
-            .and_then(|_| fork(&self.stream))
-            .and_then(|_| k.launch(which, grid, block, p, &self.stream))
-            .and_then(|_| copies())
-            .and_then(|_| join_copies(&self.stream))
-            .and_then(|_| end.record(&self.stream))
-            .and_then(|_| self.stream.sync())
-            .and_then(|_| end.elapsed_ms_since(start));
+        let r = (|| {
+            let (start, _) = self.events.as_ref().expect("created above");
+            start.record(&self.stream)?;
+            self.enqueue(spec, which, grid, block, p, side_ops)?;
+            let (start, end) = self.events.as_ref().expect("created above");
+            end.record(&self.stream)?;
+            self.stream.sync()?;
+            end.elapsed_ms_since(start)
+        })();
         let r = r.map(|ms| self.device_us += ms as f64 * 1e3);
         if r.is_ok() && which != Kernel::Notify && tracing::enabled!(tracing::Level::DEBUG) {
             let [entry, ready, done]: [u64; 3] = std::array::from_fn(|i| self.meta.read::<u64>(meta::STAMPS + 8 * i));
@@ -363,6 +422,11 @@ impl CudaRank {
             self.poisoned = Some(e.to_string());
             return Err(e);
         }
+        self.check_device_timeout(which)
+    }
+
+    /// After the stream is synchronized: the call's error if a device wait timed out.
+    fn check_device_timeout(&mut self, which: Kernel) -> Result<()> {
         let d: SyDiag = self.meta.read(meta::DIAG);
         if d.timed_out != 0 {
             let role = match d.role {
@@ -651,6 +715,10 @@ impl Communicator for CudaRank {
 
     fn device_time_us(&self) -> Option<f64> {
         Some(self.device_us)
+    }
+
+    fn time_device_resident(&mut self, op: ResidentOp, inputs: &ResidentInputs<'_>, iters: usize) -> Option<Result<Vec<f64>>> {
+        Some(self.resident_loop(op, inputs, iters))
     }
 
     fn barrier(&mut self) -> Result<()> {
