@@ -36,7 +36,7 @@
 
 pub mod backend;
 pub mod bench;
-mod bootstrap;
+pub mod bootstrap;
 pub mod config;
 pub mod conformance;
 pub mod error;
