@@ -456,43 +456,129 @@ pub fn run_on(
         return Err(e);
     }
 
-    let wrong = if spec.check { Some(check_against_oracle(spec, &inputs, &runs)) } else { None };
+    let want = spec.check.then(|| expected(spec, &inputs));
+    let sums: Vec<RankSummary> = runs.iter().enumerate().map(|(rank, run)| RankSummary::of(run, want.as_ref(), rank)).collect();
+    Ok(measurements(spec, &sums))
+}
+
+/// What one rank reports of its run, sent to rank 0 in process mode.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct RankSummary {
+    seconds: [Vec<f64>; 3],
+    logical: [u64; 3],
+    physical: [(u64, u64); 3],
+    resident: [bool; 3],
+    /// `[op]` mismatches with the oracle, when checked.
+    wrong: Option<[u64; 3]>,
+}
+
+impl RankSummary {
+    fn of(run: &RankRun, want: Option<&Expected>, rank: usize) -> Self {
+        Self {
+            seconds: run.seconds.clone(),
+            logical: run.logical,
+            physical: run.physical,
+            resident: run.resident,
+            wrong: want.map(|w| wrong_of_rank(w, rank, run)),
+        }
+    }
+}
+
+/// Per op: iteration time = max over ranks, bytes summed over ranks.
+fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Vec<Measurement> {
     let iters = spec.iters;
-    Ok(Op::ALL
+    Op::ALL
         .into_iter()
         .enumerate()
         .map(|(i, op)| Measurement {
             op,
-            iter_seconds: (0..iters).map(|it| runs.iter().map(|r| r.seconds[i][it]).fold(0.0, f64::max)).collect(),
-            logical_bytes: runs.iter().map(|r| r.logical[i]).sum(),
-            inter_node_bytes: runs.iter().map(|r| r.physical[i].0).sum::<u64>() as f64 / iters as f64,
-            intra_node_bytes: runs.iter().map(|r| r.physical[i].1).sum::<u64>() as f64 / iters as f64,
-            wrong: wrong.map(|w| w[i]),
-            device_resident: runs.iter().all(|r| r.resident[i]),
+            iter_seconds: (0..iters).map(|it| sums.iter().map(|r| r.seconds[i][it]).fold(0.0, f64::max)).collect(),
+            logical_bytes: sums.iter().map(|r| r.logical[i]).sum(),
+            inter_node_bytes: sums.iter().map(|r| r.physical[i].0).sum::<u64>() as f64 / iters as f64,
+            intra_node_bytes: sums.iter().map(|r| r.physical[i].1).sum::<u64>() as f64 / iters as f64,
+            wrong: sums.iter().map(|r| r.wrong.map(|w| w[i])).sum(),
+            device_resident: sums.iter().all(|r| r.resident[i]),
         })
-        .collect())
+        .collect()
 }
 
-/// `[op]` mismatches of the checked calls against the serial oracle.
-fn check_against_oracle(spec: &BenchSpec, inputs: &[RankInput], runs: &[RankRun]) -> [u64; 3] {
-    let w = &spec.workload;
-    let want = crate::oracle::dispatch(w.topology, w.num_experts, w.topk, inputs, &spec.options);
-    let mut wrong = [0u64; 3];
-    let checked: Vec<_> = runs.iter().map(|r| r.checked.as_ref().expect("checked run")).collect();
-    for (rank, (d, cached, _, _)) in checked.iter().enumerate() {
-        wrong[0] += crate::conformance::count_wrong_dispatch(d, &want[rank]) as u64;
-        wrong[1] += crate::conformance::count_wrong_rows(cached, &want[rank].x) as u64;
+/// Run the bench as one rank of a node of processes (one per GPU) that met through
+/// `env` ([`crate::backend::cuda::CudaRank::from_launch_env`]). Every rank runs its
+/// part and checks its own results; rank 0 gathers them and returns the
+/// measurements, the other ranks `None`. `progress` is called on rank 0 only.
+pub fn run_cuda_process(
+    spec: &BenchSpec,
+    env: &crate::bootstrap::LaunchEnv,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Option<Vec<Measurement>>> {
+    let topo = spec.workload.topology;
+    if topo.num_nodes != 1 || topo.ranks_per_node != env.world_size {
+        return Err(Error::InvalidArgument {
+            arg: "--ranks-per-node".into(),
+            reason: format!("one node of {} processes was launched; the bench asks for {topo}", env.world_size),
+        });
     }
-    // Combine: every rank's expert outputs computed from the oracle's received rows.
-    let ys: Vec<Vec<bf16>> = want.iter().enumerate().map(|(r, o)| workload::expert_outputs(&o.x, r)).collect();
-    let tokens: Vec<usize> = inputs.iter().map(|i| i.topk_idx.len() / w.topk).collect();
-    let want_c = crate::oracle::combine(&tokens, w.hidden, w.topk, &want, &ys, None);
-    let abs = crate::conformance::abs_sums(&tokens, w.hidden, &want, &ys);
-    for (rank, (_, _, c, _)) in checked.iter().enumerate() {
-        wrong[2] += crate::conformance::count_wrong_combine(c, &want_c[rank], &abs[rank]) as u64;
+    if spec.iters == 0 {
+        return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
     }
-    wrong
+    let mut comm = crate::backend::cuda::CudaRank::from_launch_env(env, spec.config.clone())?;
+    let inputs = spec.workload.generate()?;
+    let rank = env.rank;
+    let total = spec.total_steps();
+    let done = AtomicU64::new(0);
+    let step = || {
+        if rank == 0 {
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+        }
+    };
+    // A rank's failure goes to every rank in the gather, so nobody waits for a summary that never comes.
+    let mine: std::result::Result<RankSummary, String> = run_rank(&mut comm, &inputs[rank], spec, &step)
+        .map(|run| RankSummary::of(&run, spec.check.then(|| expected(spec, &inputs)).as_ref(), rank))
+        .map_err(|e| e.to_string());
+    let bytes = serde_json::to_vec(&mine).expect("summary serializes");
+    let all = comm.all_gather_bytes(&bytes)?;
+    let mut sums = Vec::with_capacity(all.len());
+    for (r, b) in all.iter().enumerate() {
+        let got: std::result::Result<RankSummary, String> = serde_json::from_slice(b)
+            .map_err(|e| Error::Protocol { rank, detail: format!("rank {r} sent an unreadable summary: {e}") })?;
+        match got {
+            Ok(s) => sums.push(s),
+            Err(reason) if r == rank => return Err(Error::Protocol { rank, detail: reason }),
+            Err(reason) => return Err(Error::PeerFailed { rank: r, reason }),
+        }
+    }
+    Ok((rank == 0).then(|| measurements(spec, &sums)))
 }
+
+/// What every rank should get, from the serial oracle.
+struct Expected {
+    dispatch: Vec<DispatchOutput>,
+    combine: Vec<CombineOutput>,
+    /// Per rank, per output element: the sum of |terms| (the combine error bound's scale).
+    abs: Vec<Vec<f32>>,
+}
+
+fn expected(spec: &BenchSpec, inputs: &[RankInput]) -> Expected {
+    let w = &spec.workload;
+    let dispatch = crate::oracle::dispatch(w.topology, w.num_experts, w.topk, inputs, &spec.options);
+    // Combine: every rank's expert outputs computed from the oracle's received rows.
+    let ys: Vec<Vec<bf16>> = dispatch.iter().enumerate().map(|(r, o)| workload::expert_outputs(&o.x, r)).collect();
+    let tokens: Vec<usize> = inputs.iter().map(|i| i.topk_idx.len() / w.topk).collect();
+    let combine = crate::oracle::combine(&tokens, w.hidden, w.topk, &dispatch, &ys, None);
+    let abs = crate::conformance::abs_sums(&tokens, w.hidden, &dispatch, &ys);
+    Expected { dispatch, combine, abs }
+}
+
+/// `[op]` mismatches of one rank's checked calls.
+fn wrong_of_rank(want: &Expected, rank: usize, run: &RankRun) -> [u64; 3] {
+    let (d, cached, c, _) = run.checked.as_ref().expect("checked run");
+    [
+        crate::conformance::count_wrong_dispatch(d, &want.dispatch[rank]) as u64,
+        crate::conformance::count_wrong_rows(cached, &want.dispatch[rank].x) as u64,
+        crate::conformance::count_wrong_combine(c, &want.combine[rank], &want.abs[rank]) as u64,
+    ]
+}
+
 
 /// memcpy bandwidth in GB/s: `threads` threads copy `bytes_per_thread` each, in
 /// parallel, `iters` timed times after one warm-up; per iteration the time is

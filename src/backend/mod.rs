@@ -188,6 +188,10 @@ pub trait Communicator: Send {
     /// Zero the traffic counters.
     fn reset_traffic(&mut self);
 
+    /// Host all-gather of a small message (results, diagnostics) among the ranks of
+    /// this group: every rank's bytes, in rank order. Collective; not for row data.
+    fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>>;
+
     /// Time `iters` back-to-back calls of `op` with every input already in device
     /// memory and no host step between calls, the way a model on the GPU calls them;
     /// returns each call's device time in seconds, in call order (the same calls on

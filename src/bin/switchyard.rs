@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::{info, warn};
 
 use switchyard::bench::{self, BenchSpec, Report};
+use switchyard::bootstrap::LaunchEnv;
 use switchyard::probe::{self, BackendChoice, BackendKind};
 use switchyard::workload::{RoutingKind, WorkloadSpec};
 use switchyard::{conformance, Config, DType, Error, Topology};
@@ -104,6 +105,19 @@ struct BenchArgs {
     /// Channel buffer capacity in tokens (overrides the config file).
     #[arg(long)]
     buffer_tokens: Option<usize>,
+    /// CUDA ranks: `processes` (one process per GPU: under a launcher that sets RANK/WORLD_SIZE/
+    /// MASTER_ADDR/MASTER_PORT this process is one rank, otherwise it spawns one worker per GPU),
+    /// `threads` (every GPU driven by a thread of this process), or `auto` (= processes).
+    #[arg(long, value_enum, default_value_t = Launch::Auto)]
+    launch: Launch,
+}
+
+/// How the CUDA backend's ranks are laid out over processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Launch {
+    Auto,
+    Processes,
+    Threads,
 }
 
 #[derive(Args, Debug)]
@@ -260,13 +274,29 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
         if a.check { ", checked against the oracle" } else { "" }
     );
 
+    let launch_env = LaunchEnv::from_env()?;
+    if backend == BackendKind::Cpu && launch_env.is_some() {
+        return Err(Error::InvalidArgument {
+            arg: "--backend".into(),
+            reason: "the CPU backend runs its ranks as threads of one process; do not start it under a launcher".into(),
+        });
+    }
+    let processes = backend == BackendKind::Cuda && a.launch != Launch::Threads;
+    if processes && launch_env.is_none() {
+        return spawn_workers(ranks_per_node);
+    }
+
     let bar = LazyBar::new(spec.total_steps(), "bench");
-    let measurements = match backend {
-        BackendKind::Cpu => bench::run_cpu(&spec, &|done, _total| bar.set(done)),
-        BackendKind::Cuda => bench::run_cuda(&spec, &|done, _total| bar.set(done)),
+    let measurements = match (backend, &launch_env) {
+        (BackendKind::Cpu, _) => bench::run_cpu(&spec, &|done, _total| bar.set(done)).map(Some),
+        (BackendKind::Cuda, Some(env)) if processes => bench::run_cuda_process(&spec, env, &|done, _total| bar.set(done)),
+        (BackendKind::Cuda, _) => bench::run_cuda(&spec, &|done, _total| bar.set(done)).map(Some),
     };
     bar.finish();
-    let measurements = measurements?;
+    // Only rank 0 of a node of processes reports; the others are done once it has their part.
+    let Some(measurements) = measurements? else {
+        return Ok(ExitCode::SUCCESS);
+    };
 
     let world = topology.world();
     let max_logical = measurements.iter().map(|m| m.logical_bytes).max().unwrap_or(0) as usize;
@@ -315,6 +345,50 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Run this same command as one worker process per GPU (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+/// `MASTER_ADDR`, `MASTER_PORT` set, rendezvous on a free local port); rank 0 keeps stdout.
+/// Exit status: the first failing worker's, else 0.
+fn spawn_workers(n: usize) -> Result<ExitCode, Error> {
+    let io_err = |what: &str| {
+        let path = PathBuf::from(what);
+        move |source| Error::Io { path, source }
+    };
+    // A free port now; a clash with another program before rank 0 binds it shows up as an error.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io_err("tcp://127.0.0.1:0"))?
+        .port();
+    let exe = std::env::current_exe().map_err(io_err("current executable"))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    info!("spawning {n} worker processes (one per GPU), rendezvous on 127.0.0.1:{port}");
+    let mut children = Vec::with_capacity(n);
+    for r in 0..n {
+        let mut c = std::process::Command::new(&exe);
+        c.args(&args)
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", r.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string());
+        if r != 0 {
+            c.stdout(std::process::Stdio::null());
+        }
+        children.push(c.spawn().map_err(io_err("worker process"))?);
+    }
+    let mut code = ExitCode::SUCCESS;
+    let mut failed = false;
+    for (r, mut child) in children.into_iter().enumerate() {
+        let status = child.wait().map_err(io_err("worker process"))?;
+        if !status.success() && !failed {
+            failed = true;
+            warn!("worker {r} exited with {status}");
+            code = ExitCode::from(status.code().map_or(2, |c| c.clamp(1, 255) as u8));
+        }
+    }
+    Ok(code)
 }
 
 fn routing_name(r: RoutingKind) -> &'static str {

@@ -452,6 +452,11 @@ impl Communicator for CpuRank {
         self.board.barrier(self.rank, Duration::from_millis(self.config.timeout_ms))
     }
 
+    fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let all = self.board.all_gather(self.rank, bytes.to_vec(), Duration::from_millis(self.config.timeout_ms))?;
+        Ok(all.iter().map(|b| b.as_ref().clone()).collect())
+    }
+
     fn traffic(&self) -> &TrafficLog {
         &self.traffic
     }

@@ -196,6 +196,46 @@ impl Drop for Event {
     }
 }
 
+/// Another process's allocation mapped into this one through a CUDA IPC handle;
+/// unmapped on drop (with the context that opened it current).
+pub struct IpcMapping {
+    ptr: sys::CUdeviceptr,
+}
+
+// SAFETY: a device address is plain data; the driver is thread-safe.
+unsafe impl Send for IpcMapping {}
+unsafe impl Sync for IpcMapping {}
+
+impl IpcMapping {
+    /// Map the allocation behind `handle` into the current context, with peer access
+    /// enabled for it (the lazy flag the driver requires for IPC mappings).
+    pub fn open(handle: &[u8; 64]) -> Result<Self> {
+        let h = sys::CUipcMemHandle { reserved: handle.map(|b| b as _) };
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; the driver validates the handle.
+        unsafe {
+            sys::cuIpcOpenMemHandle_v2(&mut ptr, h, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32)
+        }
+        .result()
+        .map_err(err("cuIpcOpenMemHandle"))?;
+        Ok(Self { ptr })
+    }
+
+    /// Address of the mapping in this process.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for IpcMapping {
+    fn drop(&mut self) {
+        // SAFETY: opened in open().
+        unsafe {
+            let _ = sys::cuIpcCloseMemHandle(self.ptr);
+        }
+    }
+}
+
 /// Device memory of one GPU.
 pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,
@@ -227,6 +267,15 @@ impl DeviceBuffer {
     /// Never empty (allocations are at least 256 bytes).
     pub fn is_empty(&self) -> bool {
         false
+    }
+
+    /// A CUDA IPC handle of this allocation, for another process to map it
+    /// ([`IpcMapping::open`]).
+    pub fn ipc_handle(&self) -> Result<[u8; 64]> {
+        let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: ptr is the base of a cuMemAlloc allocation; h is a valid out-pointer.
+        unsafe { sys::cuIpcGetMemHandle(&mut h, self.ptr) }.result().map_err(err("cuIpcGetMemHandle"))?;
+        Ok(h.reserved.map(|c| c as u8))
     }
 
     /// Zero the whole buffer (synchronously).

@@ -32,7 +32,8 @@ pub enum LocalCopy {
     Kernel,
     /// Copy-engine copies on a side stream, one per run.
     CopyEngine,
-    /// Copy engine when there are at most [`MAX_RUNS`] runs and rows travel in their input type.
+    /// Copy engine when there are at most [`MAX_RUNS`] runs and the rows are eligible
+    /// (BF16 in and on the wire, see `CudaRank::own_row_copies`).
     Auto,
 }
 
@@ -50,10 +51,10 @@ impl LocalCopy {
         }
     }
 
-    /// Whether the copy engine moves these runs. `same_type`: rows travel as they came in
-    /// (a copy engine cannot quantize BF16 to FP8).
-    pub fn use_copy_engine(self, runs: &[Run], same_type: bool) -> bool {
-        same_type
+    /// Whether the copy engine moves these runs. `eligible`: a plain copy is right for these
+    /// rows (a copy engine cannot quantize BF16 to FP8) and worth it.
+    pub fn use_copy_engine(self, runs: &[Run], eligible: bool) -> bool {
+        eligible
             && !runs.is_empty()
             && match self {
                 Self::Kernel => false,

@@ -10,6 +10,7 @@
 
 pub mod compile;
 pub mod driver;
+mod group;
 pub mod layout;
 pub mod local_copy;
 pub mod peer;
@@ -21,14 +22,16 @@ use std::time::Duration;
 use half::bf16;
 
 use self::compile::{KernelSpec, NOTIFY_THREADS, THREADS};
-use self::driver::{dtod_async, dtoh, htod, DeviceBuffer, Event, Gpu, Kernel, Kernels, MappedHost, Scratch, Stream};
+use self::driver::{dtod_async, dtoh, htod, DeviceBuffer, IpcMapping, Event, Gpu, Kernel, Kernels, MappedHost, Scratch, Stream};
 use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
 use self::local_copy::{CopyOp, LocalCopy, RowArrays};
+use self::group::HostGroup;
 use self::peer::PeerMap;
 use crate::backend::{
     checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, ResidentInputs, ResidentOp, Traffic, TrafficLog,
 };
 use crate::bootstrap::threads::Board;
+use crate::bootstrap::{LaunchEnv, TcpGroup};
 use crate::config::Config;
 use crate::error::{Error, Result, Role, WaitDiagnostic};
 use crate::handle::Handle;
@@ -39,15 +42,19 @@ use crate::topology::Topology;
 /// Environment variable: communication buffer size per GPU, in MiB (default 2048).
 pub const BUFFER_MB_ENV: &str = "SWITCHYARD_CUDA_BUFFER_MB";
 const DEFAULT_BUFFER_MB: usize = 2048;
+/// Shortest rendezvous deadline in process mode: CUDA start-up alone can take seconds.
+const RENDEZVOUS_MIN: Duration = Duration::from_secs(60);
 
 /// State shared by the ranks of a cluster: contexts and buffers live until the last rank drops.
 struct Shared {
     // Never read: kept alive here because every rank's kernels write into them.
     #[allow(dead_code)]
     buffers: Vec<DeviceBuffer>,
+    /// Process mode: the peers' buffers mapped through CUDA IPC (unmapped before ours is freed).
+    ipc: Vec<IpcMapping>,
     gpus: Vec<Gpu>,
     peers: PeerMap,
-    group: Board,
+    group: HostGroup,
     buffer_bytes: usize,
     arch: String,
     comm_id: u64,
@@ -55,6 +62,10 @@ struct Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        if let Some(g) = self.gpus.first().filter(|_| !self.ipc.is_empty()) {
+            let _ = g.bind();
+            self.ipc.clear();
+        }
         // Free each buffer with its own context current, before the contexts are released.
         for (g, b) in self.gpus.iter().zip(self.buffers.drain(..)) {
             let _ = g.bind();
@@ -88,24 +99,13 @@ impl CudaCluster {
             });
         }
         let gpus: Vec<Gpu> = (0..num_gpus).map(Gpu::new).collect::<Result<_>>()?;
-        let (major, minor) = gpus[0].compute_capability()?;
-        if major < 9 {
-            // cvt...e4m3x2 needs sm_89; the flag protocol is tested on sm_90.
-            return Err(Error::BackendUnavailable {
-                backend: "cuda",
-                reason: format!("compute capability {major}.{minor}: sm_90 or newer needed"),
-            });
-        }
-        let arch = compile::arch_for(major, minor);
-        let mb = std::env::var(BUFFER_MB_ENV).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DEFAULT_BUFFER_MB);
-        let buffer_bytes = mb << 20;
+        let arch = arch_of(&gpus[0])?;
+        let buffer_bytes = buffer_bytes_from_env();
+        let mb = buffer_bytes >> 20;
         let mut buffers = Vec::with_capacity(num_gpus);
         for g in &gpus {
             g.bind()?;
-            let b = DeviceBuffer::new(buffer_bytes)?;
-            // Once, at creation: flags start at 0 and only ever grow (seq-based), so never again.
-            b.zero()?;
-            buffers.push(b);
+            buffers.push(new_comm_buffer(buffer_bytes)?);
         }
         let peers = peer::map_in_process(&gpus, &buffers)?;
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -121,7 +121,7 @@ impl CudaCluster {
             "cuda cluster ready"
         );
         Ok(Self {
-            shared: Arc::new(Shared { buffers, gpus, peers, group: Board::new(num_gpus), buffer_bytes, arch, comm_id }),
+            shared: Arc::new(Shared { buffers, ipc: Vec::new(), gpus, peers, group: HostGroup::Threads(Board::new(num_gpus)), buffer_bytes, arch, comm_id }),
             config,
         })
     }
@@ -130,28 +130,153 @@ impl CudaCluster {
     /// `CpuCluster::into_ranks` this can fail: each rank creates a stream and pinned memory.)
     pub fn into_ranks(self) -> Result<Vec<CudaRank>> {
         let world = self.shared.gpus.len();
-        (0..world)
-            .map(|rank| {
-                self.shared.gpus[rank].bind()?;
-                Ok(CudaRank {
-                    rank,
-                    world,
-                    config: self.config.clone(),
-                    stream: Stream::new()?,
-                    meta: MappedHost::new(meta::bytes(compile::MAX_EXPERTS))?,
-                    kernels: HashMap::new(),
-                    ws: Workspace::default(),
-                    seq: 0,
-                    traffic: TrafficLog::default(),
-                    poisoned: None,
-                    events: None,
-                    side: None,
-                    local_copy: LocalCopy::from_env(),
-                    device_us: 0.0,
-                    shared: self.shared.clone(),
-                })
-            })
-            .collect()
+        (0..world).map(|rank| CudaRank::endpoint(rank, world, rank, self.config.clone(), self.shared.clone())).collect()
+    }
+}
+
+/// The GPU's arch name for NVRTC, or why it cannot run the kernels.
+fn arch_of(gpu: &Gpu) -> Result<String> {
+    let (major, minor) = gpu.compute_capability()?;
+    if major < 9 {
+        // cvt...e4m3x2 needs sm_89; the flag protocol is tested on sm_90.
+        return Err(Error::BackendUnavailable {
+            backend: "cuda",
+            reason: format!("compute capability {major}.{minor}: sm_90 or newer needed"),
+        });
+    }
+    Ok(compile::arch_for(major, minor))
+}
+
+/// Communication buffer bytes per GPU (`SWITCHYARD_CUDA_BUFFER_MB`).
+fn buffer_bytes_from_env() -> usize {
+    std::env::var(BUFFER_MB_ENV).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DEFAULT_BUFFER_MB) << 20
+}
+
+/// A zeroed communication buffer on the current GPU. Zeroed once, at creation: flags
+/// start at 0 and only ever grow (seq-based), so never again.
+fn new_comm_buffer(bytes: usize) -> Result<DeviceBuffer> {
+    let b = DeviceBuffer::new(bytes)?;
+    b.zero()?;
+    Ok(b)
+}
+
+impl CudaRank {
+    /// Rank `rank` of a node of `world` ranks, running on GPU `shared.gpus[gpu_slot]`.
+    fn endpoint(rank: usize, world: usize, gpu_slot: usize, config: Config, shared: Arc<Shared>) -> Result<Self> {
+        shared.gpus[gpu_slot].bind()?;
+        Ok(CudaRank {
+            rank,
+            world,
+            gpu_slot,
+            config,
+            stream: Stream::new()?,
+            meta: MappedHost::new(meta::bytes(compile::MAX_EXPERTS))?,
+            kernels: HashMap::new(),
+            ws: Workspace::default(),
+            seq: 0,
+            traffic: TrafficLog::default(),
+            poisoned: None,
+            events: None,
+            side: None,
+            local_copy: LocalCopy::from_env(),
+            device_us: 0.0,
+            shared,
+        })
+    }
+
+    /// One process per GPU: this process becomes rank `env.rank` of a node of
+    /// `env.world_size` processes, on GPU `env.local_rank` (default: the rank). The
+    /// processes meet through the TCP rendezvous of `env` (rank 0 listens on
+    /// `MASTER_ADDR:MASTER_PORT`), exchange CUDA IPC handles of their buffers and map
+    /// each other's. Collective: every rank calls it. A rank that fails to set up
+    /// reports it, and every other rank fails with `PeerFailed` naming it.
+    pub fn from_launch_env(env: &LaunchEnv, config: Config) -> Result<Self> {
+        config.validate()?;
+        let (rank, world) = (env.rank, env.world_size);
+        if !(1..=layout::MAX_WORLD).contains(&world) {
+            return Err(Error::InvalidArgument { arg: "WORLD_SIZE".into(), reason: format!("{world}: 1..=8 GPUs supported") });
+        }
+        let timeout = Duration::from_millis(config.timeout_ms);
+        // Processes start at different times (CUDA init takes seconds): give the rendezvous room.
+        let mut tcp = TcpGroup::from_env(env, timeout.max(RENDEZVOUS_MIN))?;
+        let hosts = tcp.hostnames().to_vec();
+        let buffer_bytes = buffer_bytes_from_env();
+        let local = (|| -> Result<(Gpu, String, DeviceBuffer, [u8; 64])> {
+            if let Some(h) = hosts.iter().find(|h| **h != hosts[0]) {
+                return Err(Error::InvalidArgument {
+                    arg: "WORLD_SIZE".into(),
+                    reason: format!("the CUDA backend runs one node; ranks are on hosts {} and {h}", hosts[0]),
+                });
+            }
+            if !compile::nvrtc_available() {
+                return Err(Error::BackendUnavailable { backend: "cuda", reason: "libnvrtc not found".into() });
+            }
+            let ordinal = env.local_rank.unwrap_or(rank);
+            let available = driver::device_count()?;
+            if ordinal >= available {
+                return Err(Error::BackendUnavailable {
+                    backend: "cuda",
+                    reason: format!("rank {rank} wants GPU {ordinal}; {available} present"),
+                });
+            }
+            let gpu = Gpu::new(ordinal)?;
+            let arch = arch_of(&gpu)?;
+            gpu.bind()?;
+            let buffer = new_comm_buffer(buffer_bytes)?;
+            let handle = buffer.ipc_handle()?;
+            Ok((gpu, arch, buffer, handle))
+        })();
+        // Message: [0][buffer bytes u64][handle 64] when ready, [1][error text] when not.
+        let msg = match &local {
+            Ok((.., handle)) => [&[0u8][..], &(buffer_bytes as u64).to_le_bytes(), handle].concat(),
+            Err(e) => [&[1u8][..], e.to_string().as_bytes()].concat(),
+        };
+        let all = tcp.all_gather(&msg, timeout)?;
+        let (gpu, arch, buffer, _) = local?;
+        let mut handles = Vec::with_capacity(world);
+        for (r, m) in all.iter().enumerate() {
+            match m.split_first() {
+                Some((0, rest)) if rest.len() == 8 + 64 => {
+                    let bytes = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")) as usize;
+                    if bytes != buffer_bytes {
+                        return Err(Error::Protocol {
+                            rank,
+                            detail: format!("rank {r} has a {bytes}-byte buffer, this rank {buffer_bytes}: set {BUFFER_MB_ENV} alike"),
+                        });
+                    }
+                    handles.push(<[u8; 64]>::try_from(&rest[8..]).expect("64 bytes"));
+                }
+                Some((1, text)) => return Err(Error::PeerFailed { rank: r, reason: String::from_utf8_lossy(text).into_owned() }),
+                _ => return Err(Error::Protocol { rank, detail: format!("rank {r} sent a malformed setup message") }),
+            }
+        }
+        let mut bases = [0u64; layout::MAX_WORLD];
+        bases[rank] = buffer.ptr();
+        let mut ipc = Vec::with_capacity(world - 1);
+        let mapped = (|| -> Result<()> {
+            for (r, h) in handles.iter().enumerate().filter(|(r, _)| *r != rank) {
+                let m = IpcMapping::open(h)?;
+                bases[r] = m.ptr();
+                ipc.push(m);
+            }
+            Ok(())
+        })();
+        let group = HostGroup::Tcp(Mutex::new(tcp));
+        let status = group.gather_status(rank, mapped.as_ref().err().map(|e| e.to_string()), timeout)?;
+        peer::settle(rank, mapped.err(), &status)?;
+        let comm_id = 0xC0DA_0000_0000 ^ ((env.master_port as u64) << 16) ^ world as u64;
+        tracing::info!(rank, world, gpu = gpu.ordinal(), device = %gpu.name(), arch = %arch, buffer_mb = buffer_bytes >> 20, "cuda rank ready (one process per GPU, CUDA IPC)");
+        let shared = Arc::new(Shared {
+            buffers: vec![buffer],
+            ipc,
+            gpus: vec![gpu],
+            peers: PeerMap { bases },
+            group,
+            buffer_bytes,
+            arch,
+            comm_id,
+        });
+        Self::endpoint(rank, world, 0, config, shared)
     }
 }
 
@@ -193,10 +318,12 @@ fn cubin_for(spec: &KernelSpec, arch: &str) -> Result<Arc<compile::Cubin>> {
     Ok(c)
 }
 
-/// One rank (GPU) of a [`CudaCluster`].
+/// One rank (GPU) of a [`CudaCluster`], or of a node of processes ([`CudaRank::from_launch_env`]).
 pub struct CudaRank {
     rank: usize,
     world: usize,
+    /// This rank's GPU in `shared.gpus`.
+    gpu_slot: usize,
     config: Config,
     stream: Stream,
     meta: MappedHost,
@@ -219,7 +346,7 @@ pub struct CudaRank {
 
 impl CudaRank {
     fn gpu(&self) -> &Gpu {
-        &self.shared.gpus[self.rank]
+        &self.shared.gpus[self.gpu_slot]
     }
 
     fn timeout(&self) -> Duration {
@@ -244,7 +371,7 @@ impl CudaRank {
             (None, Ok(())) => None,
         };
         let text = own.as_ref().map(|e| e.to_string());
-        let all = self.shared.group.all_gather(self.rank, text, self.timeout())?;
+        let all = self.shared.group.gather_status(self.rank, text, self.timeout())?;
         peer::settle(self.rank, own, &all)
     }
 
@@ -481,7 +608,9 @@ impl CudaRank {
         p: &mut SyParams,
     ) -> Vec<CopyOp> {
         let runs = local_copy::own_runs(pos, self.world, self.rank, send_base[self.rank] as usize);
-        if !self.local_copy.use_copy_engine(&runs, spec.x_fp8 == spec.wire_fp8) {
+        // BF16 rows only: FP8 rows bring a scales copy per run, and measured slower that way
+        // (HT-A, 12 SMs: 182 us with copy-engine copies, 118 us with the kernel; docs/perf-notes.md).
+        if !self.local_copy.use_copy_engine(&runs, !spec.x_fp8 && !spec.wire_fp8) {
             return Vec::new();
         }
         let own = self.shared.peers.bases[self.rank];
@@ -723,6 +852,10 @@ impl Communicator for CudaRank {
 
     fn barrier(&mut self) -> Result<()> {
         self.agree(Ok(()))
+    }
+
+    fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.shared.group.all_gather(self.rank, bytes.to_vec(), self.timeout())
     }
 
     fn traffic(&self) -> &TrafficLog {

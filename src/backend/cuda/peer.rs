@@ -5,8 +5,6 @@
 //! every context as they are. One process per GPU will swap `map_in_process` for
 //! CUDA IPC handles exchanged through the bootstrap; nothing else has to change.
 
-use std::sync::Arc;
-
 use super::driver::{DeviceBuffer, Gpu};
 use super::layout::MAX_WORLD;
 use crate::error::{Error, Result};
@@ -51,11 +49,11 @@ pub fn map_in_process(gpus: &[Gpu], buffers: &[DeviceBuffer]) -> Result<PeerMap>
 /// The outcome of the host agreement step for `rank`: its own error if it had
 /// one, else `PeerFailed` naming the first other rank that reported a failure.
 /// `all` holds every rank's failure text (`None`: ready), from the group's all-gather.
-pub fn settle(rank: usize, own: Option<Error>, all: &[Arc<Option<String>>]) -> Result<()> {
+pub fn settle(rank: usize, own: Option<Error>, all: &[Option<String>]) -> Result<()> {
     if let Some(e) = own {
         return Err(e);
     }
-    match all.iter().enumerate().find_map(|(r, f)| (r != rank).then(|| f.as_ref().clone()).flatten().map(|f| (r, f))) {
+    match all.iter().enumerate().find_map(|(r, f)| (r != rank).then(|| f.clone()).flatten().map(|f| (r, f))) {
         Some((rank, reason)) => Err(Error::PeerFailed { rank, reason }),
         None => Ok(()),
     }
@@ -67,10 +65,10 @@ mod tests {
 
     #[test]
     fn own_error_first_then_the_first_failed_peer() {
-        let all = vec![Arc::new(None), Arc::new(Some("bad x".to_string())), Arc::new(None)];
+        let all = vec![None, Some("bad x".to_string()), None];
         assert!(matches!(settle(0, None, &all), Err(Error::PeerFailed { rank: 1, .. })));
         assert!(matches!(settle(1, Some(Error::Cuda("x".into())), &all), Err(Error::Cuda(_))));
-        let fine = vec![Arc::new(None), Arc::new(None)];
+        let fine = vec![None, None];
         assert!(settle(0, None, &fine).is_ok());
     }
 }
