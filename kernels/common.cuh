@@ -65,6 +65,7 @@ static_assert(SY_THREADS % 32 == 0 && SY_THREADS <= 1024, "bad block size");
 #define SY_WAIT_DISPATCH_ARRIVE 3
 #define SY_WAIT_COMBINE_READY 4
 #define SY_WAIT_COMBINE_DONE 5
+#define SY_WAIT_COMBINE_PUSHED 6
 
 // One parameter block for every kernel, passed by value. Every field is 8 bytes
 // so the C and Rust layouts cannot disagree on padding.
@@ -94,6 +95,10 @@ struct SyParams {
     u64 off_recv_src;         // [max_recv] i32x2 (source rank, source token)
     u64 off_y;                // [max_recv, H] bf16: combine input rows
     u64 off_y_w;              // [max_recv, k] f32: combine input weights
+    u64 num_recv;             // combine: rows this rank received in the dispatch (rows of y)
+    u64 src_info;             // combine: [num_recv] i32x2 (source rank, source token) of each y row
+    u64 off_comb;             // push combine: [T * W, H] bf16: row of (token t, from rank d) at t * W + d
+    u64 off_comb_w;           // push combine: [T * W, k] f32
 };
 
 #define SY_FLAG_WRITE_META 1u    // dispatch: also write idx/weights/src (not needed by cached dispatch)
@@ -201,6 +206,23 @@ __device__ __forceinline__ u32 f32_to_bf16_bits(float f) {
     u32 r = x >> 16;
     if ((x & round_bit) != 0 && (x & (3u * round_bit - 1u)) != 0) r += 1;
     return r & 0xFFFFu;
+}
+
+#ifndef SY_HW_BF16
+#define SY_HW_BF16 1
+#endif
+
+// Two f32 -> two bf16 (lo in bits 0..15), round to nearest even. With SY_HW_BF16 one native
+// convert (sm_80+), which matches f32_to_bf16_bits except that a NaN comes out as the canonical
+// NaN rather than keeping its payload; combine promises a bound, not bits, and NaN stays NaN.
+__device__ __forceinline__ u32 f32x2_to_bf16x2(float lo, float hi) {
+#if SY_HW_BF16
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return f32_to_bf16_bits(lo) | (f32_to_bf16_bits(hi) << 16);
+#endif
 }
 
 // Two f32 -> two E4M3 bytes (lo in bits 0..7), round to nearest even, saturating to +-448.

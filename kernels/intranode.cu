@@ -419,10 +419,10 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
                     }
                 }
                 v4u32 o;
-                o.x = f32_to_bf16_bits(acc[0]) | (f32_to_bf16_bits(acc[1]) << 16);
-                o.y = f32_to_bf16_bits(acc[2]) | (f32_to_bf16_bits(acc[3]) << 16);
-                o.z = f32_to_bf16_bits(acc[4]) | (f32_to_bf16_bits(acc[5]) << 16);
-                o.w = f32_to_bf16_bits(acc[6]) | (f32_to_bf16_bits(acc[7]) << 16);
+                o.x = f32x2_to_bf16x2(acc[0], acc[1]);
+                o.y = f32x2_to_bf16x2(acc[2], acc[3]);
+                o.z = f32x2_to_bf16x2(acc[4], acc[5]);
+                o.w = f32x2_to_bf16x2(acc[6], acc[7]);
                 st_v4(reinterpret_cast<v4u32*>(out + (i64)t * SY_HIDDEN) + i, o);
             }
         }
@@ -453,6 +453,148 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
             if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_DONE + s * SY_MAX_CHANNELS + c, p.seq, sy_wait_ctx(p), c,
                          SY_ROLE_NOTIFY, s, SY_WAIT_COMBINE_DONE))
                 break;
+        }
+    }
+}
+
+// ------------------------------------------------------------ push combine
+//
+// The reverse of dispatch with the same "writes, not reads" shape: each rank pushes the y rows it
+// holds for other ranks into their push-combine slots (token t from rank d lands at t * W + d) with
+// 16-byte stores over NVLink, which go out without waiting for a round trip (the pull combine above
+// waits one NVLink round trip per load batch). Then every rank sums, per token of its own, the row it
+// keeps locally (in its own y) and the slots pushed to it, in rank order as the oracle does.
+// Needs num_tokens * W <= max_recv (the host checks and falls back to the pull kernel).
+
+extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(const SyParams p) {
+    const int ch = blockIdx.x, nch = gridDim.x;
+    const int me = (int)p.rank;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int T = (int)p.num_tokens, R = (int)p.num_recv;
+    __shared__ i32 s_failed;
+
+    // Entry: my slots are free for this call (my previous combine ended: stream order); tell every
+    // rank, then wait until every rank's slots are free.
+    sy_stamp(p, 0);
+    if (threadIdx.x == 0) s_failed = 0;
+    __syncthreads();
+    if (ch == 0 && threadIdx.x < SY_WORLD) st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_READY + me, p.seq);
+    if (threadIdx.x < SY_WORLD) {
+        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_READY + threadIdx.x, p.seq, sy_wait_ctx(p), ch, SY_ROLE_SENDER,
+                     threadIdx.x, SY_WAIT_COMBINE_READY))
+            atomicExch(&s_failed, 1);
+    }
+    __syncthreads();
+    if (s_failed) return;
+    sy_stamp(p, 1);
+
+    // Push: this channel's share of my y rows, one warp per row; rows of my own tokens stay put.
+    const i32* src_info = reinterpret_cast<const i32*>(p.src_info);
+    // Rows are dealt out cyclically: they are ordered by source, so contiguous slices would leave
+    // the channels holding my own tokens' rows idle while the others push everything.
+    for (int r = ch * SY_WARPS + warp; r < R; r += nch * SY_WARPS) {
+        const int s = src_info[2 * r], t = src_info[2 * r + 1];
+        if (s == me || s < 0 || s >= SY_WORLD || (i64)t * SY_WORLD + me >= (i64)p.max_recv) continue;
+        const i64 slot = (i64)t * SY_WORLD + me;
+        const v4u32* y = reinterpret_cast<const v4u32*>(region<u8>(p, me, p.off_y) + (i64)r * (SY_HIDDEN * 2));
+        v4u32* dst = reinterpret_cast<v4u32*>(region<u8>(p, s, p.off_comb) + slot * (SY_HIDDEN * 2));
+        for (int i0 = lane; i0 < SY_Y_V4; i0 += 32 * SY_DUNROLL) {
+            v4u32 v[SY_DUNROLL];
+#pragma unroll
+            for (int u = 0; u < SY_DUNROLL; ++u)
+                if (i0 + u * 32 < SY_Y_V4) v[u] = ld_nc_v4(y + i0 + u * 32);
+#pragma unroll
+            for (int u = 0; u < SY_DUNROLL; ++u)
+                if (i0 + u * 32 < SY_Y_V4) st_na_v4(dst + i0 + u * 32, v[u]);
+        }
+        if (p.flags & SY_FLAG_WITH_WEIGHTS) {
+            for (int j = lane; j < SY_TOPK; j += 32)
+                region<float>(p, s, p.off_comb_w)[slot * SY_TOPK + j] = region<float>(p, me, p.off_y_w)[(i64)r * SY_TOPK + j];
+        }
+    }
+
+    // Arrival: this channel's pushes are out; raise its flag on every peer. Then wait for every
+    // peer's channels: the rows of my tokens may come from any of them.
+    fence_acq_rel_sys();
+    __syncthreads();
+    sy_stamp(p, 2);
+    if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
+        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_DONE + me * SY_MAX_CHANNELS + ch, p.seq);
+    for (int i = threadIdx.x; i < SY_WORLD * nch; i += SY_THREADS) {
+        const int s = i / nch, c = i % nch;
+        if (s == me) continue;
+        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_DONE + s * SY_MAX_CHANNELS + c, p.seq, sy_wait_ctx(p), ch,
+                     SY_ROLE_RECEIVER, s, SY_WAIT_COMBINE_PUSHED))
+            atomicExch(&s_failed, 1);
+    }
+    __syncthreads();
+    if (s_failed) return;
+    fence_acq_rel_sys();
+
+    // Reduce my tokens of this channel: f32 sums in rank order, BF16 out.
+    const i32* pos = reinterpret_cast<const i32*>(p.pos);
+    const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
+    u16* out = reinterpret_cast<u16*>(p.out);
+    float* out_w = reinterpret_cast<float*>(p.out_weights);
+    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
+    for (int t = t_begin + warp; t < t_end; t += SY_WARPS) {
+        const v4u32* rows[SY_WORLD];
+        const float* wrow[SY_WORLD];
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) {
+            const i32 q = pos[(i64)t * SY_WORLD + d];
+            const i64 own_row = (i64)send_base[d] + q;
+            const bool sent = q >= 0 && !(d == me && own_row >= (i64)p.max_recv);
+            const i64 slot = (i64)t * SY_WORLD + d;
+            rows[d] = !sent ? nullptr
+                      : d == me ? reinterpret_cast<const v4u32*>(region<u8>(p, me, p.off_y) + own_row * (SY_HIDDEN * 2))
+                                : reinterpret_cast<const v4u32*>(region<u8>(p, me, p.off_comb) + slot * (SY_HIDDEN * 2));
+            wrow[d] = !sent ? nullptr
+                      : d == me ? region<float>(p, me, p.off_y_w) + own_row * SY_TOPK
+                                : region<float>(p, me, p.off_comb_w) + slot * SY_TOPK;
+        }
+        for (int i0 = lane; i0 < SY_Y_V4; i0 += 32 * SY_CUNROLL) {
+            v4u32 v[SY_CUNROLL][SY_WORLD];
+#pragma unroll
+            for (int d = 0; d < SY_WORLD; ++d) {
+                if (rows[d] == nullptr) continue;
+#pragma unroll
+                for (int u = 0; u < SY_CUNROLL; ++u)
+                    if (i0 + u * 32 < SY_Y_V4) v[u][d] = ld_v4(rows[d] + i0 + u * 32);
+            }
+#pragma unroll
+            for (int u = 0; u < SY_CUNROLL; ++u) {
+                const int i = i0 + u * 32;
+                if (i >= SY_Y_V4) continue;
+                float acc[8];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+#pragma unroll
+                for (int d = 0; d < SY_WORLD; ++d) {
+                    if (rows[d] == nullptr) continue;
+                    const u32 w[4] = {v[u][d].x, v[u][d].y, v[u][d].z, v[u][d].w};
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        acc[2 * k] += bf16_lo(w[k]);
+                        acc[2 * k + 1] += bf16_hi(w[k]);
+                    }
+                }
+                v4u32 o;
+                o.x = f32x2_to_bf16x2(acc[0], acc[1]);
+                o.y = f32x2_to_bf16x2(acc[2], acc[3]);
+                o.z = f32x2_to_bf16x2(acc[4], acc[5]);
+                o.w = f32x2_to_bf16x2(acc[6], acc[7]);
+                st_v4(reinterpret_cast<v4u32*>(out + (i64)t * SY_HIDDEN) + i, o);
+            }
+        }
+        if (p.flags & SY_FLAG_WITH_WEIGHTS) {
+            for (int j = lane; j < SY_TOPK; j += 32) {
+                float acc = 0.f;
+#pragma unroll
+                for (int d = 0; d < SY_WORLD; ++d)
+                    if (wrow[d] != nullptr) acc += wrow[d][j];
+                out_w[(i64)t * SY_TOPK + j] = acc;
+            }
         }
     }
 }

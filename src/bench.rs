@@ -579,7 +579,6 @@ fn wrong_of_rank(want: &Expected, rank: usize, run: &RankRun) -> [u64; 3] {
     ]
 }
 
-
 /// memcpy bandwidth in GB/s: `threads` threads copy `bytes_per_thread` each, in
 /// parallel, `iters` timed times after one warm-up; per iteration the time is
 /// the slowest thread's, and the result is total bytes / median time. Each

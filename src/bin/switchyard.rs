@@ -356,10 +356,8 @@ fn spawn_workers(n: usize) -> Result<ExitCode, Error> {
         move |source| Error::Io { path, source }
     };
     // A free port now; a clash with another program before rank 0 binds it shows up as an error.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(io_err("tcp://127.0.0.1:0"))?
-        .port();
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(io_err("tcp://127.0.0.1:0"))?.port();
     let exe = std::env::current_exe().map_err(io_err("current executable"))?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     info!("spawning {n} worker processes (one per GPU), rendezvous on 127.0.0.1:{port}");

@@ -213,11 +213,9 @@ impl IpcMapping {
         let h = sys::CUipcMemHandle { reserved: handle.map(|b| b as _) };
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: valid out-pointer; the driver validates the handle.
-        unsafe {
-            sys::cuIpcOpenMemHandle_v2(&mut ptr, h, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32)
-        }
-        .result()
-        .map_err(err("cuIpcOpenMemHandle"))?;
+        unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, h, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32) }
+            .result()
+            .map_err(err("cuIpcOpenMemHandle"))?;
         Ok(Self { ptr })
     }
 
@@ -370,6 +368,7 @@ pub struct Kernels {
     notify: sys::CUfunction,
     dispatch: sys::CUfunction,
     combine: sys::CUfunction,
+    combine_push: sys::CUfunction,
 }
 
 // SAFETY: module handles are usable from any thread with the context current.
@@ -383,8 +382,10 @@ pub enum Kernel {
     Notify,
     /// `sy_dispatch`.
     Dispatch,
-    /// `sy_combine`.
+    /// `sy_combine` (pull).
     Combine,
+    /// `sy_combine_push`.
+    CombinePush,
 }
 
 impl Kernels {
@@ -396,7 +397,13 @@ impl Kernels {
             // SAFETY: module loaded.
             unsafe { result::module::get_function(module, CString::new(n).unwrap()) }.map_err(err("cuModuleGetFunction"))
         };
-        Ok(Self { notify: get("sy_notify")?, dispatch: get("sy_dispatch")?, combine: get("sy_combine")?, module })
+        Ok(Self {
+            notify: get("sy_notify")?,
+            dispatch: get("sy_dispatch")?,
+            combine: get("sy_combine")?,
+            combine_push: get("sy_combine_push")?,
+            module,
+        })
     }
 
     /// Launch `which` with one parameter block on `stream`.
@@ -405,6 +412,7 @@ impl Kernels {
             Kernel::Notify => self.notify,
             Kernel::Dispatch => self.dispatch,
             Kernel::Combine => self.combine,
+            Kernel::CombinePush => self.combine_push,
         };
         let mut p = *params;
         let mut args = [&mut p as *mut SyParams as *mut c_void];

@@ -41,6 +41,7 @@ pub fn wait_name(what: u32) -> &'static str {
         3 => "dispatch completion: peer channel's rows",
         4 => "combine entry: peer's y rows in place",
         5 => "combine exit: peer channel done reading my y",
+        6 => "push combine: peer channel's rows arrived",
         _ => "unknown wait",
     }
 }
@@ -121,6 +122,14 @@ pub struct SyParams {
     pub off_y: u64,
     /// Combine input weights.
     pub off_y_w: u64,
+    /// Rows this rank received (rows of y).
+    pub num_recv: u64,
+    /// `[num_recv]` i32x2 (source rank, source token) of each y row.
+    pub src_info: u64,
+    /// Push combine: `[T * W, H]` bf16 rows from each rank.
+    pub off_comb: u64,
+    /// Push combine: `[T * W, k]` f32 weights from each rank.
+    pub off_comb_w: u64,
 }
 
 /// `SY_FLAG_WRITE_META`.
@@ -150,7 +159,11 @@ pub struct BufferLayout {
     pub y: usize,
     /// Combine input weights.
     pub y_w: usize,
-    /// Rows the receive area holds.
+    /// Push combine: rows from each rank, `max_recv` slots (token t from rank d at t * W + d).
+    pub comb: usize,
+    /// Push combine: weights from each rank, `max_recv` slots.
+    pub comb_w: usize,
+    /// Rows the receive area holds (and slots of the push-combine area).
     pub max_recv: usize,
     /// Bytes used.
     pub total: usize,
@@ -161,11 +174,12 @@ fn align(x: usize) -> usize {
 }
 
 impl BufferLayout {
-    /// Bytes each received row costs in the buffer (rows, scales, metadata, y, y weights).
+    /// Bytes each received row costs in the buffer (rows, scales, metadata, y, y weights,
+    /// push-combine slot and its weights).
     pub fn bytes_per_row(spec: &KernelSpec) -> usize {
         let wire = if spec.wire_fp8 { spec.hidden } else { spec.hidden * 2 };
         let scales = if spec.wire_fp8 { spec.hidden / 128 * 4 } else { 0 };
-        wire + scales + spec.topk * 4 * 2 + 8 + spec.hidden * 2 + spec.topk * 4
+        wire + scales + spec.topk * 4 * 2 + 8 + 2 * (spec.hidden * 2 + spec.topk * 4)
     }
 
     /// Fixed bytes before the row regions (signals, counts) plus alignment slack.
@@ -196,7 +210,9 @@ impl BufferLayout {
         let recv_src = take(max_recv * 8);
         let y = take(max_recv * spec.hidden * 2);
         let y_w = take(max_recv * spec.topk * 4);
-        Self { counts, recv_x, recv_scales, recv_idx, recv_w, recv_src, y, y_w, max_recv, total: at }
+        let comb = take(max_recv * spec.hidden * 2);
+        let comb_w = take(max_recv * spec.topk * 4);
+        Self { counts, recv_x, recv_scales, recv_idx, recv_w, recv_src, y, y_w, comb, comb_w, max_recv, total: at }
     }
 
     /// Fill the offset fields of a parameter block.
@@ -209,6 +225,8 @@ impl BufferLayout {
         p.off_recv_src = self.recv_src as u64;
         p.off_y = self.y as u64;
         p.off_y_w = self.y_w as u64;
+        p.off_comb = self.comb as u64;
+        p.off_comb_w = self.comb_w as u64;
         p.max_recv = self.max_recv as u64;
     }
 }
@@ -262,8 +280,8 @@ mod tests {
 
     #[test]
     fn params_are_packed_like_the_c_struct() {
-        // 8 peers + 23 scalar fields, all u64: no padding anywhere.
-        assert_eq!(std::mem::size_of::<SyParams>(), (MAX_WORLD + 23) * 8);
+        // 8 peers + 27 scalar fields, all u64: no padding anywhere.
+        assert_eq!(std::mem::size_of::<SyParams>(), (MAX_WORLD + 27) * 8);
         assert_eq!(std::mem::size_of::<SyDiag>(), 48);
         assert!(std::mem::size_of::<SyDiag>() <= meta::NUM_RECV);
         assert!(meta::SEND_BASE + 4 * MAX_WORLD <= meta::STAMPS);
@@ -281,7 +299,8 @@ mod tests {
             let l = BufferLayout::new(&s, cap);
             assert!(l.total <= cap, "{l:?}");
             assert!(l.max_recv > 0);
-            let offs = [l.counts, l.recv_x, l.recv_scales, l.recv_idx, l.recv_w, l.recv_src, l.y, l.y_w, l.total];
+            let offs =
+                [l.counts, l.recv_x, l.recv_scales, l.recv_idx, l.recv_w, l.recv_src, l.y, l.y_w, l.comb, l.comb_w, l.total];
             assert!(offs.windows(2).all(|w| w[0] <= w[1]), "{offs:?}");
             assert!(offs.iter().all(|o| o % 256 == 0));
             assert!(l.counts >= SIGNAL_SLOTS * 8);
