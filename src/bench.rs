@@ -8,6 +8,9 @@
 //! - **Iteration time**: all ranks pass a `barrier()`, each rank times its own
 //!   call; the iteration's time is the maximum over ranks. Reported: min, median
 //!   and max over the timed iterations (warm-up iterations are not timed).
+//!   Device-resident ops ([`Communicator::time_device_resident`]) pass one
+//!   barrier, then each rank enqueues every call back to back; iteration i's
+//!   time is the maximum over ranks of call i's device time.
 //! - **Logical bytes** (per iteration, summed over all ranks): bytes of the rows
 //!   delivered to receivers, local ones included. Dispatch: received rows x row
 //!   bytes (FP8 rows include their f32 scales). Combine: rows sent back x BF16
@@ -637,7 +640,8 @@ pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], me
                 shape: Shape { tokens: w.tokens, hidden: w.hidden, topk: w.topk, experts: w.num_experts },
                 topology: w.topology,
                 routing: w.routing,
-                num_sms: None,
+                // One block (SM) per channel on a GPU.
+                num_sms: (backend == "cuda").then_some(spec.config.num_channels as u32),
                 config: spec.config.clone(),
                 time_us,
                 logical_gbps,

@@ -284,8 +284,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<SyParams>(), (MAX_WORLD + 27) * 8);
         assert_eq!(std::mem::size_of::<SyDiag>(), 48);
         assert!(std::mem::size_of::<SyDiag>() <= meta::NUM_RECV);
-        assert!(meta::SEND_BASE + 4 * MAX_WORLD <= meta::STAMPS);
-        assert!(meta::STAMPS + 3 * 8 <= meta::TPE);
+        const { assert!(meta::SEND_BASE + 4 * MAX_WORLD <= meta::STAMPS) };
+        const { assert!(meta::STAMPS + 3 * 8 <= meta::TPE) };
     }
 
     #[test]
