@@ -46,6 +46,7 @@ fn help_lists_the_subcommands_and_bench_flags() {
         "--channels",
         "--chunk-tokens",
         "--buffer-tokens",
+        "--launch",
         "SWITCHYARD_CONFIG",
     ] {
         assert!(s.contains(flag), "bench --help lacks {flag}:\n{s}");
@@ -91,6 +92,24 @@ fn bad_arguments_are_errors_not_panics() {
     let out = switchyard(&["check", "--backend", "cpu", "--filter", "no-such-case-name-xyz"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no-such-case-name-xyz"));
+}
+
+#[test]
+fn launcher_variables_are_checked_and_the_cpu_backend_refuses_them() {
+    let run = |vars: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["bench", "--backend", "cpu", "--tokens", "4", "--hidden", "128", "--iters", "1", "--warmup", "0"])
+            .env_remove("SWITCHYARD_CONFIG")
+            .envs(vars.iter().copied())
+            .output()
+            .expect("run switchyard")
+    };
+    let out = run(&[("RANK", "0"), ("WORLD_SIZE", "2")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("launcher"), "{}", text(&out.stderr));
+    let out = run(&[("RANK", "zero"), ("WORLD_SIZE", "2")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("RANK"), "{}", text(&out.stderr));
 }
 
 #[test]
