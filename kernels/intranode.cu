@@ -351,8 +351,51 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
 // ----------------------------------------------------------------- combine
 
 #define SY_Y_V4 (SY_HIDDEN * 2 / 16)
-// Vectors per peer loaded ahead in combine (registers: 4 x SY_CUNROLL x SY_WORLD).
-#define SY_CUNROLL (SY_WORLD <= 2 ? 4 : (SY_WORLD <= 4 ? 2 : 1))
+// Vectors per row loaded ahead in combine (registers: 4 x SY_CUNROLL x SY_WORLD). 2 ranks: 8
+// (HT-A, 12 SMs: 234 us vs 272 us with 4, same run); more ranks keep the older, untimed values.
+#ifndef SY_CUNROLL
+#define SY_CUNROLL (SY_WORLD <= 2 ? 8 : (SY_WORLD <= 4 ? 2 : 1))
+#endif
+
+// One token's combine: the sum of its rows (rows[d] == nullptr: not sent to rank d) in f32, in rank
+// order as the oracle sums, written as one BF16 row. Each batch of SY_CUNROLL vectors of every row is
+// loaded before any is used (a peer row costs an NVLink round trip per load batch).
+__device__ __forceinline__ void sum_rows_to_bf16(const v4u32* const (&rows)[SY_WORLD], v4u32* out_row, int lane) {
+    for (int i0 = lane; i0 < SY_Y_V4; i0 += 32 * SY_CUNROLL) {
+        v4u32 v[SY_CUNROLL][SY_WORLD];
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) {
+            if (rows[d] == nullptr) continue;
+#pragma unroll
+            for (int u = 0; u < SY_CUNROLL; ++u)
+                if (i0 + u * 32 < SY_Y_V4) v[u][d] = ld_v4(rows[d] + i0 + u * 32);
+        }
+#pragma unroll
+        for (int u = 0; u < SY_CUNROLL; ++u) {
+            const int i = i0 + u * 32;
+            if (i >= SY_Y_V4) continue;
+            float acc[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+#pragma unroll
+            for (int d = 0; d < SY_WORLD; ++d) {
+                if (rows[d] == nullptr) continue;
+                const u32 w[4] = {v[u][d].x, v[u][d].y, v[u][d].z, v[u][d].w};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    acc[2 * k] += bf16_lo(w[k]);
+                    acc[2 * k + 1] += bf16_hi(w[k]);
+                }
+            }
+            v4u32 o;
+            o.x = f32x2_to_bf16x2(acc[0], acc[1]);
+            o.y = f32x2_to_bf16x2(acc[2], acc[3]);
+            o.z = f32x2_to_bf16x2(acc[4], acc[5]);
+            o.w = f32x2_to_bf16x2(acc[6], acc[7]);
+            st_v4(out_row + i, o);
+        }
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyParams p) {
     const int ch = blockIdx.x, nch = gridDim.x;
@@ -389,43 +432,11 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
             row[d] = q >= 0 ? (i64)send_base[d] + q : -1;
             if (row[d] >= (i64)p.max_recv) row[d] = -1;
         }
-        // Every peer load of SY_CUNROLL vectors goes out before any is used (peer reads cost a full
-        // NVLink round trip each); the sum still runs in destination-rank order, as the oracle's.
-        for (int i0 = lane; i0 < SY_Y_V4; i0 += 32 * SY_CUNROLL) {
-            v4u32 v[SY_CUNROLL][SY_WORLD];
+        const v4u32* rows[SY_WORLD];
 #pragma unroll
-            for (int d = 0; d < SY_WORLD; ++d) {
-                if (row[d] < 0) continue;
-                const v4u32* y = reinterpret_cast<const v4u32*>(region<u8>(p, d, p.off_y) + row[d] * (SY_HIDDEN * 2));
-#pragma unroll
-                for (int u = 0; u < SY_CUNROLL; ++u)
-                    if (i0 + u * 32 < SY_Y_V4) v[u][d] = ld_v4(y + i0 + u * 32);
-            }
-#pragma unroll
-            for (int u = 0; u < SY_CUNROLL; ++u) {
-                const int i = i0 + u * 32;
-                if (i >= SY_Y_V4) continue;
-                float acc[8];
-#pragma unroll
-                for (int k = 0; k < 8; ++k) acc[k] = 0.f;
-#pragma unroll
-                for (int d = 0; d < SY_WORLD; ++d) {
-                    if (row[d] < 0) continue;
-                    const u32 w[4] = {v[u][d].x, v[u][d].y, v[u][d].z, v[u][d].w};
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        acc[2 * k] += bf16_lo(w[k]);
-                        acc[2 * k + 1] += bf16_hi(w[k]);
-                    }
-                }
-                v4u32 o;
-                o.x = f32x2_to_bf16x2(acc[0], acc[1]);
-                o.y = f32x2_to_bf16x2(acc[2], acc[3]);
-                o.z = f32x2_to_bf16x2(acc[4], acc[5]);
-                o.w = f32x2_to_bf16x2(acc[6], acc[7]);
-                st_v4(reinterpret_cast<v4u32*>(out + (i64)t * SY_HIDDEN) + i, o);
-            }
-        }
+        for (int d = 0; d < SY_WORLD; ++d)
+            rows[d] = row[d] < 0 ? nullptr : reinterpret_cast<const v4u32*>(region<u8>(p, d, p.off_y) + row[d] * (SY_HIDDEN * 2));
+        sum_rows_to_bf16(rows, reinterpret_cast<v4u32*>(out + (i64)t * SY_HIDDEN), lane);
         if (p.flags & SY_FLAG_WITH_WEIGHTS) {
             for (int j = lane; j < SY_TOPK; j += 32) {
                 float acc = 0.f;
@@ -553,40 +564,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(cons
                       : d == me ? region<float>(p, me, p.off_y_w) + own_row * SY_TOPK
                                 : region<float>(p, me, p.off_comb_w) + slot * SY_TOPK;
         }
-        for (int i0 = lane; i0 < SY_Y_V4; i0 += 32 * SY_CUNROLL) {
-            v4u32 v[SY_CUNROLL][SY_WORLD];
-#pragma unroll
-            for (int d = 0; d < SY_WORLD; ++d) {
-                if (rows[d] == nullptr) continue;
-#pragma unroll
-                for (int u = 0; u < SY_CUNROLL; ++u)
-                    if (i0 + u * 32 < SY_Y_V4) v[u][d] = ld_v4(rows[d] + i0 + u * 32);
-            }
-#pragma unroll
-            for (int u = 0; u < SY_CUNROLL; ++u) {
-                const int i = i0 + u * 32;
-                if (i >= SY_Y_V4) continue;
-                float acc[8];
-#pragma unroll
-                for (int k = 0; k < 8; ++k) acc[k] = 0.f;
-#pragma unroll
-                for (int d = 0; d < SY_WORLD; ++d) {
-                    if (rows[d] == nullptr) continue;
-                    const u32 w[4] = {v[u][d].x, v[u][d].y, v[u][d].z, v[u][d].w};
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        acc[2 * k] += bf16_lo(w[k]);
-                        acc[2 * k + 1] += bf16_hi(w[k]);
-                    }
-                }
-                v4u32 o;
-                o.x = f32x2_to_bf16x2(acc[0], acc[1]);
-                o.y = f32x2_to_bf16x2(acc[2], acc[3]);
-                o.z = f32x2_to_bf16x2(acc[4], acc[5]);
-                o.w = f32x2_to_bf16x2(acc[6], acc[7]);
-                st_v4(reinterpret_cast<v4u32*>(out + (i64)t * SY_HIDDEN) + i, o);
-            }
-        }
+        sum_rows_to_bf16(rows, reinterpret_cast<v4u32*>(out + (i64)t * SY_HIDDEN), lane);
         if (p.flags & SY_FLAG_WITH_WEIGHTS) {
             for (int j = lane; j < SY_TOPK; j += 32) {
                 float acc = 0.f;
