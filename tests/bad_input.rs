@@ -473,19 +473,22 @@ fn combine_nan_weight() {
 
 // ---------------------------------------------------------------- handles
 
+/// Every rank's handle from a valid dispatch on a second cluster of the same topology and
+/// inputs: the same routing, only the communicator differs.
+fn foreign_handles(fx: &Fixture) -> Arc<Vec<Handle>> {
+    let s = fx.spec.clone();
+    let inputs = fx.inputs.clone();
+    Arc::new(run_cluster("foreign cluster dispatch", s.topology, test_config(TIMEOUT_MS), DEADLINE, move |comm| {
+        let r = comm.rank();
+        valid_dispatch(comm, &inputs[r], &s).map(|(_, h)| h).unwrap_or_else(|e| panic!("foreign cluster: rank {r}: {e}"))
+    }))
+}
+
 #[test]
 fn combine_with_handle_from_another_communicator() {
     let fx = fixture(DType::Bf16);
     let s = fx.spec.clone();
-    // Handles made by a first cluster of the same topology, same inputs.
-    let s1 = s.clone();
-    let inputs = fx.inputs.clone();
-    let foreign: Vec<Handle> =
-        run_cluster("foreign cluster dispatch", s.topology, test_config(TIMEOUT_MS), DEADLINE, move |comm| {
-            let r = comm.rank();
-            valid_dispatch(comm, &inputs[r], &s1).map(|(_, h)| h).unwrap_or_else(|e| panic!("foreign cluster: rank {r}: {e}"))
-        });
-    let foreign = Arc::new(foreign);
+    let foreign = foreign_handles(&fx);
     expect_failure(
         "combine_with_handle_from_another_communicator",
         &fx,
@@ -562,14 +565,7 @@ fn cached_dispatch_with_another_token_count() {
 fn cached_dispatch_with_handle_from_another_communicator() {
     let fx = fixture(DType::Bf16);
     let s = fx.spec.clone();
-    let s1 = s.clone();
-    let inputs = fx.inputs.clone();
-    let foreign: Vec<Handle> =
-        run_cluster("foreign cluster dispatch", s.topology, test_config(TIMEOUT_MS), DEADLINE, move |comm| {
-            let r = comm.rank();
-            valid_dispatch(comm, &inputs[r], &s1).map(|(_, h)| h).unwrap_or_else(|e| panic!("foreign cluster: rank {r}: {e}"))
-        });
-    let foreign = Arc::new(foreign);
+    let foreign = foreign_handles(&fx);
     expect_failure(
         "cached_dispatch_with_handle_from_another_communicator",
         &fx,
