@@ -376,17 +376,53 @@ fn spawn_workers(n: usize) -> Result<ExitCode, Error> {
         }
         children.push(c.spawn().map_err(io_err("worker process"))?);
     }
-    let mut code = ExitCode::SUCCESS;
-    let mut failed = false;
-    for (r, mut child) in children.into_iter().enumerate() {
-        let status = child.wait().map_err(io_err("worker process"))?;
-        if !status.success() && !failed {
-            failed = true;
+    match wait_workers(&mut children, WORKER_GRACE).map_err(io_err("worker process"))? {
+        None => Ok(ExitCode::SUCCESS),
+        Some((r, status)) => {
             warn!("worker {r} exited with {status}");
-            code = ExitCode::from(status.code().map_or(2, |c| c.clamp(1, 255) as u8));
+            Ok(ExitCode::from(status.code().map_or(2, |c| c.clamp(1, 255) as u8)))
         }
     }
-    Ok(code)
+}
+
+/// How long the other workers get, after one failed, to stop on their own.
+const WORKER_GRACE: Duration = Duration::from_secs(15);
+
+/// Wait for every worker. Once one fails, the others get `grace` to stop on their own
+/// (the failure reaches them through the rendezvous) and are then killed, so one stuck
+/// worker cannot hang the command. Returns the first failure: (worker index, status).
+fn wait_workers(
+    children: &mut [std::process::Child],
+    grace: Duration,
+) -> std::io::Result<Option<(usize, std::process::ExitStatus)>> {
+    let mut done: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
+    let mut first_failure = None;
+    let mut kill_at = None;
+    while done.iter().any(Option::is_none) {
+        for (i, child) in children.iter_mut().enumerate() {
+            if done[i].is_none() {
+                if let Some(status) = child.try_wait()? {
+                    done[i] = Some(status);
+                    if !status.success() && first_failure.is_none() {
+                        first_failure = Some((i, status));
+                        kill_at = Some(Instant::now() + grace);
+                    }
+                }
+            }
+        }
+        if kill_at.is_some_and(|t| Instant::now() >= t) {
+            for (i, child) in children.iter_mut().enumerate() {
+                if done[i].is_some() {
+                    continue;
+                }
+                warn!("worker {i} still running {grace:?} after another failed: killing it");
+                let _ = child.kill();
+                done[i] = Some(child.wait()?);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(first_failure)
 }
 
 fn routing_name(r: RoutingKind) -> &'static str {
@@ -518,4 +554,26 @@ fn cmd_info() -> Result<ExitCode, Error> {
     }
     println!("CUDA usable: {} ({})", if p.cuda_usable { "yes" } else { "no" }, p.reason);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn workers_all_succeeding_is_success() {
+        let mut c: Vec<_> = (0..2).map(|_| Command::new("true").spawn().unwrap()).collect();
+        assert!(wait_workers(&mut c, Duration::from_secs(5)).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_failed_worker_is_reported_and_a_stuck_one_killed_after_the_grace() {
+        let t = Instant::now();
+        let mut c =
+            vec![Command::new("sleep").arg("30").spawn().unwrap(), Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap()];
+        let (i, status) = wait_workers(&mut c, Duration::from_millis(300)).unwrap().expect("a failure");
+        assert_eq!((i, status.code()), (1, Some(3)));
+        assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    }
 }
