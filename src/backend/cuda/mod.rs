@@ -308,6 +308,16 @@ struct Workspace {
     src: Scratch,
 }
 
+/// A call ready to launch: its kernel, parameters (inputs uploaded), buffer layout and the
+/// copy-engine copies that go beside the kernel.
+struct PreparedLaunch {
+    spec: KernelSpec,
+    p: SyParams,
+    lay: BufferLayout,
+    kernel: Kernel,
+    side_ops: Vec<CopyOp>,
+}
+
 /// What a CUDA dispatch leaves in its [`Handle`].
 struct CudaHandleState {
     /// `[T, W]` row of each token among those sent to each rank (-1: not sent).
@@ -448,44 +458,9 @@ impl CudaRank {
     /// calls back to back (each its own sequence number, so the flags order them) with
     /// events around each, and wait once at the end.
     fn resident_loop(&mut self, op: ResidentOp, inp: &ResidentInputs<'_>, iters: usize) -> Result<Vec<f64>> {
-        let h = inp.handle;
-        let spec = match op {
-            ResidentOp::DispatchCached => spec_for(self.world, &inp.x, h.topk, h.num_experts, inp.options),
-            ResidentOp::Combine => KernelSpec {
-                world: self.world,
-                hidden: inp.hidden,
-                topk: h.topk,
-                num_experts: h.num_experts,
-                x_fp8: false,
-                wire_fp8: false,
-            },
-        };
-        let prep = (|| {
-            match op {
-                ResidentOp::DispatchCached => checks::dispatch_cached(self.shared.comm_id, self.rank, &inp.x, h, inp.options)?,
-                ResidentOp::Combine => checks::combine(self.shared.comm_id, self.rank, inp.y, inp.hidden, h, None)?,
-            }
-            let st = h.state::<CudaHandleState>("cuda")?;
-            spec.validate()?;
-            self.check_fits(&spec, st.max_recv_any)?;
-            self.ensure_kernels(&spec)
-        })();
-        self.begin_call(prep)?;
-        let st = h.state::<CudaHandleState>("cuda")?;
-        let (mut p, lay) = self.base_params(&spec, h.num_tokens);
-        self.upload_plan(&st.pos, &st.send_base, &mut p)?;
-        let (which, side_ops, row_bytes) = match op {
-            ResidentOp::DispatchCached => {
-                self.upload_x(&inp.x, &mut p)?;
-                let ops = self.own_row_copies(&spec, &lay, &st.pos, &st.send_base, &mut p);
-                (Kernel::Dispatch, ops, spec_row_bytes(&spec))
-            }
-            ResidentOp::Combine => {
-                htod(self.shared.peers.bases[self.rank] + lay.y as u64, inp.y, &self.stream)?;
-                p.out = self.ws.out.get(h.num_tokens * inp.hidden * 2)?;
-                p.out_weights = self.ws.out_w.get(h.num_tokens * h.topk * 4)?;
-                (self.combine_kernel(h, &lay, &mut p)?, Vec::new(), inp.hidden * 2)
-            }
+        let mut l = match op {
+            ResidentOp::DispatchCached => self.prepare_cached_dispatch(inp.x, inp.handle, inp.options)?,
+            ResidentOp::Combine => self.prepare_combine(inp.y, inp.hidden, inp.handle, None)?,
         };
         let events = (0..iters).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
         self.meta.write(meta::DIAG, SyDiag::default());
@@ -495,23 +470,82 @@ impl CudaRank {
                 if i > 0 {
                     self.seq += 1;
                 }
-                p.seq = self.seq;
+                l.p.seq = self.seq;
                 a.record(&self.stream)?;
-                self.enqueue(&spec, which, self.channels(), THREADS as u32, &p, &side_ops)?;
+                self.enqueue(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &l.side_ops)?;
                 b.record(&self.stream)?;
             }
             self.stream.sync()?;
             events.iter().map(|(a, b)| b.elapsed_ms_since(a).map(|ms| ms as f64 * 1e-3)).collect::<Result<Vec<f64>>>()
         })();
         let times = r.inspect_err(|e| self.poisoned = Some(e.to_string()))?;
-        self.check_device_timeout(which)?;
-        let mut tr =
-            std::mem::take(if op == ResidentOp::Combine { &mut self.traffic.combine } else { &mut self.traffic.dispatch });
+        self.check_device_timeout(l.kernel)?;
+        let st = inp.handle.state::<CudaHandleState>("cuda")?;
+        let (row_bytes, into) = match op {
+            ResidentOp::DispatchCached => (spec_row_bytes(&l.spec), &mut self.traffic.dispatch),
+            ResidentOp::Combine => (inp.hidden * 2, &mut self.traffic.combine),
+        };
         for _ in 0..iters {
-            self.count_traffic(&st.pos, row_bytes, &mut tr);
+            count_traffic(self.world, self.rank, &st.pos, row_bytes, into);
         }
-        *(if op == ResidentOp::Combine { &mut self.traffic.combine } else { &mut self.traffic.dispatch }) = tr;
         Ok(times)
+    }
+
+    /// Everything a cached dispatch does before its launch: the checks and the agreement
+    /// (`begin_call`), the input and plan uploads, and the own-row copies.
+    fn prepare_cached_dispatch(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<PreparedLaunch> {
+        let spec = spec_for(self.world, &x, handle.topk, handle.num_experts, options);
+        let prep = (|| {
+            checks::dispatch_cached(self.shared.comm_id, self.rank, &x, handle, options)?;
+            let st = handle.state::<CudaHandleState>("cuda")?;
+            spec.validate()?;
+            self.check_fits(&spec, st.max_recv_any)?;
+            self.ensure_kernels(&spec)
+        })();
+        self.begin_call(prep)?;
+        let st = handle.state::<CudaHandleState>("cuda")?;
+        let (mut p, lay) = self.base_params(&spec, handle.num_tokens);
+        self.upload_x(&x, &mut p)?;
+        self.upload_plan(&st.pos, &st.send_base, &mut p)?;
+        p.flags = 0;
+        let side_ops = self.own_row_copies(&spec, &lay, &st.pos, &st.send_base, &mut p);
+        Ok(PreparedLaunch { spec, p, lay, kernel: Kernel::Dispatch, side_ops })
+    }
+
+    /// Everything a combine does before its launch: the checks and the agreement, `y` (and its
+    /// weights) into this rank's buffer, the plan, the output space and the kernel choice.
+    fn prepare_combine(
+        &mut self,
+        y: &[bf16],
+        hidden: usize,
+        handle: &Handle,
+        topk_weights: Option<&[f32]>,
+    ) -> Result<PreparedLaunch> {
+        let (t, k) = (handle.num_tokens, handle.topk);
+        let spec =
+            KernelSpec { world: self.world, hidden, topk: k, num_experts: handle.num_experts, x_fp8: false, wire_fp8: false };
+        let prep = (|| {
+            checks::combine(self.shared.comm_id, self.rank, y, hidden, handle, topk_weights)?;
+            let st = handle.state::<CudaHandleState>("cuda")?;
+            spec.validate()?;
+            self.check_fits(&spec, st.max_recv_any)?;
+            self.ensure_kernels(&spec)
+        })();
+        self.begin_call(prep)?;
+        let st = handle.state::<CudaHandleState>("cuda")?;
+        let (mut p, lay) = self.base_params(&spec, t);
+        let own = self.shared.peers.bases[self.rank];
+        // y goes into our own buffer, where peers pull it from (stream-ordered before the kernel).
+        htod(own + lay.y as u64, y, &self.stream)?;
+        if let Some(w) = topk_weights {
+            htod(own + lay.y_w as u64, w, &self.stream)?;
+            p.flags |= FLAG_WITH_WEIGHTS;
+        }
+        self.upload_plan(&st.pos, &st.send_base, &mut p)?;
+        p.out = self.ws.out.get(t * hidden * 2)?;
+        p.out_weights = self.ws.out_w.get(t * k * 4)?;
+        let kernel = self.combine_kernel(handle, &lay, &mut p)?;
+        Ok(PreparedLaunch { spec, p, lay, kernel, side_ops: Vec::new() })
     }
 
     /// Which combine kernel runs, with its extra inputs set on `p`: pull by default; push when
@@ -692,20 +726,6 @@ impl CudaRank {
             Ok(Rows::Bf16 { hidden, data })
         }
     }
-
-    fn count_traffic(&self, pos: &[i32], row_bytes: usize, into: &mut Traffic) {
-        for row in pos.chunks_exact(self.world) {
-            for (d, &q) in row.iter().enumerate() {
-                if q >= 0 {
-                    if d == self.rank {
-                        into.local.add(row_bytes)
-                    } else {
-                        into.intra_node.add(row_bytes)
-                    }
-                }
-            }
-        }
-    }
 }
 
 impl Drop for CudaRank {
@@ -796,9 +816,7 @@ impl Communicator for CudaRank {
         dtoh(&mut src, own + lay.recv_src as u64, &self.stream)?;
 
         let row_bytes = spec_row_bytes(&spec) + k * 8 + 8;
-        let mut tr = std::mem::take(&mut self.traffic.dispatch);
-        self.count_traffic(&pos, row_bytes, &mut tr);
-        self.traffic.dispatch = tr;
+        count_traffic(self.world, self.rank, &pos, row_bytes, &mut self.traffic.dispatch);
 
         let out = DispatchOutput {
             x: rows,
@@ -823,70 +841,32 @@ impl Communicator for CudaRank {
     }
 
     fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows> {
-        let spec = spec_for(self.world, &x, handle.topk, handle.num_experts, options);
-        let prep = (|| {
-            checks::dispatch_cached(self.shared.comm_id, self.rank, &x, handle, options)?;
-            let st = handle.state::<CudaHandleState>("cuda")?;
-            spec.validate()?;
-            self.check_fits(&spec, st.max_recv_any)?;
-            self.ensure_kernels(&spec)
-        })();
-        self.begin_call(prep)?;
-        let st = handle.state::<CudaHandleState>("cuda")?;
-        let (mut p, lay) = self.base_params(&spec, handle.num_tokens);
-        self.upload_x(&x, &mut p)?;
-        self.upload_plan(&st.pos, &st.send_base, &mut p)?;
-        p.flags = 0;
-        let side_ops = self.own_row_copies(&spec, &lay, &st.pos, &st.send_base, &mut p);
+        let l = self.prepare_cached_dispatch(x, handle, options)?;
         self.start_together()?;
-        self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p, &side_ops)?;
-        let mut tr = std::mem::take(&mut self.traffic.dispatch);
-        self.count_traffic(&st.pos, spec_row_bytes(&spec), &mut tr);
-        self.traffic.dispatch = tr;
-        self.read_rows(&spec, &lay, handle.num_recv(), spec.hidden)
+        self.run(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &l.side_ops)?;
+        let st = handle.state::<CudaHandleState>("cuda")?;
+        count_traffic(self.world, self.rank, &st.pos, spec_row_bytes(&l.spec), &mut self.traffic.dispatch);
+        self.read_rows(&l.spec, &l.lay, handle.num_recv(), l.spec.hidden)
     }
 
     fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput> {
         let (t, k) = (handle.num_tokens, handle.topk);
-        let spec =
-            KernelSpec { world: self.world, hidden, topk: k, num_experts: handle.num_experts, x_fp8: false, wire_fp8: false };
-        let prep = (|| {
-            checks::combine(self.shared.comm_id, self.rank, y, hidden, handle, topk_weights)?;
-            let st = handle.state::<CudaHandleState>("cuda")?;
-            spec.validate()?;
-            self.check_fits(&spec, st.max_recv_any)?;
-            self.ensure_kernels(&spec)
-        })();
-        self.begin_call(prep)?;
-        let st = handle.state::<CudaHandleState>("cuda")?;
-        let (mut p, lay) = self.base_params(&spec, t);
-        let own = self.shared.peers.bases[self.rank];
-        // y goes into our own buffer, where peers pull it from (stream-ordered before the kernel).
-        htod(own + lay.y as u64, y, &self.stream)?;
-        if let Some(w) = topk_weights {
-            htod(own + lay.y_w as u64, w, &self.stream)?;
-            p.flags |= FLAG_WITH_WEIGHTS;
-        }
-        self.upload_plan(&st.pos, &st.send_base, &mut p)?;
-        p.out = self.ws.out.get(t * hidden * 2)?;
-        p.out_weights = self.ws.out_w.get(t * k * 4)?;
-        let kernel = self.combine_kernel(handle, &lay, &mut p)?;
+        let l = self.prepare_combine(y, hidden, handle, topk_weights)?;
         self.start_together()?;
-        self.run(&spec, kernel, self.channels(), THREADS as u32, &p, &[])?;
+        self.run(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &[])?;
         let mut x = vec![bf16::ZERO; t * hidden];
-        dtoh(&mut x, p.out, &self.stream)?;
+        dtoh(&mut x, l.p.out, &self.stream)?;
         let weights = match topk_weights {
             Some(_) => {
                 let mut w = vec![0f32; t * k];
-                dtoh(&mut w, p.out_weights, &self.stream)?;
+                dtoh(&mut w, l.p.out_weights, &self.stream)?;
                 Some(w)
             }
             None => None,
         };
         // Rows that crossed back to us: one per (token, rank it went to).
-        let mut tr = std::mem::take(&mut self.traffic.combine);
-        self.count_traffic(&st.pos, hidden * 2, &mut tr);
-        self.traffic.combine = tr;
+        let st = handle.state::<CudaHandleState>("cuda")?;
+        count_traffic(self.world, self.rank, &st.pos, hidden * 2, &mut self.traffic.combine);
         Ok(CombineOutput { x, topk_weights: weights })
     }
 
@@ -912,6 +892,22 @@ impl Communicator for CudaRank {
 
     fn reset_traffic(&mut self) {
         self.traffic = TrafficLog::default();
+    }
+}
+
+/// Add one call's rows to `into`: every (token, destination) in `pos` (`[T][world]`, -1: not
+/// sent) moved `row_bytes`, to this rank (local) or over NVLink (intra-node).
+fn count_traffic(world: usize, rank: usize, pos: &[i32], row_bytes: usize, into: &mut Traffic) {
+    for row in pos.chunks_exact(world) {
+        for (d, &q) in row.iter().enumerate() {
+            if q >= 0 {
+                if d == rank {
+                    into.local.add(row_bytes)
+                } else {
+                    into.intra_node.add(row_bytes)
+                }
+            }
+        }
     }
 }
 
