@@ -79,8 +79,8 @@ impl Op {
 pub struct BenchSpec {
     /// Inputs of every rank (topology, shape, dtype, routing, seed).
     pub workload: WorkloadSpec,
-    /// Data-movement configuration.
-    pub config: Config,
+    /// The config of each op.
+    pub configs: OpConfigs,
     /// Untimed iterations per op before the timed ones.
     pub warmup: usize,
     /// Timed iterations per op (>= 1).
@@ -89,6 +89,41 @@ pub struct BenchSpec {
     pub check: bool,
     /// Dispatch options (FP8 on the wire for BF16 input, expert alignment).
     pub options: DispatchOptions,
+}
+
+/// The config each op runs with: dispatch and cached dispatch share one (cached
+/// dispatch follows the routing of a dispatch), combine has its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpConfigs {
+    /// Dispatch and cached dispatch.
+    pub dispatch: Config,
+    /// Combine.
+    pub combine: Config,
+}
+
+impl OpConfigs {
+    /// The same config for every op.
+    pub fn uniform(config: Config) -> Self {
+        Self { dispatch: config.clone(), combine: config }
+    }
+
+    /// The config of `op`.
+    pub fn of(&self, op: Op) -> &Config {
+        match op {
+            Op::Dispatch | Op::DispatchCached => &self.dispatch,
+            Op::Combine => &self.combine,
+        }
+    }
+}
+
+/// Make `config` the communicator's if it is not already. Every rank has the same
+/// config in force and asks for the same one, so all of them call the collective
+/// [`Communicator::set_config`] or none does.
+fn use_config(comm: &mut dyn Communicator, config: &Config) -> Result<()> {
+    if comm.config() != config {
+        comm.set_config(config.clone())?;
+    }
+    Ok(())
 }
 
 impl BenchSpec {
@@ -109,7 +144,7 @@ impl BenchSpec {
 }
 
 /// Raw figures of one op, before they are turned into an [`OpResult`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Measurement {
     /// Which op.
     pub op: Op,
@@ -307,6 +342,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     let mut resident = [false; 3];
 
     // The dispatch whose output and handle the other ops use.
+    use_config(comm, &spec.configs.dispatch)?;
     let (recv, handle) = comm.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?;
     let y = workload::expert_outputs(&recv.x, comm.rank());
     let rows = recv.x.num_rows() as u64;
@@ -317,6 +353,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     ];
 
     for (i, op) in Op::ALL.into_iter().enumerate() {
+        use_config(comm, spec.configs.of(op))?;
         let mut call = |c: &mut dyn Communicator| -> Result<CallOutput> {
             Ok(match op {
                 Op::Dispatch => CallOutput::Rows(c.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?.0.x),
@@ -362,12 +399,14 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     }
 
     let checked = if spec.check {
+        use_config(comm, &spec.configs.dispatch)?;
         comm.barrier()?;
         let (d, h2) = comm.dispatch(x, &input.topk_idx, &input.topk_weights, &layout, &opts)?;
         step();
         let cached = comm.dispatch_cached(x, &h2, &opts)?;
         step();
         let y2 = workload::expert_outputs(&d.x, comm.rank());
+        use_config(comm, &spec.configs.combine)?;
         let c = comm.combine(&y2, hidden, &h2, None)?;
         step();
         Some((d, cached, c, y2))
@@ -394,8 +433,8 @@ fn first_error(errors: Vec<Error>) -> Option<Error> {
 /// Run the bench on the CPU backend: one thread per rank. `progress(done, total)`
 /// is called from rank 0's thread after each step (see [`BenchSpec::total_steps`]).
 pub fn run_cpu(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Vec<Measurement>> {
-    let ranks = CpuCluster::new(spec.workload.topology, spec.config.clone())?.into_ranks();
-    run_on(spec, ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect(), progress)
+    let ranks = CpuCluster::new(spec.workload.topology, spec.configs.dispatch.clone())?.into_ranks();
+    run_on(spec, &mut ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect::<Vec<_>>(), progress)
 }
 
 /// Run the bench on the CUDA backend: one node of `ranks_per_node` GPUs.
@@ -407,14 +446,15 @@ pub fn run_cuda(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Resul
             reason: format!("the CUDA backend runs one node for now (intra-node); got {} nodes", topo.num_nodes),
         });
     }
-    let ranks = crate::backend::cuda::CudaCluster::new(topo.ranks_per_node, spec.config.clone())?.into_ranks()?;
-    run_on(spec, ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect(), progress)
+    let ranks = crate::backend::cuda::CudaCluster::new(topo.ranks_per_node, spec.configs.dispatch.clone())?.into_ranks()?;
+    run_on(spec, &mut ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect::<Vec<_>>(), progress)
 }
 
 /// Run the bench on the given ranks (one thread per rank, all in this process).
+/// The ranks can run further benches afterwards (a failed one leaves them unusable).
 pub fn run_on(
     spec: &BenchSpec,
-    ranks: Vec<Box<dyn Communicator>>,
+    ranks: &mut [Box<dyn Communicator>],
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Vec<Measurement>> {
     if spec.iters == 0 {
@@ -425,9 +465,9 @@ pub fn run_on(
     let done = AtomicU64::new(0);
     let results: Vec<Result<RankRun>> = std::thread::scope(|s| {
         let handles: Vec<_> = ranks
-            .into_iter()
+            .iter_mut()
             .zip(&inputs)
-            .map(|(mut comm, input)| {
+            .map(|(comm, input)| {
                 let done = &done;
                 s.spawn(move || {
                     let is_zero = comm.rank() == 0;
@@ -524,9 +564,23 @@ pub fn run_cuda_process(
     if spec.iters == 0 {
         return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
     }
-    let mut comm = crate::backend::cuda::CudaRank::from_launch_env(env, spec.config.clone())?;
+    let mut comm = crate::backend::cuda::CudaRank::from_launch_env(env, spec.configs.dispatch.clone())?;
+    run_as_process(spec, &mut comm, progress)
+}
+
+/// Run the bench as `comm`'s rank of a group of processes (one rank each): every
+/// rank runs its part and checks its own results; rank 0 gathers them and returns
+/// the measurements, the other ranks `None`. `comm` can run further benches.
+pub fn run_as_process(
+    spec: &BenchSpec,
+    comm: &mut dyn Communicator,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Option<Vec<Measurement>>> {
+    if spec.iters == 0 {
+        return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
+    }
     let inputs = spec.workload.generate()?;
-    let rank = env.rank;
+    let rank = comm.rank();
     let total = spec.total_steps();
     let done = AtomicU64::new(0);
     let step = || {
@@ -535,7 +589,7 @@ pub fn run_cuda_process(
         }
     };
     // A rank's failure goes to every rank in the gather, so nobody waits for a summary that never comes.
-    let mine: std::result::Result<RankSummary, String> = run_rank(&mut comm, &inputs[rank], spec, &step)
+    let mine: std::result::Result<RankSummary, String> = run_rank(comm, &inputs[rank], spec, &step)
         .map(|run| RankSummary::of(&run, spec.check.then(|| expected(spec, &inputs)).as_ref(), rank))
         .map_err(|e| e.to_string());
     let bytes = serde_json::to_vec(&mine).expect("summary serializes");
@@ -641,8 +695,8 @@ pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], me
                 topology: w.topology,
                 routing: w.routing,
                 // One block (SM) per channel on a GPU.
-                num_sms: (backend == "cuda").then_some(spec.config.num_channels as u32),
-                config: spec.config.clone(),
+                num_sms: (backend == "cuda").then_some(spec.configs.of(m.op).num_channels as u32),
+                config: spec.configs.of(m.op).clone(),
                 time_us,
                 logical_gbps,
                 physical_gbps: PhysicalGbps {
@@ -780,7 +834,7 @@ mod tests {
                 hole_rate: 0.0,
                 seed: 7,
             },
-            config: Config::default(),
+            configs: OpConfigs::uniform(Config::default()),
             warmup: 0,
             iters: 4,
             check: false,

@@ -47,6 +47,7 @@ pub mod quant;
 pub mod routing;
 pub mod tensor;
 pub mod topology;
+pub mod tune;
 pub mod workload;
 
 pub use backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Traffic, TrafficLog};

@@ -611,6 +611,53 @@ fn config_zero_timeout() {
     expect_invalid_config(Config { timeout_ms: 0, ..Config::default() }, "timeout_ms");
 }
 
+/// `set_config` is collective: ranks asking for different configs, or one asking for
+/// an impossible one, all fail and keep the old config; then the same valid config on
+/// every rank takes, and a round under it still matches the oracle.
+#[test]
+fn set_config_must_agree_on_every_rank() {
+    let fx = fixture(DType::Bf16);
+    let old = test_config(TIMEOUT_MS);
+    let o = old.clone();
+    let results = run_ranks_keep("set_config differs", ranks(&fx), DEADLINE, move |comm| {
+        let ch = if comm.rank() == BAD { 3 } else { 2 };
+        (comm.set_config(Config { num_channels: ch, ..o.clone() }), comm.config().clone())
+    });
+    let mut ranks_back = Vec::new();
+    for (r, (comm, (res, cfg))) in results.into_iter().enumerate() {
+        assert!(matches!(&res, Err(Error::InvalidArgument { arg, .. }) if arg == "config"), "rank {r}: {res:?}");
+        assert_eq!(cfg, old, "rank {r} kept its config");
+        ranks_back.push(comm);
+    }
+    let o = old.clone();
+    let results = run_ranks_keep("set_config invalid on one rank", ranks_back, DEADLINE, move |comm| {
+        let ch = if comm.rank() == BAD { 0 } else { 2 };
+        (comm.set_config(Config { num_channels: ch, ..o.clone() }), comm.config().clone())
+    });
+    let mut ranks_back = Vec::new();
+    for (r, (comm, (res, cfg))) in results.into_iter().enumerate() {
+        if r == BAD {
+            assert!(matches!(&res, Err(Error::InvalidArgument { arg, .. }) if arg == "num_channels"), "rank {r}: {res:?}");
+        } else {
+            assert!(matches!(&res, Err(Error::PeerFailed { rank, .. }) if *rank == BAD), "rank {r}: {res:?}");
+        }
+        assert_eq!(cfg, old);
+        ranks_back.push(comm);
+    }
+    let new = Config { num_channels: 3, chunk_tokens: 2, buffer_tokens: 4, ..old };
+    let n = new.clone();
+    let results = run_ranks_keep("set_config agreed", ranks_back, DEADLINE, move |comm| comm.set_config(n.clone()));
+    let ranks_back: Vec<CpuRank> = results
+        .into_iter()
+        .map(|(comm, res)| {
+            res.unwrap_or_else(|e| panic!("rank {}: {e}", comm.rank()));
+            assert_eq!(*comm.config(), new);
+            comm
+        })
+        .collect();
+    check_valid_round("after set_config", ranks_back, &fx.spec, fx.inputs.clone(), DispatchOptions::default(), DEADLINE);
+}
+
 // ---------------------------------------------------------------- sanity of the fixture
 
 /// The fixture itself is valid: a plain round passes, so the tests above fail for the reason they name.

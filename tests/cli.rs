@@ -2,13 +2,36 @@
 
 use std::process::{Command, Output};
 
+/// The binary with no config from the environment and a cache dir of its own
+/// (so a tuned file of the machine's user cannot change the results).
+fn command(args: &[&str], cache: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    c.args(args).env_remove("SWITCHYARD_CONFIG").env("SWITCHYARD_CACHE_DIR", cache).env("RUST_LOG", "info");
+    c
+}
+
 fn switchyard(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .env_remove("SWITCHYARD_CONFIG")
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("run switchyard")
+    let cache = std::env::temp_dir().join(format!("switchyard-cli-cache-{}", std::process::id()));
+    command(args, &cache).output().expect("run switchyard")
+}
+
+/// A fresh directory under the temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("switchyard-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -20,7 +43,7 @@ fn help_lists_the_subcommands_and_bench_flags() {
     let out = switchyard(&["--help"]);
     assert!(out.status.success());
     let s = text(&out.stdout);
-    for word in ["bench", "check", "info", "Exit status"] {
+    for word in ["bench", "check", "info", "tune", "Exit status"] {
         assert!(s.contains(word), "--help lacks {word}:\n{s}");
     }
     let out = switchyard(&["bench", "--help"]);
@@ -180,4 +203,192 @@ fn check_runs_the_conformance_cases() {
     let last = s.lines().last().unwrap_or("");
     assert!(last.ends_with(" failed") && last.contains(" passed, "), "{s}");
     assert!(out.status.success(), "{s}");
+}
+
+/// A small bench on the CPU backend (2 nodes x 2 ranks, 40 tokens, hidden 256) with extra args.
+fn small_bench(extra: &[&str], cache: &std::path::Path, json: &std::path::Path) -> Output {
+    let mut args = vec![
+        "bench",
+        "--backend",
+        "cpu",
+        "--tokens",
+        "40",
+        "--hidden",
+        "256",
+        "--topk",
+        "4",
+        "--experts",
+        "16",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--check",
+        "--json",
+    ];
+    args.push(json.to_str().unwrap());
+    args.extend_from_slice(extra);
+    command(&args, cache).output().expect("run switchyard")
+}
+
+const CPU_ENTRY: &str = "[[entry]]\ngpu = \"cpu\"\nnodes = 2\nranks_per_node = 2\nhidden = 256\n";
+
+#[test]
+fn bench_takes_each_ops_config_from_the_tuned_file() {
+    let d = TempDir::new("tuned");
+    std::fs::write(
+        d.path("tuned.toml"),
+        format!(
+            "version = 1\n{CPU_ENTRY}op = \"dispatch\"\ndtype = \"bf16\"\nnum_channels = 3\nchunk_tokens = 4\nbuffer_tokens = 8\n\
+             {CPU_ENTRY}op = \"combine\"\ndtype = \"bf16\"\nnum_sms = 1\n"
+        ),
+    )
+    .unwrap();
+    let json = d.path("b.json");
+    let out = small_bench(&[], &d.0, &json);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("num_channels=3 (tuned file") && stderr.contains("entry[1]"), "{stderr}");
+    let report = switchyard::bench::Report::from_json(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for r in &report.results {
+        assert_eq!(r.wrong, Some(0), "{:?}", r.op);
+        let want = if r.op == switchyard::bench::Op::Combine { (1, 32, 128) } else { (3, 4, 8) };
+        assert_eq!((r.config.num_channels, r.config.chunk_tokens, r.config.buffer_tokens), want, "{:?}", r.op);
+    }
+    // A flag beats the tuned file, for every op.
+    let out = small_bench(&["--channels", "2"], &d.0, &json);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = switchyard::bench::Report::from_json(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(report.results.iter().all(|r| r.config.num_channels == 2));
+}
+
+#[test]
+fn bad_or_stale_config_files_stop_the_bench_naming_file_and_key() {
+    let d = TempDir::new("badcfg");
+    let json = d.path("b.json");
+    for (text_of_file, key) in [
+        (format!("{CPU_ENTRY}op = \"dispatch\"\ndtype = \"bf16\"\nnum_channels = 0\n"), "entry[0].num_channels"),
+        (format!("{CPU_ENTRY}op = \"gather\"\ndtype = \"bf16\"\n"), "entry[0].op"),
+        ("version = 7\n".to_string(), "`version`"),
+        (format!("{CPU_ENTRY}op = \"dispatch\"\ndtype = \"bf16\"\nkernels = \"0123\"\n"), "entry[0].kernels"),
+        (
+            format!("chunk_tokens = 64\n{CPU_ENTRY}op = \"combine\"\ndtype = \"bf16\"\nbuffer_tokens = 32\n"),
+            "entry[0].buffer_tokens",
+        ),
+    ] {
+        std::fs::write(d.path("tuned.toml"), &text_of_file).unwrap();
+        let out = small_bench(&[], &d.0, &json);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text_of_file}: {stderr}");
+        assert!(stderr.contains("tuned.toml") && stderr.contains(key), "{text_of_file}: wanted {key} in {stderr}");
+    }
+    // The same through --config.
+    std::fs::remove_file(d.path("tuned.toml")).unwrap();
+    std::fs::write(d.path("mine.toml"), "num_channels = -1\n").unwrap();
+    let out = small_bench(&["--config", d.path("mine.toml").to_str().unwrap()], &d.0, &json);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("mine.toml") && stderr.contains("num_channels"), "{stderr}");
+}
+
+fn tune_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "tune",
+        "--backend",
+        "cpu",
+        "--shape",
+        "s:40:256:4:16",
+        "--dtype",
+        "bf16",
+        "--channels",
+        "1,2",
+        "--chunk-tokens",
+        "8",
+        "--warmup",
+        "0",
+        "--iters",
+        "2",
+        "--remeasure-iters",
+        "2",
+        "--finalists",
+        "1",
+        "--out",
+        out,
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn tune_writes_config_curve_and_plot() {
+    let d = TempDir::new("tune");
+    let out_path = d.path("t.toml");
+    let out = command(&tune_args(out_path.to_str().unwrap(), &[]), &d.0).output().unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let file = switchyard::config::ConfigFile::read(&out_path).unwrap();
+    assert_eq!(file.entries.len(), 2, "dispatch and combine");
+    assert!(stdout.contains("dispatch") && stdout.contains("combine"), "{stdout}");
+    let curve: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path("t-curve.json")).unwrap()).unwrap();
+    let w = &curve["outcome"]["workloads"][0];
+    assert!(w["points"].as_array().unwrap().len() >= 2 && w["choices"].as_array().unwrap().len() == 2, "{curve}");
+    assert_eq!(curve["outcome"]["interrupted"], false);
+    let png = std::fs::read(d.path("t-curve.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    // A second tune merges into the file (an entry of another shape stays).
+    let mut text_of_file = std::fs::read_to_string(&out_path).unwrap();
+    text_of_file += &format!("{CPU_ENTRY}op = \"dispatch\"\ndtype = \"fp8\"\nnum_channels = 4\n");
+    std::fs::write(&out_path, text_of_file).unwrap();
+    let out = command(&tune_args(out_path.to_str().unwrap(), &[]), &d.0).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(switchyard::config::ConfigFile::read(&out_path).unwrap().entries.len(), 3);
+}
+
+#[test]
+fn tune_refuses_bad_arguments_and_a_broken_output_file_before_sweeping() {
+    let d = TempDir::new("tunebad");
+    let out_path = d.path("t.toml");
+    let o = out_path.to_str().unwrap();
+    for extra in [&["--channels", "0"][..], &["--tolerance", "1.5"], &["--shape", "nope"], &["--iters", "0"]] {
+        let out = command(&tune_args(o, extra), &d.0).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", text(&out.stderr));
+    }
+    std::fs::write(&out_path, "num_channels = [\n").unwrap();
+    let t0 = std::time::Instant::now();
+    let out = command(&tune_args(o, &[]), &d.0).output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("t.toml") && !stderr.contains("wrote"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&out_path).unwrap(), "num_channels = [\n", "the broken file is left as it was");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[test]
+fn ctrl_c_stops_the_tune_and_keeps_what_is_done() {
+    let d = TempDir::new("tunesig");
+    let out_path = d.path("t.toml");
+    // Many shapes so the tune is still running when the signal comes.
+    let shapes = (0..40).map(|i| format!("s{i}:{}:512:4:16", 32 + i)).collect::<Vec<_>>().join(",");
+    let mut args = tune_args(out_path.to_str().unwrap(), &[]);
+    let at = args.iter().position(|a| *a == "s:40:256:4:16").unwrap();
+    args[at] = &shapes;
+    let child = command(&args, &d.0).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Wait for the first finished shape (the curve is written only at the end, so watch the log instead: a fixed delay).
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // SAFETY: plain kill(2) on our child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let curve: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path("t-curve.json")).unwrap()).unwrap();
+    assert_eq!(curve["outcome"]["interrupted"], true);
+    let workloads = curve["outcome"]["workloads"].as_array().unwrap();
+    assert!(workloads.len() < 40, "stopped early");
+    let finished = workloads.iter().filter(|w| !w["choices"].as_array().unwrap().is_empty()).count();
+    if finished > 0 {
+        let file = switchyard::config::ConfigFile::read(&out_path).unwrap();
+        assert_eq!(file.entries.len(), 2 * finished);
+    } else {
+        assert!(!out_path.exists());
+    }
 }

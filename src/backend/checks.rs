@@ -90,3 +90,33 @@ pub(crate) fn combine(
     }
     Ok(())
 }
+
+/// The collective half of [`Communicator::set_config`](super::Communicator::set_config):
+/// every rank sends its proposal (or why it cannot take it) to all, so all ranks
+/// take the same config or all keep their old one with an error.
+pub(crate) fn agree_on_config(
+    comm: &mut dyn super::Communicator,
+    proposed: &crate::config::Config,
+    local: Result<()>,
+) -> Result<()> {
+    let me = comm.rank();
+    let local = local.and_then(|_| proposed.validate());
+    let mine: std::result::Result<&crate::config::Config, String> = local.as_ref().map(|_| proposed).map_err(|e| e.to_string());
+    let all = comm.all_gather_bytes(&serde_json::to_vec(&mine).expect("config serializes"))?;
+    local?;
+    for (r, bytes) in all.iter().enumerate() {
+        let theirs: std::result::Result<crate::config::Config, String> = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Protocol { rank: me, detail: format!("rank {r} sent an unreadable config: {e}") })?;
+        match theirs {
+            Err(reason) => return Err(Error::PeerFailed { rank: r, reason }),
+            Ok(c) if c != *proposed => {
+                return Err(Error::InvalidArgument {
+                    arg: "config".into(),
+                    reason: format!("rank {r} asked for {c:?} while rank {me} asked for {proposed:?}"),
+                })
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}

@@ -179,6 +179,12 @@ pub trait Communicator: Send {
     /// them per token in f32. With `topk_weights` (`[R, k]`) the weights are summed back too.
     fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput>;
 
+    /// Replace the config the next calls run with. Collective: every rank calls it
+    /// with the same config; if the ranks ask for different ones, or one cannot take
+    /// it (invalid, or past this backend's limits), every rank fails and keeps its
+    /// old config. Handles made under the old config keep working.
+    fn set_config(&mut self, config: Config) -> Result<()>;
+
     /// Block until every rank has reached the barrier (with the configured deadline).
     fn barrier(&mut self) -> Result<()>;
 

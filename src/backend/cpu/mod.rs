@@ -100,6 +100,8 @@ struct Signature {
     topk: usize,
     num_experts: usize,
     weights: bool,
+    /// Channels, chunk and buffer tokens.
+    knobs: [usize; 3],
 }
 
 /// Counts a source announces in the notify step.
@@ -129,11 +131,12 @@ struct CpuHandleState {
 }
 
 impl CpuRank {
-    fn ctx(&self) -> RankCtx {
+    /// The context of a call over `channels` channels.
+    fn ctx(&self, channels: usize) -> RankCtx {
         RankCtx {
             me: self.rank,
             topo: self.topology,
-            channels: self.config.num_channels,
+            channels,
             chunk: self.config.chunk_tokens,
             timeout: Duration::from_millis(self.config.timeout_ms),
         }
@@ -185,9 +188,9 @@ impl CpuRank {
     }
 
     /// The rings this rank produces into and consumes from in this call.
-    fn call_rings(&self, posts: &[Arc<Posted>], own: &RingSet) -> CallRings {
+    fn call_rings(&self, posts: &[Arc<Posted>], own: &RingSet, channels: usize) -> CallRings {
         let topo = self.topology;
-        let (rpn, nodes, channels) = (topo.ranks_per_node, topo.num_nodes, self.config.num_channels);
+        let (rpn, nodes) = (topo.ranks_per_node, topo.num_nodes);
         let (my_node, my_local) = (topo.node_of(self.rank), topo.local_of(self.rank));
         let post = |r: usize| posts[r].as_ref().as_ref().expect("checked");
         CallRings {
@@ -252,15 +255,16 @@ impl CpuRank {
         r
     }
 
-    /// This backend's state in `handle` (whose owner the shared checks verified).
-    fn handle_state<'h>(&self, handle: &'h Handle) -> Result<&'h CpuHandleState> {
-        let state: &CpuHandleState = handle.state("cpu")?;
-        if state.channels != self.config.num_channels {
-            return Err(Error::HandleMismatch {
-                reason: format!("made with {} channels, communicator has {}", state.channels, self.config.num_channels),
-            });
-        }
-        Ok(state)
+    /// Channels of a call that follows `handle`'s routing: the split of the dispatch
+    /// that made it, whatever the config says now (its plan is per channel). The
+    /// config's count when the handle is not this backend's (the checks reject it).
+    fn handle_channels(&self, handle: &Handle) -> usize {
+        handle.state::<CpuHandleState>("cpu").map(|s| s.channels).unwrap_or(self.config.num_channels)
+    }
+
+    /// The knobs every rank must share in a call.
+    fn knobs(&self, channels: usize) -> [usize; 3] {
+        [channels, self.config.chunk_tokens, self.config.buffer_tokens]
     }
 }
 
@@ -317,6 +321,7 @@ impl Communicator for CpuRank {
                 topk: layout.topk,
                 num_experts: layout.num_experts,
                 weights: true,
+                knobs: self.knobs(channels),
             },
             intra_in: self.dispatch_rings.intra_in.clone(),
             inter_in: self.dispatch_rings.inter_in.clone(),
@@ -329,7 +334,7 @@ impl Communicator for CpuRank {
         });
         let posts = self.exchange_posts(mine)?;
         let (recv, rail_tokens, tokens_per_expert) = self.recv_plan(&posts);
-        let rings = self.call_rings(&posts, &self.dispatch_rings);
+        let rings = self.call_rings(&posts, &self.dispatch_rings, channels);
         drop(posts);
         let input = DispatchInput {
             x: wire,
@@ -341,7 +346,7 @@ impl Communicator for CpuRank {
             rail_tokens: rail_tokens.clone(),
         };
         let spare = self.spare_rows.take();
-        let got = self.give_up_on_error(dispatch::run(&self.ctx(), &rings, &plan, &recv, &input, spare))?;
+        let got = self.give_up_on_error(dispatch::run(&self.ctx(channels), &rings, &plan, &recv, &input, spare))?;
         self.traffic.dispatch.accumulate(&got.traffic);
         let align = options.expert_alignment.max(1);
         let output = DispatchOutput {
@@ -368,9 +373,8 @@ impl Communicator for CpuRank {
 
     fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows> {
         let topo = self.topology;
-        let channels = self.config.num_channels;
-        let checked = checks::dispatch_cached(self.comm_id, self.rank, &x, handle, options)
-            .and_then(|_| self.handle_state(handle).map(|_| ()));
+        let channels = self.handle_channels(handle);
+        let checked = checks::dispatch_cached(self.comm_id, self.rank, &x, handle, options);
         let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
         let slot_bytes = self.dispatch_slot_bytes(&wire, handle.topk);
@@ -383,13 +387,14 @@ impl Communicator for CpuRank {
                 topk: handle.topk,
                 num_experts: handle.num_experts,
                 weights: false,
+                knobs: self.knobs(channels),
             },
             intra_in: self.dispatch_rings.intra_in.clone(),
             inter_in: self.dispatch_rings.inter_in.clone(),
             counts: None,
         });
         let posts = self.exchange_posts(mine)?;
-        let rings = self.call_rings(&posts, &self.dispatch_rings);
+        let rings = self.call_rings(&posts, &self.dispatch_rings, channels);
         drop(posts);
         let state: &CpuHandleState = handle.state("cpu")?;
         let input = DispatchInput {
@@ -402,16 +407,15 @@ impl Communicator for CpuRank {
             rail_tokens: state.rail_tokens.clone(),
         };
         let spare = self.spare_rows.take();
-        let got = self.give_up_on_error(dispatch::run(&self.ctx(), &rings, &state.plan, &state.recv, &input, spare))?;
+        let got = self.give_up_on_error(dispatch::run(&self.ctx(channels), &rings, &state.plan, &state.recv, &input, spare))?;
         self.traffic.dispatch.accumulate(&got.traffic);
         Ok(got.x)
     }
 
     fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput> {
         let topo = self.topology;
-        let channels = self.config.num_channels;
-        let checked = checks::combine(self.comm_id, self.rank, y, hidden, handle, topk_weights)
-            .and_then(|_| self.handle_state(handle).map(|_| ()));
+        let channels = self.handle_channels(handle);
+        let checked = checks::combine(self.comm_id, self.rank, y, hidden, handle, topk_weights);
         let kw = if topk_weights.is_some() { handle.topk } else { 0 };
         let slot_bytes = CombineSlot::new(kw, hidden * 2).bytes();
         Self::ensure_rings(&mut self.combine_rings, topo, self.rank, channels, self.config.buffer_tokens, slot_bytes);
@@ -423,13 +427,14 @@ impl Communicator for CpuRank {
                 topk: handle.topk,
                 num_experts: handle.num_experts,
                 weights: topk_weights.is_some(),
+                knobs: self.knobs(channels),
             },
             intra_in: self.combine_rings.intra_in.clone(),
             inter_in: self.combine_rings.inter_in.clone(),
             counts: None,
         });
         let posts = self.exchange_posts(mine)?;
-        let rings = self.call_rings(&posts, &self.combine_rings);
+        let rings = self.call_rings(&posts, &self.combine_rings, channels);
         drop(posts);
         let state: &CpuHandleState = handle.state("cpu")?;
         let input = combine::CombineInput {
@@ -442,10 +447,16 @@ impl Communicator for CpuRank {
             source_token: &handle.source_token,
             record: &state.record,
         };
-        let got = combine::run(&self.ctx(), &rings, &input, &mut self.combine_scratch);
+        let got = combine::run(&self.ctx(channels), &rings, &input, &mut self.combine_scratch);
         let got = self.give_up_on_error(got)?;
         self.traffic.combine.accumulate(&got.traffic);
         Ok(CombineOutput { x: got.x, topk_weights: got.weights })
+    }
+
+    fn set_config(&mut self, config: Config) -> Result<()> {
+        checks::agree_on_config(self, &config, Ok(()))?;
+        self.config = config;
+        Ok(())
     }
 
     fn barrier(&mut self) -> Result<()> {

@@ -273,6 +273,12 @@ pub fn cache_key(sources: &[&str], options: &[String], arch: &str, nvrtc: (i32, 
     format!("{:016x}{:016x}", a.0, b.0)
 }
 
+/// Hash of the kernel sources this build carries (no options, arch or NVRTC version):
+/// a tuned config records it, so timings taken with other kernels are recognised as stale.
+pub fn kernel_source_hash() -> String {
+    cache_key(&[COMMON_CUH, INTRANODE_CU], &[], "", (0, 0))[..16].to_string()
+}
+
 struct Fnv(u64);
 impl Fnv {
     fn write(&mut self, bytes: &[u8]) {

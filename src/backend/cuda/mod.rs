@@ -102,6 +102,7 @@ impl CudaCluster {
             });
         }
         let gpus: Vec<Gpu> = (0..num_gpus).map(Gpu::new).collect::<Result<_>>()?;
+        check_channels(&config, &gpus[0])?;
         let arch = arch_of(&gpus[0])?;
         let buffer_bytes = buffer_bytes_from_env();
         let mb = buffer_bytes >> 20;
@@ -233,6 +234,7 @@ impl CudaRank {
                 });
             }
             let gpu = Gpu::new(ordinal)?;
+            check_channels(&config, &gpu)?;
             let arch = arch_of(&gpu)?;
             gpu.bind()?;
             let buffer = new_comm_buffer(buffer_bytes)?;
@@ -342,6 +344,19 @@ fn cubin_for(spec: &KernelSpec, arch: &str) -> Result<Arc<compile::Cubin>> {
     }
     map.insert((*spec, arch.to_string()), c.clone());
     Ok(c)
+}
+
+/// Every channel is one block that spin-waits on its peers' blocks, so all of them
+/// must be resident at once: at most one channel per SM (and the kernels' limit).
+fn check_channels(config: &Config, gpu: &Gpu) -> Result<()> {
+    let limit = gpu.sm_count()?.min(compile::MAX_CHANNELS);
+    if config.num_channels > limit {
+        return Err(Error::InvalidArgument {
+            arg: "num_channels".into(),
+            reason: format!("{} channels (one SM each) do not fit: {} has {limit} usable SMs", config.num_channels, gpu.name()),
+        });
+    }
+    Ok(())
 }
 
 /// One rank (GPU) of a [`CudaCluster`], or of a node of processes ([`CudaRank::from_launch_env`]).
@@ -876,6 +891,13 @@ impl Communicator for CudaRank {
 
     fn time_device_resident(&mut self, op: ResidentOp, inputs: &ResidentInputs<'_>, iters: usize) -> Option<Result<Vec<f64>>> {
         Some(self.resident_loop(op, inputs, iters))
+    }
+
+    fn set_config(&mut self, config: Config) -> Result<()> {
+        let fits = check_channels(&config, self.gpu());
+        checks::agree_on_config(self, &config, fits)?;
+        self.config = config;
+        Ok(())
     }
 
     fn barrier(&mut self) -> Result<()> {

@@ -7,12 +7,15 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+mod tune;
+
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::{info, warn};
 
-use switchyard::bench::{self, BenchSpec, Report};
+use switchyard::bench::{self, BenchSpec, OpConfigs, Report};
 use switchyard::bootstrap::LaunchEnv;
+use switchyard::config::{ConfigKey, PartialConfig, Resolver, TunedOp};
 use switchyard::probe::{self, BackendChoice, BackendKind};
 use switchyard::workload::{RoutingKind, WorkloadSpec};
 use switchyard::{conformance, Config, DType, Error, Topology};
@@ -36,14 +39,18 @@ enum Cmd {
     Check(CheckArgs),
     /// Show the version, usable backends, CUDA libraries found, GPUs and peer access.
     Info,
+    /// Sweep channels (SMs) and chunk sizes for given shapes; write the best as config entries.
+    Tune(tune::TuneArgs),
 }
 
 #[derive(Args, Debug)]
 #[command(after_help = "GB/s = bytes / median iteration time, summed over all ranks of the group. \
 logical = bytes of rows delivered to receivers (incl. local ones); inter-node / intra-node = bytes \
 that crossed that hop (backend traffic counters). x memcpy = logical GB/s / memcpy GB/s measured in \
-the same run with one copying thread per rank.\n\nConfig precedence: --channels/--chunk-tokens/--buffer-tokens \
-> --config FILE (or SWITCHYARD_CONFIG) > built-in defaults.")]
+the same run with one copying thread per rank.\n\nConfig, knob by knob, first that says wins: --channels/--chunk-tokens/\
+--buffer-tokens > --config FILE (or SWITCHYARD_CONFIG; the entry matching the op, then its top-level knobs) > the tuned \
+file `switchyard tune` wrote (tuned.toml in the cache dir, the same way) > the analytic default. Dispatch and cached \
+dispatch share the dispatch config; combine has its own. The choice and its origins are logged at info.")]
 struct BenchArgs {
     /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
@@ -93,11 +100,11 @@ struct BenchArgs {
     /// Write the results as JSON (schema 1, see README) to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Config TOML file (num_channels, chunk_tokens, buffer_tokens, timeout_ms).
+    /// Config TOML file (schema in README, "Config").
     #[arg(long, value_name = "FILE", env = "SWITCHYARD_CONFIG")]
     config: Option<PathBuf>,
-    /// Channels (overrides the config file).
-    #[arg(long)]
+    /// Channels, for every op (on CUDA one SM each; overrides the config files).
+    #[arg(long, visible_alias = "num-sms")]
     channels: Option<usize>,
     /// Tokens per chunk (overrides the config file).
     #[arg(long)]
@@ -137,6 +144,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Check(a) => cmd_check(a),
         Cmd::Info => cmd_info(),
+        Cmd::Tune(a) => tune::cmd_tune(a),
     };
     match result {
         Ok(code) => code,
@@ -169,27 +177,45 @@ fn choose_backend(choice: BackendChoice) -> Result<BackendKind, Error> {
     Ok(kind)
 }
 
-/// Explicit flag > config file > default.
-fn resolve_config(a: &BenchArgs) -> Result<Config, Error> {
-    let mut cfg = match &a.config {
-        Some(path) => {
-            let c = Config::from_toml_file(path)?;
-            info!("config file {}", path.display());
-            c
-        }
-        None => Config::default(),
+/// The device name config entries are keyed by: the first GPU's name, or "cpu".
+fn device_name(backend: BackendKind) -> String {
+    match backend {
+        BackendKind::Cpu => switchyard::config::resolve::CPU_DEVICE.to_string(),
+        BackendKind::Cuda => probe::probe().gpus.first().map(|g| g.name.clone()).unwrap_or_else(|| "unknown GPU".into()),
+    }
+}
+
+/// Each op's config: flags > config file > tuned file > analytic default (see `config::resolve`).
+fn resolve_configs(a: &BenchArgs, backend: BackendKind, topology: Topology) -> Result<OpConfigs, Error> {
+    let explicit = PartialConfig {
+        num_channels: a.channels,
+        chunk_tokens: a.chunk_tokens,
+        buffer_tokens: a.buffer_tokens,
+        timeout_ms: None,
     };
-    if let Some(v) = a.channels {
-        cfg.num_channels = v;
-    }
-    if let Some(v) = a.chunk_tokens {
-        cfg.chunk_tokens = v;
-    }
-    if let Some(v) = a.buffer_tokens {
-        cfg.buffer_tokens = v;
-    }
-    cfg.validate()?;
-    Ok(cfg)
+    let resolver = Resolver::with_tuned_file(explicit, a.config.as_deref())?;
+    let gpu = device_name(backend);
+    let key = |op, dtype| ConfigKey {
+        gpu: gpu.clone(),
+        nodes: topology.num_nodes,
+        ranks_per_node: topology.ranks_per_node,
+        op,
+        dtype,
+        hidden: a.hidden,
+        tokens: a.tokens,
+    };
+    let wire = if a.fp8_on_wire { DType::Fp8 } else { a.dtype };
+    Ok(OpConfigs {
+        dispatch: resolver.resolve(&key(TunedOp::Dispatch, wire))?.config,
+        combine: resolver.resolve(&key(TunedOp::Combine, DType::Bf16))?.config,
+    })
+}
+
+/// One line per op kind: its knobs.
+fn config_line(c: &OpConfigs) -> String {
+    let one =
+        |c: &Config| format!("channels {}, chunk {} tokens, buffer {} tokens", c.num_channels, c.chunk_tokens, c.buffer_tokens);
+    format!("dispatch: {}; combine: {}", one(&c.dispatch), one(&c.combine))
 }
 
 /// A progress bar on stderr that appears only if stderr is a terminal and the
@@ -218,6 +244,10 @@ impl LazyBar {
         }
     }
 
+    fn message(&self, what: &str) {
+        self.bar.set_message(what.to_string());
+    }
+
     fn finish(&self) {
         self.bar.finish_and_clear();
     }
@@ -232,7 +262,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
     };
     (a.nodes, a.ranks_per_node) = (Some(nodes), Some(ranks_per_node));
     let topology = Topology::new(nodes, ranks_per_node)?;
-    let config = resolve_config(&a)?;
+    let configs = resolve_configs(&a, backend, topology)?;
     let max_nodes = a.max_nodes.unwrap_or(nodes.min(4));
     let spec = BenchSpec {
         workload: WorkloadSpec {
@@ -247,16 +277,12 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
             hole_rate: 0.0,
             seed: a.seed,
         },
-        config: config.clone(),
+        configs: configs.clone(),
         warmup: a.warmup,
         iters: a.iters,
         check: a.check,
         options: switchyard::DispatchOptions { fp8_on_wire: a.fp8_on_wire, expert_alignment: 0 },
     };
-    info!(
-        "config: num_channels={} chunk_tokens={} buffer_tokens={} timeout_ms={}",
-        config.num_channels, config.chunk_tokens, config.buffer_tokens, config.timeout_ms
-    );
     info!(
         "workload: {} nodes x {} ranks, {} tokens/rank, hidden {}, top-{} of {} experts, {}, routing {}{}, seed {}; warmup {}, iters {}{}",
         nodes,
@@ -315,10 +341,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
         routing_name(a.routing),
         a.seed
     );
-    println!(
-        "# config: channels {}, chunk {} tokens, buffer {} tokens; warmup {}, iters {}",
-        config.num_channels, config.chunk_tokens, config.buffer_tokens, a.warmup, a.iters
-    );
+    println!("# config: {}; warmup {}, iters {}", config_line(&configs), a.warmup, a.iters);
     print!("{}", bench::format_table(&results, memcpy_gbps));
 
     if let Some(path) = &a.json {
