@@ -43,7 +43,7 @@ fn help_lists_the_subcommands_and_bench_flags() {
     let out = switchyard(&["--help"]);
     assert!(out.status.success());
     let s = text(&out.stdout);
-    for word in ["bench", "check", "info", "tune", "Exit status"] {
+    for word in ["bench", "check", "info", "tune", "plot", "Exit status"] {
         assert!(s.contains(word), "--help lacks {word}:\n{s}");
     }
     let out = switchyard(&["bench", "--help"]);
@@ -335,6 +335,14 @@ fn tune_writes_config_curve_and_plot() {
     assert_eq!(curve["outcome"]["interrupted"], false);
     let png = std::fs::read(d.path("t-curve.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    // The plot can be drawn again from the curve alone; a file that is not a curve is refused.
+    let curve_path = d.path("t-curve.json");
+    let out =
+        command(&["plot", curve_path.to_str().unwrap(), "--out", d.path("again.png").to_str().unwrap()], &d.0).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::read(d.path("again.png")).unwrap().starts_with(b"\x89PNG"));
+    let out = command(&["plot", out_path.to_str().unwrap()], &d.0).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     // A second tune merges into the file (an entry of another shape stays).
     let mut text_of_file = std::fs::read_to_string(&out_path).unwrap();
     text_of_file += &format!("{CPU_ENTRY}op = \"dispatch\"\ndtype = \"fp8\"\nnum_channels = 4\n");

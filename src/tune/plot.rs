@@ -3,7 +3,10 @@
 //! circled.
 //!
 //! Text needs a TrueType font, found at run time: `SWITCHYARD_PLOT_FONT`, else
-//! DejaVu Sans or Liberation Sans where Debian and Ubuntu put them.
+//! DejaVu Sans or Liberation Sans where Debian and Ubuntu put them, else the
+//! DejaVu Sans that matplotlib ships, else any `.ttf` under the system font
+//! directories. A machine with none (GPU hosts often have none) can draw the
+//! plot later from the curve JSON: `switchyard plot CURVE.json`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,16 +28,55 @@ const FONT_PATHS: [&str; 4] = [
     "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
 ];
 
+/// Directories searched, last, for any `.ttf`.
+const FONT_DIRS: [&str; 2] = ["/usr/share/fonts", "/usr/local/share/fonts"];
+
+/// matplotlib's own copy of DejaVu Sans, under the usual Python package directories.
+fn matplotlib_fonts() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for root in ["/usr/lib", "/usr/local/lib", "/opt/conda/lib"] {
+        let Ok(dirs) = std::fs::read_dir(root) else { continue };
+        for d in dirs.flatten().filter(|d| d.file_name().to_string_lossy().starts_with("python3")) {
+            for pkgs in ["site-packages", "dist-packages"] {
+                out.push(d.path().join(pkgs).join("matplotlib/mpl-data/fonts/ttf/DejaVuSans.ttf"));
+            }
+        }
+    }
+    out
+}
+
+/// The first `.ttf` under `dir` (depth-first, names sorted), at most 4 levels down.
+fn any_ttf(dir: &Path, depth: usize) -> Option<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    let file = entries.iter().find(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("ttf")));
+    file.cloned()
+        .or_else(|| (depth > 0).then(|| entries.iter().filter(|p| p.is_dir()).find_map(|d| any_ttf(d, depth - 1))).flatten())
+}
+
+/// Whether a font for the plot's text can be found on this machine.
+pub fn font_available() -> bool {
+    ensure_font().is_ok()
+}
+
 /// Register a font once for the process (plotters keeps fonts in a global table).
 fn ensure_font() -> Result<()> {
     static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     FONT.get_or_init(|| {
-        let candidates: Vec<PathBuf> =
-            std::env::var_os(FONT_ENV).map(PathBuf::from).into_iter().chain(FONT_PATHS.iter().map(PathBuf::from)).collect();
-        let path = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
-            format!("no TrueType font for the plot's text: set {FONT_ENV} to a .ttf file or install fonts-dejavu-core")
-        })?;
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let candidates: Vec<PathBuf> = std::env::var_os(FONT_ENV)
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(FONT_PATHS.iter().map(PathBuf::from))
+            .chain(matplotlib_fonts())
+            .collect();
+        let path = candidates
+            .into_iter()
+            .find(|p| p.is_file())
+            .or_else(|| FONT_DIRS.iter().find_map(|d| any_ttf(Path::new(d), 4)))
+            .ok_or_else(|| {
+                format!("no TrueType font for the plot's text: set {FONT_ENV} to a .ttf file or install fonts-dejavu-core")
+            })?;
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         // plotters wants the bytes for the life of the process.
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)

@@ -41,6 +41,8 @@ enum Cmd {
     Info,
     /// Sweep channels (SMs) and chunk sizes for given shapes; write the best as config entries.
     Tune(tune::TuneArgs),
+    /// Draw a tune's time-vs-channels plot (PNG) from its curve JSON.
+    Plot(tune::PlotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +147,7 @@ fn main() -> ExitCode {
         Cmd::Check(a) => cmd_check(a),
         Cmd::Info => cmd_info(),
         Cmd::Tune(a) => tune::cmd_tune(a),
+        Cmd::Plot(a) => tune::cmd_plot(a),
     };
     match result {
         Ok(code) => code,

@@ -297,10 +297,16 @@ pub(crate) fn cmd_tune(a: TuneArgs) -> Result<ExitCode, Error> {
     info!("wrote {}", json.display());
     print!("{}", choices_table(&outcome));
     let plot = a.plot.clone().unwrap_or_else(|| sibling(&out, "-curve.png"));
-    let title =
-        format!("switchyard tune: {} x {} ({}), {}", topology.num_nodes, topology.ranks_per_node, spec.device, backend.name());
-    tune::plot::write_png(&outcome, &title, &plot)?;
-    info!("wrote {}", plot.display());
+    if tune::plot::font_available() {
+        tune::plot::write_png(&outcome, &plot_title(topology, &spec.device, backend.name()), &plot)?;
+        info!("wrote {}", plot.display());
+    } else {
+        warn!(
+            "no TrueType font here, so no plot; draw it where there is one: switchyard plot {} --out {}",
+            json.display(),
+            plot.display()
+        );
+    }
 
     if let Some(e) = failure {
         return Err(e);
@@ -316,6 +322,36 @@ pub(crate) fn cmd_tune(a: TuneArgs) -> Result<ExitCode, Error> {
         );
         return Ok(ExitCode::from(130));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plot_title(topology: Topology, device: &str, backend: &str) -> String {
+    format!("switchyard tune: {} node(s) x {} ranks, {device} ({backend} backend)", topology.num_nodes, topology.ranks_per_node)
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PlotArgs {
+    /// A curve JSON written by `switchyard tune`.
+    curve: PathBuf,
+    /// The PNG to write [default: CURVE with the extension .png].
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+/// Draw a tune's time-vs-channels plot from its curve JSON (e.g. on a machine with fonts).
+pub(crate) fn cmd_plot(a: PlotArgs) -> Result<ExitCode, Error> {
+    let text = std::fs::read_to_string(&a.curve).map_err(|source| Error::Io { path: a.curve.clone(), source })?;
+    let bad = |reason: String| Error::Config { path: a.curve.clone(), reason };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if v["schema"] != tune::CURVE_SCHEMA {
+        return Err(bad(format!("key `schema`: expected {}, found {}", tune::CURVE_SCHEMA, v["schema"])));
+    }
+    let outcome: TuneOutcome = serde_json::from_value(v["outcome"].clone()).map_err(|e| bad(format!("key `outcome`: {e}")))?;
+    let topology: Topology = serde_json::from_value(v["topology"].clone()).map_err(|e| bad(format!("key `topology`: {e}")))?;
+    let title = plot_title(topology, v["device"].as_str().unwrap_or("?"), v["backend"].as_str().unwrap_or("?"));
+    let out = a.out.clone().unwrap_or_else(|| a.curve.with_extension("png"));
+    tune::plot::write_png(&outcome, &title, &out)?;
+    info!("wrote {}", out.display());
     Ok(ExitCode::SUCCESS)
 }
 
