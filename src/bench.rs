@@ -34,7 +34,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use half::bf16;
 
 use crate::backend::cpu::CpuCluster;
-use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, ResidentInputs, ResidentOp};
+use crate::backend::cuda::gemm::GemmShape;
+use crate::backend::{CombineOutput, Communicator, DispatchOptions, DispatchOutput, Interference, ResidentInputs, ResidentOp};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::routing::Layout;
@@ -89,6 +90,29 @@ pub struct BenchSpec {
     pub check: bool,
     /// Dispatch options (FP8 on the wire for BF16 input, expert alignment).
     pub options: DispatchOptions,
+    /// Also measure the interference with a GEMM (device backends only).
+    pub interference: Option<InterferenceSpec>,
+}
+
+/// What [`Communicator::measure_interference`] runs in a bench.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InterferenceSpec {
+    /// The GEMM beside the communication.
+    pub gemm: GemmShape,
+    /// (cached dispatch, combine) pairs per measurement.
+    pub iters: usize,
+    /// Channel settings to measure, each `[dispatch, combine]`.
+    pub settings: Vec<[usize; 2]>,
+}
+
+/// What a bench run brings back.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Run {
+    /// Per op.
+    pub measurements: Vec<Measurement>,
+    /// Per interference setting: the slowest rank's medians (empty when not asked for
+    /// or the backend has no device).
+    pub interference: Vec<Interference>,
 }
 
 /// The config each op runs with: dispatch and cached dispatch share one (cached
@@ -273,6 +297,37 @@ pub struct Report {
     pub memcpy_gbps: f64,
     /// One entry per op.
     pub results: Vec<OpResult>,
+    /// GEMM interference, one entry per channel setting (`bench --interference`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interference: Vec<Interference>,
+}
+
+/// Table lines (each starting with `#`) for interference results.
+pub fn format_interference(rows: &[Interference]) -> String {
+    let Some(first) = rows.first() else { return String::new() };
+    let g = first.gemm;
+    let mut s = format!(
+        "# interference: BF16 GEMM {}x{}x{} (cuBLAS, another stream, limited to the SMs the communication leaves)\n\
+         # beside back-to-back cached dispatch + combine; slowdown = with / alone (GEMM: alone on all SMs)\n\
+         #   SMs (dispatch/combine/GEMM)  GEMM all SMs(us)  GEMM SMs left(us)  with comm(us)  slowdown  comm alone(us)  with GEMM(us)  slowdown\n",
+        g.m, g.n, g.k
+    );
+    for r in rows {
+        s += &format!(
+            "#   {:>12}/{:>3}/{:<11} {:>16.1} {:>18.1} {:>14.1} {:>9.3} {:>15.1} {:>14.1} {:>9.3}\n",
+            r.channels[0],
+            r.channels[1],
+            r.gemm_sms,
+            r.gemm_alone_us,
+            r.gemm_left_us,
+            r.gemm_together_us,
+            r.gemm_together_us / r.gemm_alone_us,
+            r.comm_alone_us,
+            r.comm_together_us,
+            r.comm_together_us / r.comm_alone_us
+        );
+    }
+    s
 }
 
 impl Report {
@@ -307,6 +362,8 @@ struct RankRun {
     checked: Option<(DispatchOutput, Rows, CombineOutput, Vec<bf16>)>,
     /// `[op]` timed with device-resident inputs ([`Communicator::time_device_resident`]).
     resident: [bool; 3],
+    /// Per interference setting.
+    interference: Vec<Interference>,
 }
 
 /// What a timed call returned; received rows go back to the communicator for reuse.
@@ -398,6 +455,18 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
         physical[i] = (t.inter_node.bytes, t.intra_node.bytes);
     }
 
+    let mut interference = Vec::new();
+    if let Some(is) = &spec.interference {
+        let inputs = ResidentInputs { x, y: &y, hidden, handle: &handle, options: &opts };
+        for &channels in &is.settings {
+            comm.barrier()?;
+            match comm.measure_interference(&inputs, is.gemm, channels, is.iters) {
+                Some(r) => interference.push(r?),
+                None => break,
+            }
+        }
+    }
+
     let checked = if spec.check {
         use_config(comm, &spec.configs.dispatch)?;
         comm.barrier()?;
@@ -413,7 +482,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     } else {
         None
     };
-    Ok(RankRun { seconds, logical, physical, checked, resident })
+    Ok(RankRun { seconds, logical, physical, checked, resident, interference })
 }
 
 /// Pick the most informative of several ranks' errors: a rank's own error over
@@ -432,13 +501,13 @@ fn first_error(errors: Vec<Error>) -> Option<Error> {
 
 /// Run the bench on the CPU backend: one thread per rank. `progress(done, total)`
 /// is called from rank 0's thread after each step (see [`BenchSpec::total_steps`]).
-pub fn run_cpu(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Vec<Measurement>> {
+pub fn run_cpu(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Run> {
     let ranks = CpuCluster::new(spec.workload.topology, spec.configs.dispatch.clone())?.into_ranks();
     run_on(spec, &mut ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect::<Vec<_>>(), progress)
 }
 
 /// Run the bench on the CUDA backend: one node of `ranks_per_node` GPUs.
-pub fn run_cuda(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Vec<Measurement>> {
+pub fn run_cuda(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Run> {
     let topo = spec.workload.topology;
     if topo.num_nodes != 1 {
         return Err(Error::InvalidArgument {
@@ -452,11 +521,7 @@ pub fn run_cuda(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Resul
 
 /// Run the bench on the given ranks (one thread per rank, all in this process).
 /// The ranks can run further benches afterwards (a failed one leaves them unusable).
-pub fn run_on(
-    spec: &BenchSpec,
-    ranks: &mut [Box<dyn Communicator>],
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<Vec<Measurement>> {
+pub fn run_on(spec: &BenchSpec, ranks: &mut [Box<dyn Communicator>], progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Run> {
     if spec.iters == 0 {
         return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
     }
@@ -513,6 +578,9 @@ struct RankSummary {
     resident: [bool; 3],
     /// `[op]` mismatches with the oracle, when checked.
     wrong: Option<[u64; 3]>,
+    /// Per interference setting.
+    #[serde(default)]
+    interference: Vec<Interference>,
 }
 
 impl RankSummary {
@@ -523,14 +591,33 @@ impl RankSummary {
             physical: run.physical,
             resident: run.resident,
             wrong: want.map(|w| wrong_of_rank(w, rank, run)),
+            interference: run.interference.clone(),
         }
     }
 }
 
-/// Per op: iteration time = max over ranks, bytes summed over ranks.
-fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Vec<Measurement> {
+/// Per op: iteration time = max over ranks, bytes summed over ranks; per interference
+/// setting: each time the slowest rank's.
+fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Run {
     let iters = spec.iters;
-    Op::ALL
+    let interference = match sums.first() {
+        Some(first) => (0..first.interference.len())
+            .map(|i| {
+                let all = || sums.iter().filter_map(|r| r.interference.get(i));
+                let max = |f: fn(&Interference) -> f64| all().map(f).fold(0.0, f64::max);
+                Interference {
+                    gemm_alone_us: max(|x| x.gemm_alone_us),
+                    gemm_left_us: max(|x| x.gemm_left_us),
+                    gemm_together_us: max(|x| x.gemm_together_us),
+                    comm_alone_us: max(|x| x.comm_alone_us),
+                    comm_together_us: max(|x| x.comm_together_us),
+                    ..first.interference[i].clone()
+                }
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let measurements = Op::ALL
         .into_iter()
         .enumerate()
         .map(|(i, op)| Measurement {
@@ -542,7 +629,8 @@ fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Vec<Measurement> {
             wrong: sums.iter().map(|r| r.wrong.map(|w| w[i])).sum(),
             device_resident: sums.iter().all(|r| r.resident[i]),
         })
-        .collect()
+        .collect();
+    Run { measurements, interference }
 }
 
 /// Run the bench as one rank of a node of processes (one per GPU) that met through
@@ -553,7 +641,7 @@ pub fn run_cuda_process(
     spec: &BenchSpec,
     env: &crate::bootstrap::LaunchEnv,
     progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<Option<Vec<Measurement>>> {
+) -> Result<Option<Run>> {
     let topo = spec.workload.topology;
     if topo.num_nodes != 1 || topo.ranks_per_node != env.world_size {
         return Err(Error::InvalidArgument {
@@ -575,7 +663,7 @@ pub fn run_as_process(
     spec: &BenchSpec,
     comm: &mut dyn Communicator,
     progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<Option<Vec<Measurement>>> {
+) -> Result<Option<Run>> {
     if spec.iters == 0 {
         return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
     }
@@ -839,6 +927,7 @@ mod tests {
             iters: 4,
             check: false,
             options: DispatchOptions::default(),
+            interference: None,
         };
         let ms: Vec<Measurement> = Op::ALL
             .into_iter()
@@ -859,7 +948,26 @@ mod tests {
             date: iso8601_utc(SystemTime::now()),
             memcpy_gbps: 2000.0,
             results: results(&spec, "cpu", &ms, 2000.0),
+            interference: Vec::new(),
         }
+    }
+
+    #[test]
+    fn interference_lines_carry_the_slowdowns() {
+        assert_eq!(format_interference(&[]), "");
+        let row = Interference {
+            gemm: GemmShape { m: 8, n: 4, k: 2 },
+            channels: [8, 16],
+            gemm_sms: 116,
+            gemm_alone_us: 1000.0,
+            gemm_left_us: 1050.0,
+            gemm_together_us: 1100.0,
+            comm_alone_us: 400.0,
+            comm_together_us: 600.0,
+        };
+        let t = format_interference(&[row]);
+        assert!(t.lines().all(|l| l.starts_with('#')) && t.lines().count() == 4, "{t}");
+        assert!(t.contains("8x4x2") && t.contains("1.100") && t.contains("1.500"), "{t}");
     }
 
     #[test]

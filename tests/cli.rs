@@ -400,3 +400,15 @@ fn ctrl_c_stops_the_tune_and_keeps_what_is_done() {
         assert!(!out_path.exists());
     }
 }
+
+#[test]
+fn interference_on_the_cpu_backend_measures_nothing_and_says_so() {
+    let d = TempDir::new("intf");
+    let json = d.path("b.json");
+    let out = small_bench(&["--interference"], &d.0, &json);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("--interference") && stderr.contains("nothing measured"), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v.get("interference").is_none(), "{v}");
+}

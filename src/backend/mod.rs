@@ -150,6 +150,28 @@ pub struct ResidentInputs<'a> {
     pub options: &'a DispatchOptions,
 }
 
+/// What [`Communicator::measure_interference`] measured: medians over the timed
+/// iterations, in microseconds, on this rank.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Interference {
+    /// The GEMM.
+    pub gemm: cuda::gemm::GemmShape,
+    /// Channels (SMs) of the cached dispatch and of the combine.
+    pub channels: [usize; 2],
+    /// SMs the GEMM may use beside the communication (the GPU's less the larger channel count).
+    pub gemm_sms: usize,
+    /// One GEMM with nothing else running, on every SM.
+    pub gemm_alone_us: f64,
+    /// One GEMM with nothing else running, on `gemm_sms` SMs.
+    pub gemm_left_us: f64,
+    /// One GEMM on `gemm_sms` SMs while dispatch and combine run.
+    pub gemm_together_us: f64,
+    /// One cached dispatch followed by one combine, nothing else running.
+    pub comm_alone_us: f64,
+    /// The same pair while GEMMs run on another stream.
+    pub comm_together_us: f64,
+}
+
 pub trait Communicator: Send {
     /// Backend name ("cpu", "cuda").
     fn backend_name(&self) -> &'static str;
@@ -205,6 +227,24 @@ pub trait Communicator: Send {
     /// every call, which idles the GPU and the links between calls. `None`: the
     /// backend has no device (callers time the host-slice calls instead).
     fn time_device_resident(&mut self, _op: ResidentOp, _inputs: &ResidentInputs<'_>, _iters: usize) -> Option<Result<Vec<f64>>> {
+        None
+    }
+
+    /// How dispatch and combine and the expert computation slow each other down:
+    /// `iters` pairs of (cached dispatch, combine) of `inputs` back to back, with
+    /// `channels` = [dispatch, combine] SMs, alone; a cuBLAS BF16 GEMM of `gemm` on
+    /// another stream, alone on every SM and alone on the SMs the communication leaves;
+    /// then both at once, the GEMM on the SMs left (enough GEMMs to cover the pairs,
+    /// which start once the GEMMs run).
+    /// Collective. The results of these calls are not kept (their inputs share
+    /// buffer space). `None`: the backend has no device.
+    fn measure_interference(
+        &mut self,
+        _inputs: &ResidentInputs<'_>,
+        _gemm: cuda::gemm::GemmShape,
+        _channels: [usize; 2],
+        _iters: usize,
+    ) -> Option<Result<Interference>> {
         None
     }
 

@@ -188,6 +188,7 @@ impl TuneSpec {
             iters,
             check: true,
             options: Default::default(),
+            interference: None,
         }
     }
 }
@@ -209,7 +210,7 @@ pub struct ThreadRunner {
 
 impl Runner for ThreadRunner {
     fn run(&mut self, spec: &BenchSpec) -> Result<Vec<Measurement>> {
-        bench::run_on(spec, &mut self.ranks, &|_, _| {})
+        bench::run_on(spec, &mut self.ranks, &|_, _| {}).map(|r| r.measurements)
     }
 
     fn should_stop(&mut self, local: bool) -> Result<bool> {
@@ -226,7 +227,7 @@ pub struct ProcessRunner {
 
 impl Runner for ProcessRunner {
     fn run(&mut self, spec: &BenchSpec) -> Result<Vec<Measurement>> {
-        let mine = bench::run_as_process(spec, self.comm.as_mut(), &|_, _| {})?;
+        let mine = bench::run_as_process(spec, self.comm.as_mut(), &|_, _| {})?.map(|r| r.measurements);
         let bytes = serde_json::to_vec(&mine).expect("measurements serialize");
         let all = self.comm.all_gather_bytes(&bytes)?;
         let rank = self.comm.rank();

@@ -135,6 +135,11 @@ impl Stream {
         unsafe { result::stream::synchronize(self.raw) }.map_err(err("cuStreamSynchronize"))
     }
 
+    /// The driver handle, for libraries that enqueue on it (cuBLAS).
+    pub fn raw(&self) -> sys::CUstream {
+        self.raw
+    }
+
     /// Make later work on this stream wait for `event`'s last recording (no host wait).
     pub fn wait_event(&self, event: &Event) -> Result<()> {
         // SAFETY: valid stream and event of the current context.
@@ -274,6 +279,12 @@ impl DeviceBuffer {
         // SAFETY: ptr is the base of a cuMemAlloc allocation; h is a valid out-pointer.
         unsafe { sys::cuIpcGetMemHandle(&mut h, self.ptr) }.result().map_err(err("cuIpcGetMemHandle"))?;
         Ok(h.reserved.map(|c| c as u8))
+    }
+
+    /// Fill the buffer with copies of a 16-bit pattern (synchronously; odd trailing byte untouched).
+    pub fn fill_u16(&self, value: u16) -> Result<()> {
+        // SAFETY: in bounds.
+        unsafe { sys::cuMemsetD16_v2(self.ptr, value, self.bytes / 2) }.result().map_err(err("cuMemsetD16"))
     }
 
     /// Zero the whole buffer (synchronously).

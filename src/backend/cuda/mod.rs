@@ -10,6 +10,7 @@
 
 pub mod compile;
 pub mod driver;
+pub mod gemm;
 mod group;
 pub mod layout;
 pub mod local_copy;
@@ -28,7 +29,8 @@ use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_W
 use self::local_copy::{CopyOp, LocalCopy, RowArrays};
 use self::peer::PeerMap;
 use crate::backend::{
-    checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, ResidentInputs, ResidentOp, Traffic, TrafficLog,
+    checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, Interference, ResidentInputs, ResidentOp, Traffic,
+    TrafficLog,
 };
 use crate::bootstrap::threads::Board;
 use crate::bootstrap::{LaunchEnv, TcpGroup};
@@ -506,6 +508,112 @@ impl CudaRank {
         Ok(times)
     }
 
+    /// [`Communicator::measure_interference`].
+    fn interference(
+        &mut self,
+        inp: &ResidentInputs<'_>,
+        shape: gemm::GemmShape,
+        channels: [usize; 2],
+        iters: usize,
+    ) -> Result<Interference> {
+        let sms = self.gpu().sm_count()?;
+        let limit = sms.min(compile::MAX_CHANNELS);
+        let gemm_sms = sms.saturating_sub(channels[0].max(channels[1])).max(1);
+        let fits = match channels.iter().find(|&&c| c == 0 || c > limit) {
+            Some(c) => Err(Error::InvalidArgument { arg: "channels".into(), reason: format!("{c}: 1..={limit}") }),
+            None => Ok(()),
+        };
+        self.gpu().bind()?;
+        let g = fits.and_then(|_| gemm::Gemm::new(shape));
+        self.agree(g.as_ref().map(|_| ()).map_err(|e| Error::Cuda(e.to_string())))?;
+        let g = g?;
+        // Each launch takes the next sequence number, as in `resident_loop`: the two
+        // preparations took one each, the first pair uses them.
+        let mut d = self.prepare_cached_dispatch(inp.x, inp.handle, inp.options)?;
+        let mut c = self.prepare_combine(inp.y, inp.hidden, inp.handle, None)?;
+        self.meta.write(meta::DIAG, SyDiag::default());
+        let mut first = Some(self.seq - 1);
+        let ms = |a: &Event, b: &Event| b.elapsed_ms_since(a).map(|ms| ms as f64 * 1e3);
+        let r = (|| -> Result<Interference> {
+            let pair_events = (0..iters).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
+            let mut pairs = |this: &mut Self| -> Result<()> {
+                for (a, b) in &pair_events {
+                    let seq_d = match first.take() {
+                        Some(s) => s,
+                        None => {
+                            this.seq += 2;
+                            this.seq - 1
+                        }
+                    };
+                    a.record(&this.stream)?;
+                    d.p.seq = seq_d;
+                    this.enqueue(&d.spec, d.kernel, channels[0] as u32, THREADS as u32, &d.p, &d.side_ops)?;
+                    c.p.seq = seq_d + 1;
+                    this.enqueue(&c.spec, c.kernel, channels[1] as u32, THREADS as u32, &c.p, &c.side_ops)?;
+                    b.record(&this.stream)?;
+                }
+                Ok(())
+            };
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            // GEMM alone (after two untimed ones), on every SM, then on the SMs left.
+            let gemm_alone_on = |sms: usize| -> Result<f64> {
+                g.set_sm_target(sms)?;
+                g.enqueue()?;
+                g.enqueue()?;
+                let ev = (0..iters.max(5)).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
+                for (a, b) in &ev {
+                    a.record(g.stream())?;
+                    g.enqueue()?;
+                    b.record(g.stream())?;
+                }
+                g.stream().sync()?;
+                Ok(median(ev.iter().map(|(a, b)| ms(a, b)).collect::<Result<_>>()?))
+            };
+            let gemm_alone = gemm_alone_on(0)?;
+            let gemm_alone_left = gemm_alone_on(gemm_sms)?;
+            // The pairs alone.
+            self.start_together()?;
+            pairs(self)?;
+            self.stream.sync()?;
+            let comm_times: Vec<f64> = pair_events.iter().map(|(a, b)| ms(a, b)).collect::<Result<_>>()?;
+            let comm_alone = median(comm_times.clone());
+            // Both: enough GEMMs to run from before the first pair to after the last.
+            let n_both = ((comm_times.iter().sum::<f64>() / gemm_alone_left).ceil() as usize + 2).max(3);
+            let both_events = (0..n_both).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
+            self.start_together()?;
+            for (a, b) in &both_events {
+                a.record(g.stream())?;
+                g.enqueue()?;
+                b.record(g.stream())?;
+            }
+            // Let the first GEMM get going, as in a layer where the communication of one
+            // micro-batch starts while the experts of another compute.
+            std::thread::sleep(Duration::from_secs_f64(gemm_alone_left * 0.25e-6));
+            pairs(self)?;
+            self.stream.sync()?;
+            g.stream().sync()?;
+            // The first and last GEMMs may only partly overlap the pairs: leave them out.
+            let inner: Vec<f64> = both_events[1..n_both - 1].iter().map(|(a, b)| ms(a, b)).collect::<Result<_>>()?;
+            Ok(Interference {
+                gemm: shape,
+                channels,
+                gemm_sms,
+                gemm_alone_us: gemm_alone,
+                gemm_left_us: gemm_alone_left,
+                gemm_together_us: median(inner),
+                comm_alone_us: comm_alone,
+                comm_together_us: median(pair_events.iter().map(|(a, b)| ms(a, b)).collect::<Result<_>>()?),
+            })
+        })();
+        let out = r.inspect_err(|e| self.poisoned = Some(e.to_string()))?;
+        self.check_device_timeout(d.kernel)?;
+        self.check_device_timeout(c.kernel)?;
+        Ok(out)
+    }
+
     /// Everything a cached dispatch does before its launch: the checks and the agreement
     /// (`begin_call`), the input and plan uploads, and the own-row copies.
     fn prepare_cached_dispatch(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<PreparedLaunch> {
@@ -891,6 +999,16 @@ impl Communicator for CudaRank {
 
     fn time_device_resident(&mut self, op: ResidentOp, inputs: &ResidentInputs<'_>, iters: usize) -> Option<Result<Vec<f64>>> {
         Some(self.resident_loop(op, inputs, iters))
+    }
+
+    fn measure_interference(
+        &mut self,
+        inputs: &ResidentInputs<'_>,
+        gemm: gemm::GemmShape,
+        channels: [usize; 2],
+        iters: usize,
+    ) -> Option<Result<Interference>> {
+        Some(self.interference(inputs, gemm, channels, iters.max(1)))
     }
 
     fn set_config(&mut self, config: Config) -> Result<()> {

@@ -114,6 +114,17 @@ struct BenchArgs {
     /// Channel buffer capacity in tokens (overrides the config file).
     #[arg(long)]
     buffer_tokens: Option<usize>,
+    /// Also measure the interference with the expert GEMM (CUDA): a cuBLAS BF16 GEMM on another
+    /// stream beside back-to-back cached dispatch + combine, each alone and both at once, at the
+    /// configs in force and at each --interference-sms.
+    #[arg(long)]
+    interference: bool,
+    /// GEMM of --interference, M,N,K.
+    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [8192usize, 8192, 7168])]
+    gemm: Vec<usize>,
+    /// Further SM counts (dispatch and combine alike) for --interference.
+    #[arg(long, value_delimiter = ',', default_values_t = [24usize])]
+    interference_sms: Vec<usize>,
     /// CUDA ranks: `processes` (one process per GPU: under a launcher that sets RANK/WORLD_SIZE/
     /// MASTER_ADDR/MASTER_PORT this process is one rank, otherwise it spawns one worker per GPU),
     /// `threads` (every GPU driven by a thread of this process), or `auto` (= processes).
@@ -285,6 +296,13 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
         iters: a.iters,
         check: a.check,
         options: switchyard::DispatchOptions { fp8_on_wire: a.fp8_on_wire, expert_alignment: 0 },
+        interference: a.interference.then(|| bench::InterferenceSpec {
+            gemm: switchyard::backend::cuda::gemm::GemmShape { m: a.gemm[0], n: a.gemm[1], k: a.gemm[2] },
+            iters: a.iters,
+            settings: std::iter::once([configs.dispatch.num_channels, configs.combine.num_channels])
+                .chain(a.interference_sms.iter().map(|&n| [n, n]))
+                .collect(),
+        }),
     };
     info!(
         "workload: {} nodes x {} ranks, {} tokens/rank, hidden {}, top-{} of {} experts, {}, routing {}{}, seed {}; warmup {}, iters {}{}",
@@ -323,9 +341,10 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
     };
     bar.finish();
     // Only rank 0 of a node of processes reports; the others are done once it has their part.
-    let Some(measurements) = measurements? else {
+    let Some(run) = measurements? else {
         return Ok(ExitCode::SUCCESS);
     };
+    let measurements = run.measurements;
 
     let world = topology.world();
     let max_logical = measurements.iter().map(|m| m.logical_bytes).max().unwrap_or(0) as usize;
@@ -346,6 +365,10 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
     );
     println!("# config: {}; warmup {}, iters {}", config_line(&configs), a.warmup, a.iters);
     print!("{}", bench::format_table(&results, memcpy_gbps));
+    print!("{}", bench::format_interference(&run.interference));
+    if a.interference && run.interference.is_empty() {
+        warn!("--interference: the {} backend has no device; nothing measured", backend.name());
+    }
 
     if let Some(path) = &a.json {
         let gpus =
@@ -357,6 +380,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
             date: bench::iso8601_utc(SystemTime::now()),
             memcpy_gbps,
             results: results.clone(),
+            interference: run.interference.clone(),
         };
         std::fs::write(path, report.to_json() + "\n").map_err(|source| Error::Io { path: path.clone(), source })?;
         info!("wrote {}", path.display());
