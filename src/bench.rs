@@ -92,6 +92,21 @@ pub struct BenchSpec {
     pub options: DispatchOptions,
     /// Also measure the interference with a GEMM (device backends only).
     pub interference: Option<InterferenceSpec>,
+    /// Also time a grouped NCCL send/recv of the same bytes (device backends only).
+    pub nccl: bool,
+}
+
+/// The same-run NCCL baseline of one op: a grouped send/recv of the bytes it moves.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NcclResult {
+    /// The op whose bytes it moves (dispatch-cached or combine).
+    pub op: Op,
+    /// Row type of those bytes.
+    pub dtype: DType,
+    /// Per iteration the slowest rank's exchange time.
+    pub time_us: TimeStats,
+    /// The op's logical bytes / median time (the same bytes as the op's row).
+    pub logical_gbps: f64,
 }
 
 /// What [`Communicator::measure_interference`] runs in a bench.
@@ -113,6 +128,9 @@ pub struct Run {
     /// Per interference setting: the slowest rank's medians (empty when not asked for
     /// or the backend has no device).
     pub interference: Vec<Interference>,
+    /// `[dispatch, combine]` NCCL exchange seconds, per iteration the max over ranks
+    /// (`None` when not asked for or the backend has no NCCL).
+    pub nccl_seconds: Option<[Vec<f64>; 2]>,
 }
 
 /// The config each op runs with: dispatch and cached dispatch share one (cached
@@ -297,6 +315,9 @@ pub struct Report {
     pub memcpy_gbps: f64,
     /// One entry per op.
     pub results: Vec<OpResult>,
+    /// The same-run NCCL grouped send/recv baseline (`bench --nccl`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nccl_sendrecv: Vec<NcclResult>,
     /// GEMM interference, one entry per channel setting (`bench --interference`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interference: Vec<Interference>,
@@ -364,6 +385,8 @@ struct RankRun {
     resident: [bool; 3],
     /// Per interference setting.
     interference: Vec<Interference>,
+    /// `[dispatch, combine]` NCCL exchange seconds per iteration.
+    nccl: Option<[Vec<f64>; 2]>,
 }
 
 /// What a timed call returned; received rows go back to the communicator for reuse.
@@ -455,6 +478,13 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
         physical[i] = (t.inter_node.bytes, t.intra_node.bytes);
     }
 
+    let nccl = if spec.nccl {
+        comm.barrier()?;
+        let row_bytes = [spec.wire_dtype().row_bytes(hidden), DType::Bf16.row_bytes(hidden)];
+        comm.time_nccl_exchange(&handle, row_bytes, spec.iters).transpose()?
+    } else {
+        None
+    };
     let mut interference = Vec::new();
     if let Some(is) = &spec.interference {
         let inputs = ResidentInputs { x, y: &y, hidden, handle: &handle, options: &opts };
@@ -482,7 +512,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     } else {
         None
     };
-    Ok(RankRun { seconds, logical, physical, checked, resident, interference })
+    Ok(RankRun { seconds, logical, physical, checked, resident, interference, nccl })
 }
 
 /// Pick the most informative of several ranks' errors: a rank's own error over
@@ -581,6 +611,9 @@ struct RankSummary {
     /// Per interference setting.
     #[serde(default)]
     interference: Vec<Interference>,
+    /// NCCL baseline seconds.
+    #[serde(default)]
+    nccl: Option<[Vec<f64>; 2]>,
 }
 
 impl RankSummary {
@@ -592,6 +625,7 @@ impl RankSummary {
             resident: run.resident,
             wrong: want.map(|w| wrong_of_rank(w, rank, run)),
             interference: run.interference.clone(),
+            nccl: run.nccl.clone(),
         }
     }
 }
@@ -630,7 +664,13 @@ fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Run {
             device_resident: sums.iter().all(|r| r.resident[i]),
         })
         .collect();
-    Run { measurements, interference }
+    let nccl_seconds = sums.iter().all(|r| r.nccl.is_some()).then(|| {
+        [0, 1].map(|i| {
+            (0..iters).map(|it| sums.iter().filter_map(|r| r.nccl.as_ref()?[i].get(it).copied()).fold(0.0, f64::max)).collect()
+        })
+    });
+    let nccl_seconds = nccl_seconds.filter(|_| !sums.is_empty());
+    Run { measurements, interference, nccl_seconds }
 }
 
 /// Run the bench as one rank of a node of processes (one per GPU) that met through
@@ -799,6 +839,43 @@ pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], me
         .collect()
 }
 
+/// The NCCL baseline rows of a run: the bytes of cached dispatch (wire row type) and combine.
+pub fn nccl_results(spec: &BenchSpec, run: &Run) -> Vec<NcclResult> {
+    let Some(secs) = &run.nccl_seconds else { return Vec::new() };
+    let logical = |op: Op| run.measurements.iter().find(|m| m.op == op).map_or(0, |m| m.logical_bytes);
+    [(Op::DispatchCached, spec.wire_dtype(), &secs[0]), (Op::Combine, DType::Bf16, &secs[1])]
+        .into_iter()
+        .map(|(op, dtype, s)| {
+            let time_us = TimeStats::from_seconds(s);
+            let gbps = if time_us.median > 0.0 { logical(op) as f64 / (time_us.median * 1e-6) / 1e9 } else { 0.0 };
+            NcclResult { op, dtype, time_us, logical_gbps: gbps }
+        })
+        .collect()
+}
+
+/// Table lines (each starting with `#`) for the NCCL baseline, with the ratio of its
+/// median to the op's.
+pub fn format_nccl(rows: &[NcclResult], results: &[OpResult]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("# NCCL grouped send/recv of the same bytes, same run (cudarc NCCL, every rank incl. itself):\n");
+    for r in rows {
+        let ours = results.iter().find(|o| o.op == r.op).map_or(f64::NAN, |o| o.time_us.median);
+        s += &format!(
+            "# {:>17}  {:>5}  {:>10.1}  {:>10.1}  {:>10.1}  {:>8.2}  NCCL / ours = {:.2}\n",
+            r.op.name(),
+            r.dtype.name(),
+            r.time_us.min,
+            r.time_us.median,
+            r.time_us.max,
+            r.logical_gbps,
+            r.time_us.median / ours
+        );
+    }
+    s
+}
+
 /// Header lines of the table (each starting with `#`).
 pub const TABLE_HEADER: [&str; 2] = [
     "#              op  dtype     min(us)  median(us)     max(us)   logical   inter-node   intra-node   #wrong  x memcpy",
@@ -928,6 +1005,7 @@ mod tests {
             check: false,
             options: DispatchOptions::default(),
             interference: None,
+            nccl: false,
         };
         let ms: Vec<Measurement> = Op::ALL
             .into_iter()
@@ -948,8 +1026,58 @@ mod tests {
             date: iso8601_utc(SystemTime::now()),
             memcpy_gbps: 2000.0,
             results: results(&spec, "cpu", &ms, 2000.0),
+            nccl_sendrecv: Vec::new(),
             interference: Vec::new(),
         }
+    }
+
+    #[test]
+    fn nccl_rows_take_the_ops_bytes_and_compare_medians() {
+        let report = sample();
+        let spec = BenchSpec {
+            workload: WorkloadSpec {
+                topology: Topology { num_nodes: 1, ranks_per_node: 2 },
+                tokens: 8,
+                hidden: 256,
+                topk: 2,
+                num_experts: 4,
+                dtype: DType::Bf16,
+                routing: RoutingKind::Uniform,
+                max_nodes: 1,
+                hole_rate: 0.0,
+                seed: 0,
+            },
+            configs: OpConfigs::uniform(Config::default()),
+            warmup: 0,
+            iters: 2,
+            check: false,
+            options: DispatchOptions::default(),
+            interference: None,
+            nccl: true,
+        };
+        let m = |op, bytes| Measurement {
+            op,
+            iter_seconds: vec![1e-6, 1e-6],
+            logical_bytes: bytes,
+            inter_node_bytes: 0.0,
+            intra_node_bytes: 0.0,
+            wrong: None,
+            device_resident: true,
+        };
+        let run = Run {
+            measurements: vec![m(Op::Dispatch, 1), m(Op::DispatchCached, 4000), m(Op::Combine, 8000)],
+            interference: Vec::new(),
+            nccl_seconds: Some([vec![2e-6, 4e-6], vec![8e-6, 8e-6]]),
+        };
+        let rows = nccl_results(&spec, &run);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].op, rows[0].time_us.median), (Op::DispatchCached, 3.0));
+        assert!((rows[0].logical_gbps - 4000.0 / 3e-6 / 1e9).abs() < 1e-9);
+        assert!((rows[1].logical_gbps - 1.0).abs() < 1e-9);
+        let t = format_nccl(&rows, &report.results);
+        assert_eq!(t.lines().count(), 3, "{t}");
+        assert!(t.lines().all(|l| l.starts_with('#')));
+        assert!(nccl_results(&spec, &Run { nccl_seconds: None, ..run }).is_empty());
     }
 
     #[test]

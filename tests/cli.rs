@@ -402,13 +402,13 @@ fn ctrl_c_stops_the_tune_and_keeps_what_is_done() {
 }
 
 #[test]
-fn interference_on_the_cpu_backend_measures_nothing_and_says_so() {
+fn interference_and_nccl_on_the_cpu_backend_measure_nothing_and_say_so() {
     let d = TempDir::new("intf");
     let json = d.path("b.json");
-    let out = small_bench(&["--interference"], &d.0, &json);
+    let out = small_bench(&["--interference", "--nccl"], &d.0, &json);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("--interference") && stderr.contains("nothing measured"), "{stderr}");
+    assert!(stderr.contains("--interference") && stderr.contains("--nccl") && stderr.contains("nothing measured"), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert!(v.get("interference").is_none(), "{v}");
+    assert!(v.get("interference").is_none() && v.get("nccl_sendrecv").is_none(), "{v}");
 }

@@ -230,6 +230,15 @@ pub trait Communicator: Send {
         None
     }
 
+    /// The same-run NCCL baseline: time `iters` grouped NCCL send/recv exchanges (to and
+    /// from every rank, itself included) of the bytes a cached dispatch along `handle`
+    /// moves with `row_bytes[0]`-byte rows, then of the bytes the combine moves back with
+    /// `row_bytes[1]`-byte rows; seconds per exchange, `[dispatch, combine]`. Collective.
+    /// `None`: the backend has no NCCL.
+    fn time_nccl_exchange(&mut self, _handle: &Handle, _row_bytes: [usize; 2], _iters: usize) -> Option<Result<[Vec<f64>; 2]>> {
+        None
+    }
+
     /// How dispatch and combine and the expert computation slow each other down:
     /// `iters` pairs of (cached dispatch, combine) of `inputs` back to back, with
     /// `channels` = [dispatch, combine] SMs, alone; a cuBLAS BF16 GEMM of `gemm` on

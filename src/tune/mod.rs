@@ -189,6 +189,7 @@ impl TuneSpec {
             check: true,
             options: Default::default(),
             interference: None,
+            nccl: false,
         }
     }
 }

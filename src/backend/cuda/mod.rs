@@ -14,6 +14,7 @@ pub mod gemm;
 mod group;
 pub mod layout;
 pub mod local_copy;
+pub mod nccl;
 pub mod peer;
 
 use std::collections::HashMap;
@@ -195,6 +196,7 @@ impl CudaRank {
             side: None,
             local_copy: LocalCopy::from_env(),
             combine_push: std::env::var(COMBINE_ENV).is_ok_and(|v| v == "push"),
+            nccl: None,
             device_us: 0.0,
             shared,
         })
@@ -385,6 +387,8 @@ pub struct CudaRank {
     local_copy: LocalCopy,
     /// Combine pushes rows to their sources (`sy_combine_push`) rather than pulling them.
     combine_push: bool,
+    /// The same-run NCCL baseline's communicator, made on first use.
+    nccl: Option<nccl::NcclExchange>,
     // Last: dropped after the stream, modules and workspaces of this rank.
     shared: Arc<Shared>,
 }
@@ -506,6 +510,57 @@ impl CudaRank {
             count_traffic(self.world, self.rank, &st.pos, row_bytes, into);
         }
         Ok(times)
+    }
+
+    /// [`Communicator::time_nccl_exchange`].
+    fn nccl_exchange(&mut self, handle: &Handle, row_bytes: [usize; 2], iters: usize) -> Result<[Vec<f64>; 2]> {
+        let world = self.world;
+        let st = handle.state::<CudaHandleState>("cuda")?;
+        let mut send_rows = vec![0usize; world];
+        for row in st.pos.chunks_exact(world) {
+            for (d, &q) in row.iter().enumerate() {
+                send_rows[d] += usize::from(q >= 0);
+            }
+        }
+        // Every rank's send counts: what I receive from s is what s sends me.
+        let mine: Vec<u8> = send_rows.iter().flat_map(|&n| (n as u64).to_le_bytes()).collect();
+        let all = self.all_gather_bytes(&mine)?;
+        let recv_rows: Vec<usize> = all
+            .iter()
+            .map(|b| {
+                let at = self.rank * 8;
+                b.get(at..at + 8).map(|x| u64::from_le_bytes(x.try_into().expect("8 bytes")) as usize).unwrap_or(0)
+            })
+            .collect();
+        if self.nccl.is_none() {
+            self.gpu().bind()?;
+            let avail = if nccl::nccl_available() {
+                Ok(())
+            } else {
+                Err(Error::BackendUnavailable { backend: "cuda", reason: "libnccl not found".into() })
+            };
+            let id = if self.rank == 0 {
+                avail.as_ref().map_err(|e| e.to_string()).and_then(|_| nccl::unique_id().map_err(|e| e.to_string()))
+            } else {
+                Ok([0u8; 128])
+            };
+            let bytes = id.as_ref().map(|i| i.to_vec()).unwrap_or_default();
+            self.agree(avail.and(id.as_ref().map(|_| ()).map_err(|e| Error::Cuda(e.clone()))))?;
+            let ids = self.all_gather_bytes(&bytes)?;
+            let id: [u8; 128] = ids[0]
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Protocol { rank: self.rank, detail: "rank 0 sent no NCCL id".into() })?;
+            self.nccl = Some(nccl::NcclExchange::new(self.rank, world, &id)?);
+        }
+        self.gpu().bind()?;
+        self.start_together()?;
+        let x = self.nccl.as_mut().expect("made above");
+        let bytes = |rows: &[usize], rb: usize| rows.iter().map(|r| r * rb).collect::<Vec<usize>>();
+        let dispatch = x.time(&bytes(&send_rows, row_bytes[0]), &bytes(&recv_rows, row_bytes[0]), iters)?;
+        // Combine sends each received row back to its source.
+        let combine = x.time(&bytes(&recv_rows, row_bytes[1]), &bytes(&send_rows, row_bytes[1]), iters)?;
+        Ok([dispatch, combine])
     }
 
     /// [`Communicator::measure_interference`].
@@ -999,6 +1054,10 @@ impl Communicator for CudaRank {
 
     fn time_device_resident(&mut self, op: ResidentOp, inputs: &ResidentInputs<'_>, iters: usize) -> Option<Result<Vec<f64>>> {
         Some(self.resident_loop(op, inputs, iters))
+    }
+
+    fn time_nccl_exchange(&mut self, handle: &Handle, row_bytes: [usize; 2], iters: usize) -> Option<Result<[Vec<f64>; 2]>> {
+        Some(self.nccl_exchange(handle, row_bytes, iters.max(1)))
     }
 
     fn measure_interference(

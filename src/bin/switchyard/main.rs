@@ -114,6 +114,10 @@ struct BenchArgs {
     /// Channel buffer capacity in tokens (overrides the config file).
     #[arg(long)]
     buffer_tokens: Option<usize>,
+    /// Also time, in the same run, a grouped NCCL send/recv (cudarc) of the bytes cached dispatch
+    /// and combine move (CUDA).
+    #[arg(long)]
+    nccl: bool,
     /// Also measure the interference with the expert GEMM (CUDA): a cuBLAS BF16 GEMM on another
     /// stream beside back-to-back cached dispatch + combine, each alone and both at once, at the
     /// configs in force and at each --interference-sms.
@@ -303,6 +307,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
                 .chain(a.interference_sms.iter().map(|&n| [n, n]))
                 .collect(),
         }),
+        nccl: a.nccl,
     };
     info!(
         "workload: {} nodes x {} ranks, {} tokens/rank, hidden {}, top-{} of {} experts, {}, routing {}{}, seed {}; warmup {}, iters {}{}",
@@ -344,7 +349,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
     let Some(run) = measurements? else {
         return Ok(ExitCode::SUCCESS);
     };
-    let measurements = run.measurements;
+    let measurements = run.measurements.clone();
 
     let world = topology.world();
     let max_logical = measurements.iter().map(|m| m.logical_bytes).max().unwrap_or(0) as usize;
@@ -365,7 +370,12 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
     );
     println!("# config: {}; warmup {}, iters {}", config_line(&configs), a.warmup, a.iters);
     print!("{}", bench::format_table(&results, memcpy_gbps));
+    let nccl = bench::nccl_results(&spec, &run);
+    print!("{}", bench::format_nccl(&nccl, &results));
     print!("{}", bench::format_interference(&run.interference));
+    if a.nccl && nccl.is_empty() {
+        warn!("--nccl: the {} backend has no NCCL; nothing measured", backend.name());
+    }
     if a.interference && run.interference.is_empty() {
         warn!("--interference: the {} backend has no device; nothing measured", backend.name());
     }
@@ -380,6 +390,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
             date: bench::iso8601_utc(SystemTime::now()),
             memcpy_gbps,
             results: results.clone(),
+            nccl_sendrecv: nccl.clone(),
             interference: run.interference.clone(),
         };
         std::fs::write(path, report.to_json() + "\n").map_err(|source| Error::Io { path: path.clone(), source })?;
