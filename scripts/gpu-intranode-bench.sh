@@ -4,6 +4,8 @@
 #   BIN_DIR holds the `switchyard` binary and shared/baselines/nccl_a2a.py.
 # Shapes: HT-A (4096 tokens) and LL-B (128 tokens), hidden 7168, top-8 of 256;
 # BF16 and FP8 dispatch, BF16 combine; num_sms (= channels) 4 8 12 16 24.
+# Each run also times the cudarc NCCL grouped send/recv of the same bytes (--nccl);
+# libcublas is not needed here.
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast on shared hosts
 bin_dir=$1; out=$2
@@ -15,7 +17,7 @@ for tokens in 4096 128; do
       f="$tmp/t${tokens}-${dtype}-s${sms}.json"
       "$bin_dir/switchyard" bench --backend cuda --nodes 1 --ranks-per-node "$gpus" --tokens "$tokens" \
         --hidden 7168 --topk 8 --experts 256 --dtype "$dtype" --channels "$sms" --warmup 3 --iters 20 \
-        --check --json "$f" 2>"$tmp/err.log" | grep -E '^ +(dispatch|combine)' | sed "s/^/t=$tokens s=$sms /" \
+        --check --nccl --json "$f" 2>"$tmp/err.log" | grep -E '^ +(dispatch|combine)' | sed "s/^/t=$tokens s=$sms /" \
         || { echo "bench failed: tokens $tokens $dtype sms $sms"; tail -5 "$tmp/err.log"; }
     done
   done
@@ -29,6 +31,9 @@ tmp, nccl_log, out = sys.argv[1:]
 runs = [json.load(open(f)) for f in sorted(glob.glob(f"{tmp}/t*.json"))]
 report = dict(runs[0]) if runs else {"schema": 1}
 report["results"] = [r for run in runs for r in run["results"]]
+# The same-run cudarc NCCL exchange of each run, tagged with that run's shape and SMs.
+report["nccl_sendrecv"] = [dict(n, tokens=run["results"][0]["shape"]["tokens"], num_sms=run["results"][0]["num_sms"])
+                           for run in runs for n in run.get("nccl_sendrecv", [])]
 report["time_source"] = "cuda: device time of the op's kernels (CUDA events), per iteration the max over ranks"
 base, shape = [], None
 for line in open(nccl_log):
