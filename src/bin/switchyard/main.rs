@@ -54,15 +54,8 @@ the same run with one copying thread per rank.\n\nConfig, knob by knob, first th
 file `switchyard tune` wrote (tuned.toml in the cache dir, the same way) > the analytic default. Dispatch and cached \
 dispatch share the dispatch config; combine has its own. The choice and its origins are logged at info.")]
 struct BenchArgs {
-    /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-    backend: BackendChoice,
-    /// Number of nodes (emulated on the CPU backend) [default: cpu 2, cuda 1].
-    #[arg(long)]
-    nodes: Option<usize>,
-    /// Ranks per node [default: cpu 2, cuda the number of visible GPUs].
-    #[arg(long)]
-    ranks_per_node: Option<usize>,
+    #[command(flatten)]
+    group: GroupArgs,
     /// Tokens per rank.
     #[arg(long, default_value_t = 1024)]
     tokens: usize,
@@ -129,11 +122,56 @@ struct BenchArgs {
     /// Further SM counts (dispatch and combine alike) for --interference.
     #[arg(long, value_delimiter = ',', default_values_t = [24usize])]
     interference_sms: Vec<usize>,
+}
+
+/// The group a command runs on (`bench`, `tune`).
+#[derive(Args, Debug)]
+struct GroupArgs {
+    /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Number of nodes (emulated on the CPU backend) [default: cpu 2, cuda 1].
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Ranks per node [default: cpu 2, cuda the number of visible GPUs].
+    #[arg(long)]
+    ranks_per_node: Option<usize>,
     /// CUDA ranks: `processes` (one process per GPU: under a launcher that sets RANK/WORLD_SIZE/
     /// MASTER_ADDR/MASTER_PORT this process is one rank, otherwise it spawns one worker per GPU),
     /// `threads` (every GPU driven by a thread of this process), or `auto` (= processes).
     #[arg(long, value_enum, default_value_t = Launch::Auto)]
     launch: Launch,
+}
+
+impl GroupArgs {
+    /// The backend and the topology, with the defaults per backend: 2 emulated nodes x 2
+    /// ranks on the CPU, one node of every GPU on CUDA.
+    fn resolve(&self) -> Result<(BackendKind, Topology), Error> {
+        let backend = choose_backend(self.backend)?;
+        let (nodes, ranks_per_node) = match backend {
+            BackendKind::Cpu => (self.nodes.unwrap_or(2), self.ranks_per_node.unwrap_or(2)),
+            BackendKind::Cuda => (self.nodes.unwrap_or(1), self.ranks_per_node.unwrap_or_else(|| probe::probe().gpus.len())),
+        };
+        Ok((backend, Topology::new(nodes, ranks_per_node)?))
+    }
+
+    /// How this process takes part: it spawned one worker per GPU and they are done
+    /// (`Err(exit status)`), or it runs ranks itself (`Ok`: the launcher's view of this
+    /// process, `None` for threads of this process, and whether the ranks are processes).
+    fn take_part(&self, backend: BackendKind, topology: Topology) -> Result<Result<(Option<LaunchEnv>, bool), ExitCode>, Error> {
+        let launch_env = LaunchEnv::from_env()?;
+        if backend == BackendKind::Cpu && launch_env.is_some() {
+            return Err(Error::InvalidArgument {
+                arg: "--backend".into(),
+                reason: "the CPU backend runs its ranks as threads of one process; do not start it under a launcher".into(),
+            });
+        }
+        let processes = backend == BackendKind::Cuda && self.launch != Launch::Threads;
+        if processes && launch_env.is_none() {
+            return spawn_workers(topology.ranks_per_node).map(Err);
+        }
+        Ok(Ok((launch_env, processes)))
+    }
 }
 
 /// How the CUDA backend's ranks are laid out over processes.
@@ -271,15 +309,9 @@ impl LazyBar {
     }
 }
 
-fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
-    let backend = choose_backend(a.backend)?;
-    // Defaults per backend: 2 emulated nodes x 2 ranks on the CPU, one node of every GPU on CUDA.
-    let (nodes, ranks_per_node) = match backend {
-        BackendKind::Cpu => (a.nodes.unwrap_or(2), a.ranks_per_node.unwrap_or(2)),
-        BackendKind::Cuda => (a.nodes.unwrap_or(1), a.ranks_per_node.unwrap_or_else(|| probe::probe().gpus.len())),
-    };
-    (a.nodes, a.ranks_per_node) = (Some(nodes), Some(ranks_per_node));
-    let topology = Topology::new(nodes, ranks_per_node)?;
+fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
+    let (backend, topology) = a.group.resolve()?;
+    let (nodes, ranks_per_node) = (topology.num_nodes, topology.ranks_per_node);
     let configs = resolve_configs(&a, backend, topology)?;
     let max_nodes = a.max_nodes.unwrap_or(nodes.min(4));
     let spec = BenchSpec {
@@ -326,17 +358,10 @@ fn cmd_bench(mut a: BenchArgs) -> Result<ExitCode, Error> {
         if a.check { ", checked against the oracle" } else { "" }
     );
 
-    let launch_env = LaunchEnv::from_env()?;
-    if backend == BackendKind::Cpu && launch_env.is_some() {
-        return Err(Error::InvalidArgument {
-            arg: "--backend".into(),
-            reason: "the CPU backend runs its ranks as threads of one process; do not start it under a launcher".into(),
-        });
-    }
-    let processes = backend == BackendKind::Cuda && a.launch != Launch::Threads;
-    if processes && launch_env.is_none() {
-        return spawn_workers(ranks_per_node);
-    }
+    let (launch_env, processes) = match a.group.take_part(backend, topology)? {
+        Ok(part) => part,
+        Err(workers_done) => return Ok(workers_done),
+    };
 
     let bar = LazyBar::new(spec.total_steps(), "bench");
     let measurements = match (backend, &launch_env) {

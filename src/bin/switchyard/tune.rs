@@ -11,15 +11,14 @@ use tracing::{info, warn};
 
 use switchyard::backend::cpu::CpuCluster;
 use switchyard::bench;
-use switchyard::bootstrap::LaunchEnv;
 use switchyard::config::resolve::tuned_path;
 use switchyard::config::ConfigFile;
-use switchyard::probe::{BackendChoice, BackendKind};
+use switchyard::probe::BackendKind;
 use switchyard::tune::{self, Grid, ProcessRunner, Runner, Strategy, ThreadRunner, TuneOutcome, TuneShape, TuneSpec};
 use switchyard::workload::RoutingKind;
 use switchyard::{Communicator, Config, DType, Error, Topology};
 
-use super::{choose_backend, device_name, spawn_workers, Launch, LazyBar};
+use super::{device_name, GroupArgs, LazyBar};
 
 #[derive(Args, Debug)]
 #[command(after_help = "For each shape and row type: time every candidate config (checked against the oracle; a \
@@ -28,15 +27,8 @@ per op the fewest channels whose median is within --tolerance of the fastest. En
 the entries already there); the curves into --json and --plot. Ctrl-C stops between candidates and keeps what is \
 done (exit status 130).")]
 pub(crate) struct TuneArgs {
-    /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-    backend: BackendChoice,
-    /// Number of nodes (emulated on the CPU backend) [default: cpu 2, cuda 1].
-    #[arg(long)]
-    nodes: Option<usize>,
-    /// Ranks per node [default: cpu 2, cuda the number of visible GPUs].
-    #[arg(long)]
-    ranks_per_node: Option<usize>,
+    #[command(flatten)]
+    group: GroupArgs,
     /// Shapes: ht-a (4096 tokens/rank, hidden 7168, top-8 of 256), ll-b (128 tokens/rank), or
     /// NAME:TOKENS:HIDDEN:TOPK:EXPERTS; repeat or separate with commas.
     #[arg(long = "shape", value_delimiter = ',', default_values_t = ["ht-a".to_string(), "ll-b".to_string()])]
@@ -90,9 +82,6 @@ pub(crate) struct TuneArgs {
     /// Time-vs-channels plot, PNG [default: OUT with `-curve.png`].
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
-    /// CUDA ranks: processes (one per GPU; spawned unless a launcher set RANK/WORLD_SIZE) or threads.
-    #[arg(long, value_enum, default_value_t = Launch::Auto)]
-    launch: Launch,
 }
 
 /// The curve JSON: the spec's grid and every point and choice.
@@ -142,13 +131,9 @@ fn check_args(a: &TuneArgs, grid: &Grid) -> Result<(), Error> {
 }
 
 pub(crate) fn cmd_tune(a: TuneArgs) -> Result<ExitCode, Error> {
-    let backend = choose_backend(a.backend)?;
+    let (backend, topology) = a.group.resolve()?;
     let gpus = switchyard::probe::probe().gpus;
-    let (nodes, ranks_per_node) = match backend {
-        BackendKind::Cpu => (a.nodes.unwrap_or(2), a.ranks_per_node.unwrap_or(2)),
-        BackendKind::Cuda => (a.nodes.unwrap_or(1), a.ranks_per_node.unwrap_or(gpus.len())),
-    };
-    let topology = Topology::new(nodes, ranks_per_node)?;
+    let ranks_per_node = topology.ranks_per_node;
     let shapes: Vec<TuneShape> = a.shapes.iter().map(|s| TuneShape::parse(s)).collect::<Result<_, _>>()?;
     let chunked = backend == BackendKind::Cpu;
     let mut channels = a.channels.clone().unwrap_or_else(|| match backend {
@@ -197,14 +182,6 @@ pub(crate) fn cmd_tune(a: TuneArgs) -> Result<ExitCode, Error> {
     // Read the file to merge into before spending time: a broken one is an error now, not after the sweep.
     let mut file = if out.exists() { ConfigFile::read(&out)? } else { ConfigFile::default() };
 
-    let launch_env = LaunchEnv::from_env()?;
-    if backend == BackendKind::Cpu && launch_env.is_some() {
-        return Err(Error::InvalidArgument {
-            arg: "--backend".into(),
-            reason: "the CPU backend runs its ranks as threads of one process; do not start it under a launcher".into(),
-        });
-    }
-    let processes = backend == BackendKind::Cuda && a.launch != Launch::Threads;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // The spawner and its workers all get the terminal's Ctrl-C; the workers stop
@@ -215,9 +192,10 @@ pub(crate) fn cmd_tune(a: TuneArgs) -> Result<ExitCode, Error> {
         }
     })
     .map_err(|e| Error::InvalidArgument { arg: "Ctrl-C handler".into(), reason: e.to_string() })?;
-    if processes && launch_env.is_none() {
-        return spawn_workers(ranks_per_node);
-    }
+    let (launch_env, processes) = match a.group.take_part(backend, topology)? {
+        Ok(part) => part,
+        Err(workers_done) => return Ok(workers_done),
+    };
 
     let first = Config { num_channels: grid.channels[0], ..Config::default() };
     let first = Config { timeout_ms: a.timeout_ms, buffer_tokens: first.chunk_tokens * a.buffer_chunks, ..first };
