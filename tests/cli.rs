@@ -375,8 +375,9 @@ fn tune_refuses_bad_arguments_and_a_broken_output_file_before_sweeping() {
 fn ctrl_c_stops_the_tune_and_keeps_what_is_done() {
     let d = TempDir::new("tunesig");
     let out_path = d.path("t.toml");
-    // Many shapes so the tune is still running when the signal comes.
-    let shapes = (0..40).map(|i| format!("s{i}:{}:512:4:16", 32 + i)).collect::<Vec<_>>().join(",");
+    // Enough work (200 shapes of 64+ tokens x hidden 2048, distinct keys) that even a fast
+    // release build is still tuning when the signal comes.
+    let shapes = (0..200).map(|i| format!("s{i}:{}:2048:4:16", 64 + i)).collect::<Vec<_>>().join(",");
     let mut args = tune_args(out_path.to_str().unwrap(), &[]);
     let at = args.iter().position(|a| *a == "s:40:256:4:16").unwrap();
     args[at] = &shapes;
@@ -391,7 +392,7 @@ fn ctrl_c_stops_the_tune_and_keeps_what_is_done() {
     let curve: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path("t-curve.json")).unwrap()).unwrap();
     assert_eq!(curve["outcome"]["interrupted"], true);
     let workloads = curve["outcome"]["workloads"].as_array().unwrap();
-    assert!(workloads.len() < 40, "stopped early");
+    assert!(workloads.len() < 200, "stopped early");
     let finished = workloads.iter().filter(|w| !w["choices"].as_array().unwrap().is_empty()).count();
     if finished > 0 {
         let file = switchyard::config::ConfigFile::read(&out_path).unwrap();
