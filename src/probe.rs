@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 /// One CUDA library the runtime loads at run time.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LibraryStatus {
-    /// Short name: "libcuda", "libnvrtc" or "libnccl".
+    /// Short name: "libcuda", "libnvrtc", "libnccl" or "libcublas".
     pub name: String,
     /// What it is for.
     pub purpose: String,
@@ -45,7 +45,7 @@ pub struct GpuInfo {
 /// Everything [`probe`] found.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Probe {
-    /// libcuda, libnvrtc, libnccl, in that order.
+    /// libcuda, libnvrtc, libnccl, libcublas, in that order.
     pub libraries: Vec<LibraryStatus>,
     /// GPUs the driver reports (empty without a driver).
     pub gpus: Vec<GpuInfo>,
@@ -161,10 +161,12 @@ pub fn probe() -> Probe {
     let cuda = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false);
     let nvrtc = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false);
     let nccl = std::panic::catch_unwind(|| unsafe { cudarc::nccl::sys::is_culib_present() }).unwrap_or(false);
+    let cublas = crate::backend::cuda::gemm::cublas_available();
     let libraries = vec![
         library_status("libcuda", "cuda", "CUDA driver", cuda, &dirs),
         library_status("libnvrtc", "nvrtc", "run-time kernel compiler", nvrtc, &dirs),
         library_status("libnccl", "nccl", "inter-node transport", nccl, &dirs),
+        library_status("libcublas", "cublas", "GEMM of bench --interference", cublas, &dirs),
     ];
     let mut gpus = Vec::new();
     let mut peer_access = Vec::new();
@@ -309,8 +311,9 @@ mod tests {
     #[test]
     fn probe_never_panics_and_is_consistent() {
         let p = probe();
-        assert_eq!(p.libraries.len(), 3);
+        assert_eq!(p.libraries.len(), 4);
         assert!(p.library("libcuda").is_some() && p.library("libnvrtc").is_some() && p.library("libnccl").is_some());
+        assert!(p.library("libcublas").is_some());
         assert_eq!(p.peer_access.len(), p.gpus.len());
         assert!(!p.reason.is_empty());
         if !p.library("libcuda").unwrap().loadable {

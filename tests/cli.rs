@@ -83,7 +83,7 @@ fn info_runs_without_cuda_and_reports_the_libraries() {
     let out = switchyard(&["info"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let s = text(&out.stdout);
-    for word in ["switchyard", "libcuda", "libnvrtc", "libnccl", "CUDA usable:", "cpu"] {
+    for word in ["switchyard", "libcuda", "libnvrtc", "libnccl", "libcublas", "CUDA usable:", "cpu"] {
         assert!(s.contains(word), "info lacks {word}:\n{s}");
     }
 }
