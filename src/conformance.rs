@@ -153,25 +153,71 @@ pub fn run_rank(comm: &mut dyn Communicator, case: &Case, input: &RankInput) -> 
     Ok(RankResult { dispatch, cached, combine })
 }
 
-/// Compare every rank's results with the oracle; returns the number of wrong rows/elements.
-pub fn check_results(case: &Case, inputs: &[RankInput], results: &[RankResult]) -> usize {
+/// What every rank of a case should get, from the serial oracle.
+struct Expected {
+    dispatch: Vec<DispatchOutput>,
+    combine: Vec<CombineOutput>,
+    abs: Vec<Vec<f32>>,
+}
+
+fn expected(case: &Case, inputs: &[RankInput]) -> Expected {
     let spec = &case.spec;
     let want = oracle::dispatch(spec.topology, spec.num_experts, spec.topk, inputs, &case.options);
     let ys: Vec<Vec<bf16>> = want.iter().enumerate().map(|(r, d)| workload::expert_outputs(&d.x, r)).collect();
     let ws: Vec<Vec<f32>> = want.iter().map(|d| d.topk_weights.clone()).collect();
     let tokens: Vec<usize> = inputs.iter().map(|i| i.topk_idx.len() / spec.topk).collect();
     let weights = case.combine_weights.then_some(&ws[..]);
-    let want_combine = oracle::combine(&tokens, spec.hidden, spec.topk, &want, &ys, weights);
+    let combine = oracle::combine(&tokens, spec.hidden, spec.topk, &want, &ys, weights);
     let abs = abs_sums(&tokens, spec.hidden, &want, &ys);
-    let mut wrong = 0;
-    for (r, got) in results.iter().enumerate() {
-        wrong += count_wrong_dispatch(&got.dispatch, &want[r]);
-        if let Some(c) = &got.cached {
-            wrong += count_wrong_rows(c, &want[r].x);
-        }
-        wrong += count_wrong_combine(&got.combine, &want_combine[r], &abs[r]);
+    Expected { dispatch: want, combine, abs }
+}
+
+fn wrong_of(want: &Expected, r: usize, got: &RankResult) -> usize {
+    let mut wrong = count_wrong_dispatch(&got.dispatch, &want.dispatch[r]);
+    if let Some(c) = &got.cached {
+        wrong += count_wrong_rows(c, &want.dispatch[r].x);
     }
-    wrong
+    wrong + count_wrong_combine(&got.combine, &want.combine[r], &want.abs[r])
+}
+
+/// Compare every rank's results with the oracle; returns the number of wrong rows/elements.
+pub fn check_results(case: &Case, inputs: &[RankInput], results: &[RankResult]) -> usize {
+    let want = expected(case, inputs);
+    results.iter().enumerate().map(|(r, got)| wrong_of(&want, r, got)).sum()
+}
+
+/// Run one case as `comm`'s rank of a group of processes (one rank each): this rank
+/// runs its part under the case's config ([`Communicator::set_config`]) and compares
+/// its own results with the oracle; the ranks then share their counts and errors, so
+/// every rank returns the same report. Collective.
+pub fn run_case_as_process(case: &Case, comm: &mut dyn Communicator) -> CaseReport {
+    let report = |wrong, error: Option<String>| CaseReport { name: case.name.clone(), wrong, error };
+    let rank = comm.rank();
+    let mine: std::result::Result<usize, String> = (|| {
+        let inputs = case.spec.generate().map_err(|e| format!("bad case: {e}"))?;
+        if inputs.len() != comm.topology().world() {
+            return Err(format!("case needs {} ranks, the group has {}", inputs.len(), comm.topology().world()));
+        }
+        if *comm.config() != case.config {
+            comm.set_config(case.config.clone()).map_err(|e| e.to_string())?;
+        }
+        let got = run_rank(comm, case, &inputs[rank]).map_err(|e| e.to_string())?;
+        Ok(wrong_of(&expected(case, &inputs), rank, &got))
+    })();
+    let bytes = serde_json::to_vec(&mine).expect("serializes");
+    let all = match comm.all_gather_bytes(&bytes) {
+        Ok(a) => a,
+        Err(e) => return report(0, Some(format!("rank {rank}: gathering the results: {e}"))),
+    };
+    let mut wrong = 0;
+    for (r, b) in all.iter().enumerate() {
+        match serde_json::from_slice::<std::result::Result<usize, String>>(b) {
+            Ok(Ok(w)) => wrong += w,
+            Ok(Err(e)) => return report(0, Some(format!("rank {r}: {e}"))),
+            Err(e) => return report(0, Some(format!("rank {r} sent an unreadable result: {e}"))),
+        }
+    }
+    report(wrong, None)
 }
 
 /// Run one case on the CPU backend (threads as ranks) and compare with the oracle.

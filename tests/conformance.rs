@@ -418,3 +418,39 @@ fn older_handles_stay_valid_after_newer_dispatches() {
         assert!(matches!(cached_a, Rows::Bf16 { .. }));
     }
 }
+
+/// The per-rank runner that `check` uses for a group of processes, driven here by
+/// CPU ranks on threads: one set of ranks runs several cases (their configs set
+/// collectively in between), every rank returns the same report, and each report
+/// counts the mismatches of all ranks (the cases pass: the oracle agrees).
+#[test]
+fn cases_run_rank_by_rank_share_one_report() {
+    let cases: Vec<Case> =
+        standard_cases().into_iter().filter(|c| c.spec.topology == Topology { num_nodes: 2, ranks_per_node: 4 }).collect();
+    assert!(cases.len() >= 2, "the standard cases have several 2x4 ones");
+    let first = cases[0].config.clone();
+    let ranks = CpuCluster::new(cases[0].spec.topology, first).unwrap().into_ranks();
+    let cases = Arc::new(cases);
+    let per_rank = common::run_ranks("run_case_as_process", ranks, Duration::from_secs(120), {
+        let cases = cases.clone();
+        move |comm| cases.iter().map(|c| switchyard::conformance::run_case_as_process(c, comm)).collect::<Vec<_>>()
+    });
+    for (i, case) in cases.iter().enumerate() {
+        let r0 = &per_rank[0][i];
+        assert!(r0.passed(), "{}: {:?}", case.name, r0.error);
+        for (r, reports) in per_rank.iter().enumerate() {
+            let ri = &reports[i];
+            assert_eq!((&ri.name, ri.wrong, &ri.error), (&r0.name, r0.wrong, &r0.error), "rank {r} disagrees on {}", case.name);
+        }
+    }
+    // A case for another group size fails on every rank with the same message.
+    let other = standard_cases().into_iter().find(|c| c.spec.topology.world() != 8).unwrap();
+    let ranks = CpuCluster::new(cases[0].spec.topology, cases[0].config.clone()).unwrap().into_ranks();
+    let reports = common::run_ranks("wrong size", ranks, Duration::from_secs(60), move |comm| {
+        switchyard::conformance::run_case_as_process(&other, comm)
+    });
+    for r in &reports {
+        let e = r.error.as_deref().unwrap_or("");
+        assert!(!r.passed() && e.contains("ranks"), "{e}");
+    }
+}

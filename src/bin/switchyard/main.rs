@@ -190,6 +190,11 @@ struct CheckArgs {
     /// Run only the cases whose name contains this text.
     #[arg(long, value_name = "SUBSTR")]
     filter: Option<String>,
+    /// CUDA ranks: `processes` (one process per GPU, spawned unless a launcher set RANK/WORLD_SIZE;
+    /// one set of communicators runs every case) or `threads` (a fresh cluster of threads per case);
+    /// `auto` = processes.
+    #[arg(long, value_enum, default_value_t = Launch::Auto)]
+    launch: Launch,
 }
 
 fn main() -> ExitCode {
@@ -531,11 +536,13 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
             None => Error::InvalidArgument { arg: "conformance cases".into(), reason: "none are defined".into() },
         });
     }
-    // The CUDA backend runs the cases of one node with as many ranks as GPUs.
+    let processes = backend == BackendKind::Cuda && a.launch != Launch::Threads;
+    let launch_env = if processes { LaunchEnv::from_env()? } else { None };
+    // The CUDA backend runs the cases of one node with as many ranks as GPUs (or as the launcher started).
     let cases: Vec<_> = match backend {
         BackendKind::Cpu => cases,
         BackendKind::Cuda => {
-            let gpus = probe::probe().gpus.len();
+            let gpus = launch_env.as_ref().map_or_else(|| probe::probe().gpus.len(), |e| e.world_size);
             let fit: Vec<_> =
                 cases.into_iter().filter(|c| c.spec.topology.num_nodes == 1 && c.spec.topology.ranks_per_node == gpus).collect();
             info!("cuda: {} cases fit one node of {gpus} GPUs", fit.len());
@@ -548,13 +555,21 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
             fit
         }
     };
+    let mut comm = match (&launch_env, processes) {
+        (None, true) => return spawn_workers(cases[0].spec.topology.ranks_per_node),
+        (Some(env), true) => Some(switchyard::backend::cuda::CudaRank::from_launch_env(env, cases[0].config.clone())?),
+        (_, false) => None,
+    };
+    // In a group of processes every rank runs every case; rank 0 reports.
+    let reports = launch_env.as_ref().map_or(true, |e| e.rank == 0);
     let width = cases.iter().map(|c| c.name.len()).max().unwrap_or(0);
     let bar = LazyBar::new(cases.len() as u64, "check");
     let (mut passed, mut failed) = (0usize, 0usize);
     for (i, case) in cases.iter().enumerate() {
-        let report = match backend {
-            BackendKind::Cpu => conformance::run_case_cpu(case),
-            BackendKind::Cuda => run_case_cuda(case),
+        let report = match (backend, comm.as_mut()) {
+            (BackendKind::Cpu, _) => conformance::run_case_cpu(case),
+            (BackendKind::Cuda, Some(c)) => conformance::run_case_as_process(case, c),
+            (BackendKind::Cuda, None) => run_case_cuda(case),
         };
         let line = if report.passed() {
             passed += 1;
@@ -567,11 +582,15 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
             };
             format!("{:<width$}  FAIL  {detail}", report.name)
         };
-        bar.bar.suspend(|| println!("{line}"));
-        bar.set(i as u64 + 1);
+        if reports {
+            bar.bar.suspend(|| println!("{line}"));
+            bar.set(i as u64 + 1);
+        }
     }
     bar.finish();
-    println!("{passed} passed, {failed} failed");
+    if reports {
+        println!("{passed} passed, {failed} failed");
+    }
     Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
