@@ -53,6 +53,56 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// The nodes of a group from the host name of each rank (in rank order): ranks on
+    /// one host form a node. Each host's ranks must be consecutive and every host must
+    /// have as many (what `mpirun --map-by ppr:N:node` and torchrun give). With
+    /// `ranks_per_node` the nodes are emulated: consecutive blocks of that many ranks,
+    /// each on one host (so one host can act as several nodes).
+    pub fn from_hostnames(hosts: &[String], ranks_per_node: Option<usize>) -> Result<Self> {
+        let bad = |reason: String| Err(Error::InvalidArgument { arg: "--ranks-per-node".into(), reason });
+        let world = hosts.len();
+        if world == 0 {
+            return bad("no ranks".into());
+        }
+        if let Some(rpn) = ranks_per_node {
+            if rpn == 0 || world % rpn != 0 {
+                return bad(format!("{world} ranks do not split into nodes of {rpn}"));
+            }
+            for (n, block) in hosts.chunks(rpn).enumerate() {
+                if let Some(h) = block.iter().find(|h| **h != block[0]) {
+                    return bad(format!(
+                        "emulated node {n} (ranks {}..{}) spans hosts {} and {h}",
+                        n * rpn,
+                        (n + 1) * rpn,
+                        block[0]
+                    ));
+                }
+            }
+            return Self::new(world / rpn, rpn);
+        }
+        let mut runs: Vec<(&str, usize)> = Vec::new();
+        for h in hosts {
+            match runs.last_mut() {
+                Some((last, n)) if *last == h.as_str() => *n += 1,
+                _ => {
+                    if runs.iter().any(|(seen, _)| *seen == h.as_str()) {
+                        return bad(format!(
+                            "the ranks of host {h} are not consecutive; place ranks by node (e.g. mpirun --map-by ppr:N:node)"
+                        ));
+                    }
+                    runs.push((h, 1));
+                }
+            }
+        }
+        let rpn = runs[0].1;
+        if let Some((h, n)) = runs.iter().find(|(_, n)| *n != rpn) {
+            return bad(format!("host {} has {rpn} ranks but {h} has {n}; every node needs as many", runs[0].0));
+        }
+        Self::new(runs.len(), rpn)
+    }
+}
+
 impl std::fmt::Display for Topology {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}", self.num_nodes, self.ranks_per_node)
@@ -73,6 +123,35 @@ mod tests {
         assert_eq!(t.node_of(5), 2);
         assert_eq!(t.local_of(5), 1);
         assert_eq!(t.ranks_of_node(3), 6..8);
+    }
+
+    fn hosts(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn nodes_come_from_host_names() {
+        let t = Topology::from_hostnames(&hosts(&["a", "a", "b", "b"]), None).unwrap();
+        assert_eq!((t.num_nodes, t.ranks_per_node), (2, 2));
+        let t = Topology::from_hostnames(&hosts(&["a"; 4]), None).unwrap();
+        assert_eq!((t.num_nodes, t.ranks_per_node), (1, 4));
+        // One host emulates two nodes.
+        let t = Topology::from_hostnames(&hosts(&["a"; 4]), Some(2)).unwrap();
+        assert_eq!((t.num_nodes, t.ranks_per_node), (2, 2));
+        let t = Topology::from_hostnames(&hosts(&["a", "a", "b", "b"]), Some(1)).unwrap();
+        assert_eq!((t.num_nodes, t.ranks_per_node), (4, 1));
+        for (names, rpn, word) in [
+            (&["a", "b", "a", "b"][..], None, "consecutive"),
+            (&["a", "a", "b"][..], None, "as many"),
+            (&["a", "a", "b", "b"][..], Some(4), "spans hosts"),
+            (&["a", "a", "a"][..], Some(2), "do not split"),
+            (&[][..], None, "no ranks"),
+        ] {
+            match Topology::from_hostnames(&hosts(names), rpn) {
+                Err(Error::InvalidArgument { reason, .. }) => assert!(reason.contains(word), "{names:?}: {reason}"),
+                other => panic!("{names:?} {rpn:?}: expected an error, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -220,10 +220,11 @@ impl CudaRank {
         let hosts = tcp.hostnames().to_vec();
         let buffer_bytes = buffer_bytes_from_env();
         let local = (|| -> Result<(Gpu, String, DeviceBuffer, [u8; 64])> {
-            if let Some(h) = hosts.iter().find(|h| **h != hosts[0]) {
+            let found = Topology::from_hostnames(&hosts, None)?;
+            if found.num_nodes != 1 {
                 return Err(Error::InvalidArgument {
                     arg: "WORLD_SIZE".into(),
-                    reason: format!("the CUDA backend runs one node; ranks are on hosts {} and {h}", hosts[0]),
+                    reason: format!("the CUDA backend runs one node; the ranks are on {} hosts", found.num_nodes),
                 });
             }
             if !compile::nvrtc_available() {
