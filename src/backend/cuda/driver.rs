@@ -192,6 +192,26 @@ impl Event {
     }
 }
 
+/// Start and end events, one pair per timed piece of work on a stream.
+pub struct EventPairs(Vec<(Event, Event)>);
+
+impl EventPairs {
+    /// `n` pairs in the current context.
+    pub fn new(n: usize) -> Result<Self> {
+        (0..n).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<_>>().map(Self)
+    }
+
+    /// The pairs, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &(Event, Event)> {
+        self.0.iter()
+    }
+
+    /// Seconds from start to end of each pair; every event must have completed.
+    pub fn seconds(&self) -> Result<Vec<f64>> {
+        self.0.iter().map(|(a, b)| b.elapsed_ms_since(a).map(|ms| ms as f64 * 1e-3)).collect()
+    }
+}
+
 impl Drop for Event {
     fn drop(&mut self) {
         // SAFETY: created in new().

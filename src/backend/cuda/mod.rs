@@ -24,14 +24,16 @@ use std::time::Duration;
 use half::bf16;
 
 use self::compile::{KernelSpec, NOTIFY_THREADS, THREADS};
-use self::driver::{dtod_async, dtoh, htod, DeviceBuffer, Event, Gpu, IpcMapping, Kernel, Kernels, MappedHost, Scratch, Stream};
+use self::driver::{
+    dtod_async, dtoh, htod, DeviceBuffer, Event, EventPairs, Gpu, IpcMapping, Kernel, Kernels, MappedHost, Scratch, Stream,
+};
 use self::group::HostGroup;
 use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
 use self::local_copy::{CopyOp, LocalCopy, RowArrays};
 use self::peer::PeerMap;
 use crate::backend::{
-    checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, Interference, ResidentInputs, ResidentOp, Traffic,
-    TrafficLog,
+    checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Interference, ResidentInputs, ResidentOp,
+    Traffic, TrafficLog,
 };
 use crate::bootstrap::threads::Board;
 use crate::bootstrap::{LaunchEnv, TcpGroup};
@@ -105,7 +107,7 @@ impl CudaCluster {
             });
         }
         let gpus: Vec<Gpu> = (0..num_gpus).map(Gpu::new).collect::<Result<_>>()?;
-        check_channels(&config, &gpus[0])?;
+        check_channels(config.num_channels, &gpus[0])?;
         let arch = arch_of(&gpus[0])?;
         let buffer_bytes = buffer_bytes_from_env();
         let mb = buffer_bytes >> 20;
@@ -239,7 +241,7 @@ impl CudaRank {
                 });
             }
             let gpu = Gpu::new(ordinal)?;
-            check_channels(&config, &gpu)?;
+            check_channels(config.num_channels, &gpu)?;
             let arch = arch_of(&gpu)?;
             gpu.bind()?;
             let buffer = new_comm_buffer(buffer_bytes)?;
@@ -352,13 +354,13 @@ fn cubin_for(spec: &KernelSpec, arch: &str) -> Result<Arc<compile::Cubin>> {
 }
 
 /// Every channel is one block that spin-waits on its peers' blocks, so all of them
-/// must be resident at once: at most one channel per SM (and the kernels' limit).
-fn check_channels(config: &Config, gpu: &Gpu) -> Result<()> {
+/// must be resident at once: 1 to one channel per SM (and the kernels' limit).
+fn check_channels(channels: usize, gpu: &Gpu) -> Result<()> {
     let limit = gpu.sm_count()?.min(compile::MAX_CHANNELS);
-    if config.num_channels > limit {
+    if channels == 0 || channels > limit {
         return Err(Error::InvalidArgument {
             arg: "num_channels".into(),
-            reason: format!("{} channels (one SM each) do not fit: {} has {limit} usable SMs", config.num_channels, gpu.name()),
+            reason: format!("{channels} channels (one SM each) do not fit: {} has 1..={limit} usable SMs", gpu.name()),
         });
     }
     Ok(())
@@ -484,7 +486,7 @@ impl CudaRank {
             ResidentOp::DispatchCached => self.prepare_cached_dispatch(inp.x, inp.handle, inp.options)?,
             ResidentOp::Combine => self.prepare_combine(inp.y, inp.hidden, inp.handle, None)?,
         };
-        let events = (0..iters).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
+        let events = EventPairs::new(iters)?;
         self.meta.write(meta::DIAG, SyDiag::default());
         self.start_together()?;
         let r = (|| {
@@ -498,7 +500,7 @@ impl CudaRank {
                 b.record(&self.stream)?;
             }
             self.stream.sync()?;
-            events.iter().map(|(a, b)| b.elapsed_ms_since(a).map(|ms| ms as f64 * 1e-3)).collect::<Result<Vec<f64>>>()
+            events.seconds()
         })();
         let times = r.inspect_err(|e| self.poisoned = Some(e.to_string()))?;
         self.check_device_timeout(l.kernel)?;
@@ -507,22 +509,14 @@ impl CudaRank {
             ResidentOp::DispatchCached => (spec_row_bytes(&l.spec), &mut self.traffic.dispatch),
             ResidentOp::Combine => (inp.hidden * 2, &mut self.traffic.combine),
         };
-        for _ in 0..iters {
-            count_traffic(self.world, self.rank, &st.pos, row_bytes, into);
-        }
+        count_traffic(self.rank, &rows_per_destination(self.world, &st.pos), row_bytes, iters, into);
         Ok(times)
     }
 
     /// [`Communicator::time_nccl_exchange`].
     fn nccl_exchange(&mut self, handle: &Handle, row_bytes: [usize; 2], iters: usize) -> Result<[Vec<f64>; 2]> {
         let world = self.world;
-        let st = handle.state::<CudaHandleState>("cuda")?;
-        let mut send_rows = vec![0usize; world];
-        for row in st.pos.chunks_exact(world) {
-            for (d, &q) in row.iter().enumerate() {
-                send_rows[d] += usize::from(q >= 0);
-            }
-        }
+        let send_rows = rows_per_destination(world, &handle.state::<CudaHandleState>("cuda")?.pos);
         // Every rank's send counts: what I receive from s is what s sends me.
         let mine: Vec<u8> = send_rows.iter().flat_map(|&n| (n as u64).to_le_bytes()).collect();
         let all = self.all_gather_bytes(&mine)?;
@@ -535,18 +529,19 @@ impl CudaRank {
             .collect();
         if self.nccl.is_none() {
             self.gpu().bind()?;
-            let avail = if nccl::nccl_available() {
-                Ok(())
-            } else {
+            // Rank 0 makes the id; every rank says whether it can go on before any waits for it.
+            let id = if !nccl::nccl_available() {
                 Err(Error::BackendUnavailable { backend: "cuda", reason: "libnccl not found".into() })
-            };
-            let id = if self.rank == 0 {
-                avail.as_ref().map_err(|e| e.to_string()).and_then(|_| nccl::unique_id().map_err(|e| e.to_string()))
+            } else if self.rank == 0 {
+                nccl::unique_id().map(|i| i.to_vec())
             } else {
-                Ok([0u8; 128])
+                Ok(Vec::new())
             };
-            let bytes = id.as_ref().map(|i| i.to_vec()).unwrap_or_default();
-            self.agree(avail.and(id.as_ref().map(|_| ()).map_err(|e| Error::Cuda(e.clone()))))?;
+            let (bytes, ready) = match id {
+                Ok(b) => (b, Ok(())),
+                Err(e) => (Vec::new(), Err(e)),
+            };
+            self.agree(ready)?;
             let ids = self.all_gather_bytes(&bytes)?;
             let id: [u8; 128] = ids[0]
                 .as_slice()
@@ -572,13 +567,8 @@ impl CudaRank {
         channels: [usize; 2],
         iters: usize,
     ) -> Result<Interference> {
-        let sms = self.gpu().sm_count()?;
-        let limit = sms.min(compile::MAX_CHANNELS);
-        let gemm_sms = sms.saturating_sub(channels[0].max(channels[1])).max(1);
-        let fits = match channels.iter().find(|&&c| c == 0 || c > limit) {
-            Some(c) => Err(Error::InvalidArgument { arg: "channels".into(), reason: format!("{c}: 1..={limit}") }),
-            None => Ok(()),
-        };
+        let gemm_sms = self.gpu().sm_count()?.saturating_sub(channels[0].max(channels[1])).max(1);
+        let fits = channels.iter().try_for_each(|&c| check_channels(c, self.gpu()));
         self.gpu().bind()?;
         let g = fits.and_then(|_| gemm::Gemm::new(shape));
         self.agree(g.as_ref().map(|_| ()).map_err(|e| Error::Cuda(e.to_string())))?;
@@ -589,11 +579,10 @@ impl CudaRank {
         let mut c = self.prepare_combine(inp.y, inp.hidden, inp.handle, None)?;
         self.meta.write(meta::DIAG, SyDiag::default());
         let mut first = Some(self.seq - 1);
-        let ms = |a: &Event, b: &Event| b.elapsed_ms_since(a).map(|ms| ms as f64 * 1e3);
         let r = (|| -> Result<Interference> {
-            let pair_events = (0..iters).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
+            let pair_events = EventPairs::new(iters)?;
             let mut pairs = |this: &mut Self| -> Result<()> {
-                for (a, b) in &pair_events {
+                for (a, b) in pair_events.iter() {
                     let seq_d = match first.take() {
                         Some(s) => s,
                         None => {
@@ -610,23 +599,30 @@ impl CudaRank {
                 }
                 Ok(())
             };
-            let median = |mut v: Vec<f64>| {
+            // Median of event pairs' times, in microseconds.
+            let median_us = |ev: &[f64]| {
+                let mut v = ev.to_vec();
                 v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
+                v[v.len() / 2] * 1e6
+            };
+            // One timed GEMM per event pair.
+            let gemms = |ev: &EventPairs| -> Result<()> {
+                for (a, b) in ev.iter() {
+                    a.record(g.stream())?;
+                    g.enqueue()?;
+                    b.record(g.stream())?;
+                }
+                Ok(())
             };
             // GEMM alone (after two untimed ones), on every SM, then on the SMs left.
             let gemm_alone_on = |sms: usize| -> Result<f64> {
                 g.set_sm_target(sms)?;
                 g.enqueue()?;
                 g.enqueue()?;
-                let ev = (0..iters.max(5)).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
-                for (a, b) in &ev {
-                    a.record(g.stream())?;
-                    g.enqueue()?;
-                    b.record(g.stream())?;
-                }
+                let ev = EventPairs::new(iters.max(5))?;
+                gemms(&ev)?;
                 g.stream().sync()?;
-                Ok(median(ev.iter().map(|(a, b)| ms(a, b)).collect::<Result<_>>()?))
+                Ok(median_us(&ev.seconds()?))
             };
             let gemm_alone = gemm_alone_on(0)?;
             let gemm_alone_left = gemm_alone_on(gemm_sms)?;
@@ -634,17 +630,13 @@ impl CudaRank {
             self.start_together()?;
             pairs(self)?;
             self.stream.sync()?;
-            let comm_times: Vec<f64> = pair_events.iter().map(|(a, b)| ms(a, b)).collect::<Result<_>>()?;
-            let comm_alone = median(comm_times.clone());
+            let comm_times = pair_events.seconds()?;
+            let comm_alone = median_us(&comm_times);
             // Both: enough GEMMs to run from before the first pair to after the last.
-            let n_both = ((comm_times.iter().sum::<f64>() / gemm_alone_left).ceil() as usize + 2).max(3);
-            let both_events = (0..n_both).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
+            let n_both = ((comm_times.iter().sum::<f64>() * 1e6 / gemm_alone_left).ceil() as usize + 2).max(3);
+            let both_events = EventPairs::new(n_both)?;
             self.start_together()?;
-            for (a, b) in &both_events {
-                a.record(g.stream())?;
-                g.enqueue()?;
-                b.record(g.stream())?;
-            }
+            gemms(&both_events)?;
             // Let the first GEMM get going, as in a layer where the communication of one
             // micro-batch starts while the experts of another compute.
             std::thread::sleep(Duration::from_secs_f64(gemm_alone_left * 0.25e-6));
@@ -652,16 +644,16 @@ impl CudaRank {
             self.stream.sync()?;
             g.stream().sync()?;
             // The first and last GEMMs may only partly overlap the pairs: leave them out.
-            let inner: Vec<f64> = both_events[1..n_both - 1].iter().map(|(a, b)| ms(a, b)).collect::<Result<_>>()?;
+            let both_times = both_events.seconds()?;
             Ok(Interference {
                 gemm: shape,
                 channels,
                 gemm_sms,
                 gemm_alone_us: gemm_alone,
                 gemm_left_us: gemm_alone_left,
-                gemm_together_us: median(inner),
+                gemm_together_us: median_us(&both_times[1..n_both - 1]),
                 comm_alone_us: comm_alone,
-                comm_together_us: median(pair_events.iter().map(|(a, b)| ms(a, b)).collect::<Result<_>>()?),
+                comm_together_us: median_us(&pair_events.seconds()?),
             })
         })();
         let out = r.inspect_err(|e| self.poisoned = Some(e.to_string()))?;
@@ -995,7 +987,7 @@ impl Communicator for CudaRank {
         dtoh(&mut src, own + lay.recv_src as u64, &self.stream)?;
 
         let row_bytes = spec_row_bytes(&spec) + k * 8 + 8;
-        count_traffic(self.world, self.rank, &pos, row_bytes, &mut self.traffic.dispatch);
+        count_traffic(self.rank, &rows_per_destination(self.world, &pos), row_bytes, 1, &mut self.traffic.dispatch);
 
         let out = DispatchOutput {
             x: rows,
@@ -1024,7 +1016,13 @@ impl Communicator for CudaRank {
         self.start_together()?;
         self.run(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &l.side_ops)?;
         let st = handle.state::<CudaHandleState>("cuda")?;
-        count_traffic(self.world, self.rank, &st.pos, spec_row_bytes(&l.spec), &mut self.traffic.dispatch);
+        count_traffic(
+            self.rank,
+            &rows_per_destination(self.world, &st.pos),
+            spec_row_bytes(&l.spec),
+            1,
+            &mut self.traffic.dispatch,
+        );
         self.read_rows(&l.spec, &l.lay, handle.num_recv(), l.spec.hidden)
     }
 
@@ -1045,7 +1043,7 @@ impl Communicator for CudaRank {
         };
         // Rows that crossed back to us: one per (token, rank it went to).
         let st = handle.state::<CudaHandleState>("cuda")?;
-        count_traffic(self.world, self.rank, &st.pos, hidden * 2, &mut self.traffic.combine);
+        count_traffic(self.rank, &rows_per_destination(self.world, &st.pos), hidden * 2, 1, &mut self.traffic.combine);
         Ok(CombineOutput { x, topk_weights: weights })
     }
 
@@ -1072,7 +1070,7 @@ impl Communicator for CudaRank {
     }
 
     fn set_config(&mut self, config: Config) -> Result<()> {
-        let fits = check_channels(&config, self.gpu());
+        let fits = check_channels(config.num_channels, self.gpu());
         checks::agree_on_config(self, &config, fits)?;
         self.config = config;
         Ok(())
@@ -1095,33 +1093,55 @@ impl Communicator for CudaRank {
     }
 }
 
-/// Add one call's rows to `into`: every (token, destination) in `pos` (`[T][world]`, -1: not
-/// sent) moved `row_bytes`, to this rank (local) or over NVLink (intra-node).
-fn count_traffic(world: usize, rank: usize, pos: &[i32], row_bytes: usize, into: &mut Traffic) {
+/// Rows a plan sends to each rank: the (token, destination) entries of `pos`
+/// (`[T][world]`, -1: not sent).
+fn rows_per_destination(world: usize, pos: &[i32]) -> Vec<usize> {
+    let mut rows = vec![0usize; world];
     for row in pos.chunks_exact(world) {
         for (d, &q) in row.iter().enumerate() {
-            if q >= 0 {
-                if d == rank {
-                    into.local.add(row_bytes)
-                } else {
-                    into.intra_node.add(row_bytes)
-                }
-            }
+            rows[d] += usize::from(q >= 0);
+        }
+    }
+    rows
+}
+
+/// Add `calls` calls' rows to `into`: `rows[d]` rows of `row_bytes` to each rank `d`,
+/// to this rank (local) or over NVLink (intra-node).
+fn count_traffic(rank: usize, rows: &[usize], row_bytes: usize, calls: usize, into: &mut Traffic) {
+    for (d, &n) in rows.iter().enumerate() {
+        let n = (n * calls) as u64;
+        let hop = HopCount { rows: n, bytes: n * row_bytes as u64 };
+        if d == rank {
+            into.local += hop;
+        } else {
+            into.intra_node += hop;
         }
     }
 }
 
 fn spec_row_bytes(spec: &KernelSpec) -> usize {
-    if spec.wire_fp8 {
-        spec.hidden + spec.hidden / 128 * 4
-    } else {
-        spec.hidden * 2
-    }
+    if spec.wire_fp8 { DType::Fp8 } else { DType::Bf16 }.row_bytes(spec.hidden)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traffic_counts_every_sent_row_once_per_call() {
+        // 3 tokens x 3 ranks; rank 1 is this one.
+        let pos = [0, -1, 2, -1, 5, 1, 4, 3, -1];
+        assert_eq!(rows_per_destination(3, &pos), vec![2, 2, 2]);
+        let mut t = Traffic::default();
+        count_traffic(1, &rows_per_destination(3, &pos), 10, 3, &mut t);
+        // Row by row: 6 rows per call, 2 of them to this rank, over 3 calls.
+        assert_eq!(t.local, HopCount { rows: 6, bytes: 60 });
+        assert_eq!(t.intra_node, HopCount { rows: 12, bytes: 120 });
+        assert_eq!(
+            spec_row_bytes(&KernelSpec { world: 2, hidden: 256, topk: 8, num_experts: 16, x_fp8: false, wire_fp8: true }),
+            264
+        );
+    }
 
     #[test]
     fn no_gpu_is_an_error_not_a_panic() {

@@ -4,7 +4,7 @@
 
 use cudarc::nccl::{result, sys};
 
-use super::driver::{DeviceBuffer, Event, Stream};
+use super::driver::{DeviceBuffer, EventPairs, Stream};
 use crate::error::{Error, Result};
 
 /// Whether libnccl loads (cudarc panics on use when it does not).
@@ -99,14 +99,14 @@ impl NcclExchange {
         };
         exchange()?;
         exchange()?;
-        let events = (0..iters).map(|_| Ok((Event::new()?, Event::new()?))).collect::<Result<Vec<_>>>()?;
-        for (a, b) in &events {
+        let events = EventPairs::new(iters)?;
+        for (a, b) in events.iter() {
             a.record(&self.stream)?;
             exchange()?;
             b.record(&self.stream)?;
         }
         self.stream.sync()?;
-        events.iter().map(|(a, b)| b.elapsed_ms_since(a).map(|ms| ms as f64 * 1e-3)).collect()
+        events.seconds()
     }
 }
 
