@@ -720,18 +720,11 @@ pub fn run_as_process(
     let mine: std::result::Result<RankSummary, String> = run_rank(comm, &inputs[rank], spec, &step)
         .map(|run| RankSummary::of(&run, spec.check.then(|| expected(spec, &inputs)).as_ref(), rank))
         .map_err(|e| e.to_string());
-    let bytes = serde_json::to_vec(&mine).expect("summary serializes");
-    let all = comm.all_gather_bytes(&bytes)?;
-    let mut sums = Vec::with_capacity(all.len());
-    for (r, b) in all.iter().enumerate() {
-        let got: std::result::Result<RankSummary, String> = serde_json::from_slice(b)
-            .map_err(|e| Error::Protocol { rank, detail: format!("rank {r} sent an unreadable summary: {e}") })?;
-        match got {
-            Ok(s) => sums.push(s),
-            Err(reason) if r == rank => return Err(Error::Protocol { rank, detail: reason }),
-            Err(reason) => return Err(Error::PeerFailed { rank: r, reason }),
-        }
-    }
+    let sums = match crate::backend::gather_outcomes(comm, mine.as_ref().map_err(Clone::clone))? {
+        Ok(sums) => sums,
+        Err((r, reason)) if r == rank => return Err(Error::Protocol { rank, detail: reason }),
+        Err((r, reason)) => return Err(Error::PeerFailed { rank: r, reason }),
+    };
     Ok((rank == 0).then(|| measurements(spec, &sums)))
 }
 

@@ -204,20 +204,11 @@ pub fn run_case_as_process(case: &Case, comm: &mut dyn Communicator) -> CaseRepo
         let got = run_rank(comm, case, &inputs[rank]).map_err(|e| e.to_string())?;
         Ok(wrong_of(&expected(case, &inputs), rank, &got))
     })();
-    let bytes = serde_json::to_vec(&mine).expect("serializes");
-    let all = match comm.all_gather_bytes(&bytes) {
-        Ok(a) => a,
-        Err(e) => return report(0, Some(format!("rank {rank}: gathering the results: {e}"))),
-    };
-    let mut wrong = 0;
-    for (r, b) in all.iter().enumerate() {
-        match serde_json::from_slice::<std::result::Result<usize, String>>(b) {
-            Ok(Ok(w)) => wrong += w,
-            Ok(Err(e)) => return report(0, Some(format!("rank {r}: {e}"))),
-            Err(e) => return report(0, Some(format!("rank {r} sent an unreadable result: {e}"))),
-        }
+    match crate::backend::gather_outcomes(comm, mine.as_ref().map_err(Clone::clone)) {
+        Ok(Ok(wrong)) => report(wrong.iter().sum(), None),
+        Ok(Err((r, e))) => report(0, Some(format!("rank {r}: {e}"))),
+        Err(e) => report(0, Some(format!("rank {rank}: gathering the results: {e}"))),
     }
-    report(wrong, None)
 }
 
 /// Run one case on the CPU backend (threads as ranks) and compare with the oracle.

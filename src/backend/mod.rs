@@ -172,6 +172,29 @@ pub struct Interference {
     pub comm_together_us: f64,
 }
 
+/// Every rank's outcome of a step that may fail, gathered (collective; small messages):
+/// each rank's value in rank order when every rank succeeded, else the first rank that
+/// failed and its reason. A message that does not parse is a protocol error. Sending a
+/// failure through the gather, rather than returning early, keeps the others from
+/// waiting for a message that never comes.
+pub(crate) fn gather_outcomes<T: serde::Serialize + serde::de::DeserializeOwned>(
+    comm: &mut dyn Communicator,
+    mine: std::result::Result<&T, String>,
+) -> Result<std::result::Result<Vec<T>, (usize, String)>> {
+    let me = comm.rank();
+    let all = comm.all_gather_bytes(&serde_json::to_vec(&mine).expect("outcome serializes"))?;
+    let mut values = Vec::with_capacity(all.len());
+    for (r, b) in all.iter().enumerate() {
+        let got: std::result::Result<T, String> = serde_json::from_slice(b)
+            .map_err(|e| crate::Error::Protocol { rank: me, detail: format!("rank {r} sent an unreadable message: {e}") })?;
+        match got {
+            Ok(v) => values.push(v),
+            Err(reason) => return Ok(Err((r, reason))),
+        }
+    }
+    Ok(Ok(values))
+}
+
 pub trait Communicator: Send {
     /// Backend name ("cpu", "cuda").
     fn backend_name(&self) -> &'static str;

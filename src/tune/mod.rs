@@ -411,6 +411,33 @@ impl Sweep<'_> {
         ms.iter().find(|m| m.op == op).map(|m| TimeStats::from_seconds(&m.iter_seconds)).unwrap_or(TimeStats::from_seconds(&[]))
     }
 
+    /// One bench run of `config` (after agreeing not to stop): cached dispatch and combine
+    /// times, and the elements that differed from the oracle.
+    fn run(
+        &mut self,
+        runner: &mut dyn Runner,
+        config: &Config,
+        iters: usize,
+        stop: &dyn Fn() -> bool,
+        progress: Progress<'_>,
+        what: &str,
+    ) -> std::result::Result<(TimeStats, TimeStats, u64), Stop> {
+        if runner.should_stop(stop())? {
+            return Err(Stop::Interrupted);
+        }
+        progress(
+            *self.done,
+            &format!("{} {} {what} channels {} chunk {}", self.shape.name, self.dtype, config.num_channels, config.chunk_tokens),
+        );
+        let ms = runner.run(&self.spec.bench_spec(self.shape, self.dtype, config, iters))?;
+        *self.done += 1;
+        let wrong: u64 = ms.iter().map(|m| m.wrong.unwrap_or(0)).sum();
+        if wrong > 0 {
+            tracing::warn!("{} {}: {config:?} gave {wrong} wrong elements; not a candidate", self.shape.name, self.dtype);
+        }
+        Ok((Self::median_of(&ms, Op::DispatchCached), Self::median_of(&ms, Op::Combine), wrong))
+    }
+
     /// Measure `config` unless it was; returns its index.
     fn measure(
         &mut self,
@@ -424,27 +451,8 @@ impl Sweep<'_> {
             self.points[i].analytic |= analytic;
             return Ok(i);
         }
-        if runner.should_stop(stop())? {
-            return Err(Stop::Interrupted);
-        }
-        progress(
-            *self.done,
-            &format!("{} {} channels {} chunk {}", self.shape.name, self.dtype, config.num_channels, config.chunk_tokens),
-        );
-        let ms = runner.run(&self.spec.bench_spec(self.shape, self.dtype, config, self.spec.iters))?;
-        *self.done += 1;
-        let wrong: u64 = ms.iter().map(|m| m.wrong.unwrap_or(0)).sum();
-        if wrong > 0 {
-            tracing::warn!("{} {}: {config:?} gave {wrong} wrong elements; not a candidate", self.shape.name, self.dtype);
-        }
-        self.points.push(Point {
-            config: config.clone(),
-            dispatch_us: Self::median_of(&ms, Op::DispatchCached),
-            combine_us: Self::median_of(&ms, Op::Combine),
-            remeasured_us: None,
-            wrong,
-            analytic,
-        });
+        let (dispatch_us, combine_us, wrong) = self.run(runner, config, self.spec.iters, stop, progress, "measure")?;
+        self.points.push(Point { config: config.clone(), dispatch_us, combine_us, remeasured_us: None, wrong, analytic });
         Ok(self.points.len() - 1)
     }
 
@@ -458,17 +466,11 @@ impl Sweep<'_> {
         if self.points[i].remeasured_us.is_some() || self.points[i].wrong > 0 {
             return Ok(());
         }
-        if runner.should_stop(stop())? {
-            return Err(Stop::Interrupted);
-        }
         let config = self.points[i].config.clone();
-        progress(*self.done, &format!("{} {} re-measure channels {}", self.shape.name, self.dtype, config.num_channels));
-        let ms = runner.run(&self.spec.bench_spec(self.shape, self.dtype, &config, self.spec.remeasure_iters))?;
-        *self.done += 1;
-        let wrong: u64 = ms.iter().map(|m| m.wrong.unwrap_or(0)).sum();
+        let (d, c, wrong) = self.run(runner, &config, self.spec.remeasure_iters, stop, progress, "re-measure")?;
         let p = &mut self.points[i];
         p.wrong += wrong;
-        p.remeasured_us = Some([Self::median_of(&ms, Op::DispatchCached).median, Self::median_of(&ms, Op::Combine).median]);
+        p.remeasured_us = Some([d.median, c.median]);
         Ok(())
     }
 }
