@@ -91,6 +91,39 @@ fn three_and_four_ranks_gather_barrier_and_broadcast_in_rank_order() {
     }
 }
 
+/// Rank `src`'s part for rank `dst` in round `k`: some empty, one large.
+fn addressed(src: usize, dst: usize, k: usize) -> Vec<u8> {
+    let len = if (src, dst, k) == (2, 1, 1) { 2 << 20 } else { (src * 3 + dst + k) % 4 * 50 };
+    (0..len).map(|i| (i * 13 + src * 5 + dst * 3 + k) as u8).collect()
+}
+
+#[test]
+fn all_to_all_delivers_each_part_to_its_rank_in_source_order() {
+    for world in [1, 2, 4] {
+        let results = run_all(group_jobs(world, move |r, g| {
+            let mut g = g.unwrap();
+            (0..3)
+                .map(|k| {
+                    let parts: Vec<Vec<u8>> = (0..world).map(|dst| addressed(r, dst, k)).collect();
+                    g.all_to_all(&parts, LONG).unwrap()
+                })
+                .collect::<Vec<_>>()
+        }));
+        for (r, rounds) in results.iter().enumerate() {
+            for (k, got) in rounds.iter().enumerate() {
+                let want: Vec<Vec<u8>> = (0..world).map(|src| addressed(src, r, k)).collect();
+                assert!(got == &want, "world {world} rank {r} round {k}: wrong parts");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_to_all_with_the_wrong_number_of_parts_is_refused_before_sending() {
+    let results = run_all(group_jobs(1, |_, g| g.unwrap().all_to_all(&[vec![1], vec![2]], LONG)));
+    assert!(matches!(&results[0], Err(Error::InvalidArgument { arg, .. }) if arg == "parts"), "{:?}", results[0]);
+}
+
 #[test]
 fn a_group_of_one_needs_no_peers_and_checks_the_broadcast_root() {
     let (l, _) = listener();

@@ -1,4 +1,4 @@
-//! All-gather, barrier and broadcast of bytes for ranks that are separate
+//! All-gather, all-to-all, barrier and broadcast of bytes for ranks that are separate
 //! processes, over a TCP star: rank 0 listens, the others connect to it, every
 //! collective goes through rank 0. Blocking `std::net` with a total deadline on
 //! every call; no async runtime. Rank 0 waits on all its peers at once with
@@ -19,16 +19,17 @@ use tracing::{info, warn};
 
 use super::env::LaunchEnv;
 use super::wire::{
-    accept_by, connect_by, hello_payload, hostname, notify, read_frame, read_hello, wait_readable, write_frame, Frame, Kind,
-    VERSION,
+    accept_by, connect_by, hello_payload, hostname, notify, pack_parts, read_frame, read_hello, unpack_parts, wait_readable,
+    write_frame, Frame, Kind, VERSION,
 };
 use crate::error::{Error, Result, Role, WaitDiagnostic};
 
 /// A connection that has not said hello by then is not one of ours; stop waiting on it.
 const HELLO_WAIT: Duration = Duration::from_secs(5);
 
-/// A group of processes joined through rank 0 over TCP, for small control-plane
-/// exchanges (buffer handles, counts, host names), not for bulk data.
+/// A group of processes joined through rank 0 over TCP: control-plane exchanges
+/// (buffer handles, counts, host names) and, for the CPU backend without MPI, its
+/// data (relayed by rank 0).
 #[derive(Debug)]
 pub struct TcpGroup {
     rank: usize,
@@ -186,6 +187,17 @@ impl TcpGroup {
         self.exchange(Kind::Barrier, &[], timeout).map(drop)
     }
 
+    /// Personalized exchange: `parts[r]` goes to rank `r`; returns the part every rank
+    /// addressed to this one, in source-rank order. Every part passes through rank 0
+    /// (a star, not a mesh): right for the CPU backend's reference runs, not fast.
+    pub fn all_to_all(&mut self, parts: &[Vec<u8>], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        if parts.len() != self.world {
+            let reason = format!("{} parts for a group of {}", parts.len(), self.world);
+            return Err(Error::InvalidArgument { arg: "parts".into(), reason });
+        }
+        self.exchange(Kind::AllToAll, &pack_parts(parts), timeout)
+    }
+
     /// Rank 0's bytes on every rank. Rank 0 passes `Some(bytes)`, every other rank `None`;
     /// passing the wrong one is an `InvalidArgument` here, before anything is sent (the
     /// other ranks then time out unless the caller stops them).
@@ -255,12 +267,32 @@ impl TcpGroup {
                 pending.remove(i);
             }
         }
+        // All-to-all: every rank's payload split into its per-destination parts.
+        let split: Vec<Vec<&[u8]>> = if kind == Kind::AllToAll {
+            let mut split = Vec::with_capacity(world);
+            for (r, p) in parts.iter().enumerate() {
+                match unpack_parts(p, world) {
+                    Some(s) => split.push(s),
+                    None => {
+                        let err = self.protocol(format!("{what}: rank {r} sent a malformed all-to-all payload"));
+                        return Err(self.fail(r, err));
+                    }
+                }
+            }
+            split
+        } else {
+            Vec::new()
+        };
         for r in 1..world {
             let sent = match kind {
                 Kind::Gather => parts
                     .iter()
                     .enumerate()
                     .try_for_each(|(src, part)| write_frame(&mut self.links[r - 1], kind, src, part, deadline)),
+                Kind::AllToAll => split
+                    .iter()
+                    .enumerate()
+                    .try_for_each(|(src, p)| write_frame(&mut self.links[r - 1], kind, src, p[r], deadline)),
                 _ => write_frame(&mut self.links[r - 1], kind, 0, &parts[0], deadline),
             };
             if let Err(e) = sent {
@@ -268,7 +300,11 @@ impl TcpGroup {
                 return Err(self.fail(r, err));
             }
         }
-        Ok(if kind == Kind::Gather { parts } else { vec![parts.swap_remove(0)] })
+        Ok(match kind {
+            Kind::Gather => parts,
+            Kind::AllToAll => split.iter().map(|p| p[0].to_vec()).collect(),
+            _ => vec![parts.swap_remove(0)],
+        })
     }
 
     fn exchange_leaf(
@@ -279,7 +315,8 @@ impl TcpGroup {
         timeout: Duration,
         what: &str,
     ) -> Result<Vec<Vec<u8>>> {
-        let replies = if kind == Kind::Gather { self.world } else { 1 };
+        let per_source = matches!(kind, Kind::Gather | Kind::AllToAll);
+        let replies = if per_source { self.world } else { 1 };
         let mut parts = Vec::with_capacity(replies);
         // If the send fails, rank 0 may have said why before closing: read that before giving up.
         let mut send_err = write_frame(&mut self.links[0], kind, self.rank, payload, deadline).err();
@@ -292,7 +329,7 @@ impl TcpGroup {
                     return Err(self.fail(0, err));
                 }
             };
-            parts.push(self.expect(frame, kind, if kind == Kind::Gather { src } else { 0 })?.payload);
+            parts.push(self.expect(frame, kind, if per_source { src } else { 0 })?.payload);
             if let Some(e) = send_err.take() {
                 // Rank 0 answered although our part never left: the stream is out of step.
                 let err = self.protocol(format!("{what}: rank 0 replied to a part that failed to send ({e})"));
@@ -379,5 +416,6 @@ fn op_name(kind: Kind) -> &'static str {
         Kind::Barrier => "barrier",
         Kind::Broadcast => "broadcast",
         Kind::Error => "an error",
+        Kind::AllToAll => "all_to_all",
     }
 }

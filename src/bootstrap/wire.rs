@@ -15,7 +15,7 @@ use tracing::debug;
 /// First word of a hello: tells our joiners from anything else that connects to the port.
 pub(crate) const MAGIC: u32 = 0x5357_5944; // "SWYD"
 /// Bumped whenever the frames change, so mixed builds fail at connect time.
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 /// A hello is magic, version, world size and a host name: small.
 const HELLO_MAX: u64 = 4096;
 /// Error frames are best effort: do not let a stalled peer delay the failure report.
@@ -41,14 +41,48 @@ pub(crate) enum Kind {
     Broadcast = 5,
     /// Rank 0 aborts the group: the header's rank is the rank blamed, the payload the reason.
     Error = 6,
+    /// One rank's parts for every rank (to rank 0, [`pack_parts`]), or one part addressed
+    /// to the receiver, the header naming its source (from rank 0).
+    AllToAll = 7,
 }
 
 impl Kind {
     fn from_u32(v: u32) -> Option<Self> {
-        [Kind::Hello, Kind::Welcome, Kind::Gather, Kind::Barrier, Kind::Broadcast, Kind::Error]
+        [Kind::Hello, Kind::Welcome, Kind::Gather, Kind::Barrier, Kind::Broadcast, Kind::Error, Kind::AllToAll]
             .into_iter()
             .find(|k| *k as u32 == v)
     }
+}
+
+/// One payload holding a part per destination: `[u64 count][u64 len; count][bytes...]`.
+pub(crate) fn pack_parts(parts: &[Vec<u8>]) -> Vec<u8> {
+    let data: usize = parts.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(8 * (1 + parts.len()) + data);
+    out.extend_from_slice(&(parts.len() as u64).to_le_bytes());
+    for p in parts {
+        out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+    }
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// The parts of a [`pack_parts`] payload, or `None` when it is not one of `count` parts.
+pub(crate) fn unpack_parts(payload: &[u8], count: usize) -> Option<Vec<&[u8]>> {
+    let word = |i: usize| payload.get(8 * i..8 * i + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    if word(0)? != count as u64 {
+        return None;
+    }
+    let mut at = 8 * (1 + count);
+    let mut parts = Vec::with_capacity(count);
+    for i in 0..count {
+        let len = usize::try_from(word(1 + i)?).ok()?;
+        let end = at.checked_add(len)?;
+        parts.push(payload.get(at..end)?);
+        at = end;
+    }
+    (at == payload.len()).then_some(parts)
 }
 
 /// One received frame.
@@ -270,4 +304,25 @@ pub(crate) fn hostname() -> io::Result<String> {
     // POSIX does not promise a NUL when the name is truncated; stop at the buffer's end then.
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_round_trip_and_malformed_payloads_are_refused() {
+        let parts = vec![vec![], vec![1u8, 2, 3], vec![9u8; 1000]];
+        let packed = pack_parts(&parts);
+        let got = unpack_parts(&packed, 3).expect("well formed");
+        assert_eq!(got, parts.iter().map(|p| &p[..]).collect::<Vec<_>>());
+        assert!(unpack_parts(&packed, 2).is_none(), "wrong count");
+        assert!(unpack_parts(&packed[..packed.len() - 1], 3).is_none(), "truncated");
+        let mut longer = packed.clone();
+        longer.push(0);
+        assert!(unpack_parts(&longer, 3).is_none(), "trailing bytes");
+        let mut huge = packed;
+        huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(unpack_parts(&huge, 3).is_none(), "length past the end");
+    }
 }

@@ -91,7 +91,7 @@ struct Exchange<'a> {
 
 /// f32 to BF16, rounding to nearest even (NaN stays NaN): the same result as
 /// `bf16::from_f32`, written with integer ops so the loop vectorizes.
-fn to_bf16(v: f32) -> bf16 {
+pub(super) fn to_bf16(v: f32) -> bf16 {
     let b = v.to_bits();
     if v.is_nan() {
         return bf16::from_bits(((b >> 16) as u16) | 0x0040);
@@ -101,13 +101,13 @@ fn to_bf16(v: f32) -> bf16 {
 
 /// `acc += row` in f32. BF16 widens exactly by a 16-bit shift, which vectorizes
 /// (`bf16::to_f32` goes through a branchy conversion).
-fn add_row(acc: &mut [f32], row: &[bf16]) {
+pub(super) fn add_row(acc: &mut [f32], row: &[bf16]) {
     for (a, v) in acc.iter_mut().zip(row) {
         *a += f32::from_bits((v.to_bits() as u32) << 16);
     }
 }
 
-fn add_weights(acc: &mut [f32], w: &[f32]) {
+pub(super) fn add_weights(acc: &mut [f32], w: &[f32]) {
     for (a, v) in acc.iter_mut().zip(w) {
         *a += v;
     }

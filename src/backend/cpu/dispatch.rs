@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use half::bf16;
 
+use super::output::{Arrived, Output};
 use super::progress::{Blocked, Progress};
 use super::ring::Ring;
 use super::slots::{DispatchSlot, NOT_SENT};
@@ -146,16 +147,6 @@ pub(super) struct DispatchInput<'a> {
     pub rail_tokens: Vec<usize>,
 }
 
-struct Output {
-    x: Rows,
-    topk_idx: Vec<i64>,
-    topk_weights: Vec<f32>,
-    source_rank: Vec<u32>,
-    source_token: Vec<u32>,
-    filled: Vec<bool>,
-    placed: usize,
-}
-
 pub(super) fn run(
     ctx: &RankCtx,
     rings: &CallRings,
@@ -213,7 +204,6 @@ impl<'a> Exchange<'a> {
         let groups = if dtype == DType::Fp8 { hidden / crate::quant::SCALE_GROUP } else { 0 };
         let k = input.topk;
         let n = recv.num_recv;
-        let meta = input.with_meta;
         let num_tokens = input.x.num_rows();
         Self {
             ctx,
@@ -222,15 +212,17 @@ impl<'a> Exchange<'a> {
             recv,
             input,
             slot: DispatchSlot::new(rpn, k, groups, dtype.row_bytes(hidden) - 4 * groups),
-            out: Output {
-                x: Rows::reuse(spare, dtype, n, hidden),
-                topk_idx: if meta { vec![-1; n * k] } else { Vec::new() },
-                topk_weights: if meta { vec![0.0; n * k] } else { Vec::new() },
-                source_rank: if meta { vec![0; n] } else { Vec::new() },
-                source_token: if meta { vec![0; n] } else { Vec::new() },
-                filled: vec![false; n],
-                placed: 0,
-            },
+            out: Output::new(
+                ctx.me,
+                recv.recv_prefix.clone(),
+                n,
+                spare,
+                dtype,
+                hidden,
+                k,
+                input.experts_per_rank,
+                input.with_meta,
+            ),
             record: Record {
                 arrival: vec![Vec::new(); c * rpn],
                 sent_intra: vec![0; c * rpn],
@@ -256,48 +248,9 @@ impl<'a> Exchange<'a> {
             && self.recv_done == self.recv.expect_recv
     }
 
-    /// Put one row into its final place in the output.
-    #[allow(clippy::too_many_arguments)]
-    fn place(
-        &mut self,
-        channel: usize,
-        from_local: usize,
-        src: u32,
-        token: u32,
-        pos: u32,
-        payload: &[u8],
-        scales: &[f32],
-        ids: &[i64],
-        weights: &[f32],
-    ) -> Result<()> {
-        let me = self.ctx.me;
-        let idx = self.recv.recv_prefix.get(src as usize).map(|p| p + pos as usize).filter(|&i| i < self.recv.num_recv);
-        let idx = match idx {
-            Some(i) if !self.out.filled[i] => i,
-            _ => {
-                return Err(Error::Protocol {
-                    rank: me,
-                    detail: format!("row from rank {src} token {token} position {pos} has no free output slot"),
-                })
-            }
-        };
-        self.out.filled[idx] = true;
-        self.out.placed += 1;
-        self.out.x.row_payload_mut(idx).copy_from_slice(payload);
-        self.out.x.row_scales_mut(idx).copy_from_slice(scales);
-        if self.input.with_meta {
-            let k = self.input.topk;
-            let first = (me * self.input.experts_per_rank) as i64;
-            let last = first + self.input.experts_per_rank as i64;
-            for j in 0..k {
-                let e = ids[j];
-                let local = e >= first && e < last;
-                self.out.topk_idx[idx * k + j] = if local { e - first } else { -1 };
-                self.out.topk_weights[idx * k + j] = if local { weights[j] } else { 0.0 };
-            }
-            self.out.source_rank[idx] = src;
-            self.out.source_token[idx] = token;
-        }
+    /// Put one row into its final place in the output and note its arrival for combine.
+    fn place(&mut self, channel: usize, from_local: usize, row: Arrived<'_>) -> Result<()> {
+        let idx = self.out.place(&row)?;
         self.record.arrival[channel * self.ctx.topo.ranks_per_node + from_local].push(idx as u32);
         Ok(())
     }
@@ -369,7 +322,8 @@ impl<'a> Exchange<'a> {
                     }
                     let pos = plan.send_pos[t * world + dest];
                     if j == my_local {
-                        self.place(c, my_local, ctx.me as u32, t as u32, pos, payload, scales, &ids, &weights)?;
+                        let row = Arrived { src: ctx.me as u32, token: t as u32, pos, payload, scales, ids, weights };
+                        self.place(c, my_local, row)?;
                         self.traffic.local.add(payload.len() + 4 * scales.len());
                     } else {
                         let ring = self.rings.intra_out[c * rpn + j].as_ref().expect("intra ring");
@@ -470,7 +424,8 @@ impl<'a> Exchange<'a> {
                             slot.weights(s, &mut w);
                             slot.scales(s, &mut sc);
                             let payload = slot.payload(s);
-                            let r = self.place(c, my_local, src, token, pos, payload, &sc, &ids, &w);
+                            let row = Arrived { src, token, pos, payload, scales: &sc, ids: &ids, weights: &w };
+                            let r = self.place(c, my_local, row);
                             self.traffic.local.add(payload.len() + 4 * sc.len());
                             (self.ids, self.weights, self.scales) = (ids, w, sc);
                             r?;
@@ -556,17 +511,16 @@ impl<'a> Exchange<'a> {
                     slot.ids(s, &mut ids);
                     slot.weights(s, &mut w);
                     slot.scales(s, &mut sc);
-                    let r = self.place(
-                        c,
-                        i,
-                        slot.src_rank(s),
-                        slot.src_token(s),
-                        slot.pos(s, my_local),
-                        slot.payload(s),
-                        &sc,
-                        &ids,
-                        &w,
-                    );
+                    let row = Arrived {
+                        src: slot.src_rank(s),
+                        token: slot.src_token(s),
+                        pos: slot.pos(s, my_local),
+                        payload: slot.payload(s),
+                        scales: &sc,
+                        ids: &ids,
+                        weights: &w,
+                    };
+                    let r = self.place(c, i, row);
                     (self.ids, self.weights, self.scales) = (ids, w, sc);
                     r?;
                 }
@@ -588,12 +542,7 @@ impl<'a> Exchange<'a> {
     }
 
     fn finish(self) -> Result<Delivered> {
-        if self.out.placed != self.recv.num_recv {
-            return Err(Error::Protocol {
-                rank: self.ctx.me,
-                detail: format!("received {} rows, {} announced", self.out.placed, self.recv.num_recv),
-            });
-        }
+        self.out.check_complete()?;
         Ok(Delivered {
             x: self.out.x,
             topk_idx: self.out.topk_idx,

@@ -10,6 +10,8 @@
 
 mod combine;
 mod dispatch;
+mod output;
+mod process;
 mod progress;
 mod ring;
 mod slots;
@@ -31,6 +33,8 @@ use crate::quant;
 use crate::routing::Layout;
 use crate::tensor::{DType, Rows, RowsRef};
 use crate::topology::Topology;
+
+pub use self::process::CpuProcessRank;
 
 /// A group of CPU ranks sharing memory; split it into per-rank endpoints with [`CpuCluster::into_ranks`].
 pub struct CpuCluster {
@@ -270,7 +274,7 @@ impl CpuRank {
 
 /// The rows to put on the wire: BF16 input quantized when FP8 is asked for on the
 /// wire (`None`: send `x` as it is).
-fn wire_rows(x: RowsRef<'_>, options: &DispatchOptions) -> Option<Rows> {
+pub(super) fn wire_rows(x: RowsRef<'_>, options: &DispatchOptions) -> Option<Rows> {
     match x {
         RowsRef::Bf16 { hidden, data } if options.fp8_on_wire => {
             let (q, s) = quant::quantize(data, hidden);
