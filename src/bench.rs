@@ -673,6 +673,28 @@ fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Run {
     Run { measurements, interference, nccl_seconds }
 }
 
+/// Run the bench as one rank of a CPU group whose ranks are processes started by a
+/// launcher (mpirun, srun, torchrun): the group forms through MPI (with the `mpi`
+/// feature under an MPI launcher) or the TCP rendezvous, nodes are blocks of the
+/// spec's ranks per node (each on one host). Rank 0 returns the measurements, the
+/// others `None`.
+pub fn run_cpu_process(
+    spec: &BenchSpec,
+    env: &crate::bootstrap::LaunchEnv,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Option<Run>> {
+    let topo = spec.workload.topology;
+    if topo.world() != env.world_size {
+        return Err(Error::InvalidArgument {
+            arg: "--nodes/--ranks-per-node".into(),
+            reason: format!("{} processes were launched; the bench asks for {topo}", env.world_size),
+        });
+    }
+    let config = spec.configs.dispatch.clone();
+    let mut comm = crate::backend::cpu::CpuProcessRank::from_launch_env(env, Some(topo.ranks_per_node), config)?;
+    run_as_process(spec, &mut comm, progress)
+}
+
 /// Run the bench as one rank of a node of processes (one per GPU) that met through
 /// `env` ([`crate::backend::cuda::CudaRank::from_launch_env`]). Every rank runs its
 /// part and checks its own results; rank 0 gathers them and returns the

@@ -118,21 +118,118 @@ fn bad_arguments_are_errors_not_panics() {
 }
 
 #[test]
-fn launcher_variables_are_checked_and_the_cpu_backend_refuses_them() {
-    let run = |vars: &[(&str, &str)]| {
+fn launcher_variables_are_checked_before_any_rank_waits() {
+    let run = |vars: &[(&str, &str)], extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["bench", "--backend", "cpu", "--tokens", "4", "--hidden", "128", "--iters", "1", "--warmup", "0"])
+            .args(extra)
             .env_remove("SWITCHYARD_CONFIG")
             .envs(vars.iter().copied())
             .output()
             .expect("run switchyard")
     };
-    let out = run(&[("RANK", "0"), ("WORLD_SIZE", "2")]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("launcher"), "{}", text(&out.stderr));
-    let out = run(&[("RANK", "zero"), ("WORLD_SIZE", "2")]);
+    let out = run(&[("RANK", "zero"), ("WORLD_SIZE", "2")], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("RANK"), "{}", text(&out.stderr));
+    // 4 launched processes cannot be 3 nodes, nor nodes of 3.
+    for extra in [&["--nodes", "3"][..], &["--ranks-per-node", "3"][..], &["--nodes", "4", "--ranks-per-node", "2"][..]] {
+        let out = run(&[("RANK", "0"), ("WORLD_SIZE", "4")], extra);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        assert!(text(&out.stderr).contains("launched processes"), "{extra:?}: {}", text(&out.stderr));
+    }
+}
+
+/// The JSON a bench wrote: each op's `wrong`, which must be 0 for all three ops.
+fn assert_json_all_right(path: &std::path::Path) {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).expect("rank 0 wrote the JSON")).unwrap();
+    let results = json["results"].as_array().expect("results");
+    let ops: Vec<&str> = results.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["dispatch", "dispatch-cached", "combine"]);
+    for r in results {
+        assert_eq!(r["wrong"], serde_json::json!(0), "{r}");
+    }
+}
+
+const PROCESS_BENCH: [&str; 14] = [
+    "bench",
+    "--backend",
+    "cpu",
+    "--ranks-per-node",
+    "2",
+    "--tokens",
+    "64",
+    "--hidden",
+    "256",
+    "--topk",
+    "4",
+    "--experts",
+    "16",
+    "--check",
+];
+
+#[test]
+fn cpu_ranks_as_launched_processes_run_the_bench_with_nothing_wrong() {
+    let dir = TempDir::new("launched");
+    let json = dir.path("bench.json");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let world = 4;
+    let children: Vec<_> = (0..world)
+        .map(|r| {
+            let mut c = command(&PROCESS_BENCH, &dir.0);
+            c.args(["--iters", "2", "--warmup", "1", "--json", json.to_str().unwrap()])
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port);
+            c.spawn().expect("spawn rank")
+        })
+        .collect();
+    for (r, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "rank {r}: {:?}", out.status);
+    }
+    assert_json_all_right(&json);
+}
+
+/// `mpirun` with what running as root in a container needs; CI installs OpenMPI and
+/// builds with `--features mpi`, so a missing mpirun fails these tests.
+#[cfg(feature = "mpi")]
+fn mpirun(np: usize, args: &[&str], cache: &std::path::Path) -> Output {
+    let out = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
+        .args(["-x", "SWITCHYARD_CACHE_DIR", "-x", "RUST_LOG"])
+        .arg(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env_remove("SWITCHYARD_CONFIG")
+        .env("SWITCHYARD_CACHE_DIR", cache)
+        .env("RUST_LOG", "info")
+        .output();
+    out.unwrap_or_else(|e| panic!("mpirun (OpenMPI) is required with the mpi feature: {e}"))
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn mpirun_runs_the_cpu_bench_over_mpi_with_nothing_wrong() {
+    let dir = TempDir::new("mpirun-bench");
+    let json = dir.path("bench.json");
+    let mut args = PROCESS_BENCH.to_vec();
+    args.extend(["--iters", "2", "--warmup", "1", "--json", json.to_str().unwrap()]);
+    let out = mpirun(4, &args, &dir.0);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{}\n{err}", text(&out.stdout));
+    assert!(err.contains("transport=\"mpi\""), "the ranks did not meet through MPI:\n{err}");
+    assert_eq!(text(&out.stdout).matches("# switchyard bench").count(), 1, "rank 0 alone prints the table");
+    assert_json_all_right(&json);
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn mpirun_runs_the_conformance_cases_of_its_world_size() {
+    let dir = TempDir::new("mpirun-check");
+    let out = mpirun(8, &["check", "--backend", "cpu"], &dir.0);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("7 passed, 0 failed"), "{stdout}");
 }
 
 #[test]

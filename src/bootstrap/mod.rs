@@ -67,11 +67,16 @@ impl ProcessGroup for TcpGroup {
     }
 }
 
+/// Processes of a job start seconds apart (CUDA initialization alone takes
+/// seconds): a rendezvous waits at least this long.
+pub const RENDEZVOUS_MIN: Duration = Duration::from_secs(60);
+
 /// This process's group under the launcher that started it: through MPI when built
 /// with the `mpi` feature and started by an MPI launcher (mpirun, a PMI launcher,
-/// srun), otherwise the TCP rendezvous at `MASTER_ADDR:MASTER_PORT`. `timeout`
-/// bounds the rendezvous.
+/// srun), otherwise the TCP rendezvous at `MASTER_ADDR:MASTER_PORT`. The rendezvous
+/// waits `timeout`, and at least [`RENDEZVOUS_MIN`].
 pub fn join_launched(env: &LaunchEnv, timeout: Duration) -> Result<Box<dyn ProcessGroup>> {
+    let timeout = timeout.max(RENDEZVOUS_MIN);
     #[cfg(feature = "mpi")]
     if env.launcher != Launcher::Torchrun {
         return Ok(Box::new(MpiGroup::init(env, timeout)?));

@@ -153,6 +153,14 @@ fn displacements(counts: &[i32]) -> Vec<i32> {
         .collect()
 }
 
+/// `len` zero bytes in their own allocation, even when `len` is 0: MPI refuses a send
+/// buffer equal to the receive buffer, and every empty `Vec` has the same dangling pointer.
+fn distinct_buffer(len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len.max(1));
+    v.resize(len, 0);
+    v
+}
+
 /// Split `buf` into consecutive parts of `counts` bytes.
 fn split(buf: &[u8], counts: &[i32]) -> Vec<Vec<u8>> {
     let mut at = 0;
@@ -184,7 +192,7 @@ impl ProcessGroup for MpiGroup {
         let sizes = self.gather_sizes("all_gather", &[bytes.len() as u64], |all| vec![all.iter().sum()])?;
         let counts: Vec<i32> = sizes.iter().map(|&c| c as i32).collect();
         let displs = displacements(&counts);
-        let mut buf = vec![0u8; counts.iter().map(|&c| c as usize).sum()];
+        let mut buf = distinct_buffer(counts.iter().map(|&c| c as usize).sum());
         let mut recv = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
         self.world.all_gather_varcount_into(bytes, &mut recv);
         Ok(split(&buf, &counts))
@@ -207,8 +215,9 @@ impl ProcessGroup for MpiGroup {
         let send_counts: Vec<i32> = lens.iter().map(|&c| c as i32).collect();
         let recv_counts: Vec<i32> = (0..n).map(|src| matrix[src * n + self.rank] as i32).collect();
         let (send_displs, recv_displs) = (displacements(&send_counts), displacements(&recv_counts));
-        let send_buf = parts.concat();
-        let mut recv_buf = vec![0u8; recv_counts.iter().map(|&c| c as usize).sum()];
+        let mut send_buf = distinct_buffer(0);
+        parts.iter().for_each(|p| send_buf.extend_from_slice(p));
+        let mut recv_buf = distinct_buffer(recv_counts.iter().map(|&c| c as usize).sum());
         let send = Partition::new(&send_buf[..], &send_counts[..], &send_displs[..]);
         let mut recv = PartitionMut::new(&mut recv_buf[..], &recv_counts[..], &recv_displs[..]);
         self.world.all_to_all_varcount_into(&send, &mut recv);

@@ -1,21 +1,21 @@
 //! How the ranks of a node agree on the host: ranks that are threads of one
 //! process share a [`Board`]; ranks that are processes (one per GPU) go through
-//! the TCP rendezvous. Both carry small messages only (readiness, buffer handles,
+//! their [`ProcessGroup`] (MPI or the TCP rendezvous). Both carry small messages only (readiness, buffer handles,
 //! bench results), each wait with a deadline.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::bootstrap::threads::Board;
-use crate::bootstrap::TcpGroup;
+use crate::bootstrap::ProcessGroup;
 use crate::error::{Error, Result};
 
 /// The host-side group of a node's ranks.
 pub(crate) enum HostGroup {
     /// Ranks are threads of this process.
     Threads(Board),
-    /// Ranks are processes; this is this process's end of the rendezvous.
-    Tcp(Mutex<TcpGroup>),
+    /// Ranks are processes; this is this process's end of their group.
+    Processes(Mutex<Box<dyn ProcessGroup>>),
 }
 
 impl HostGroup {
@@ -23,7 +23,7 @@ impl HostGroup {
     pub(crate) fn all_gather(&self, rank: usize, bytes: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>> {
         match self {
             Self::Threads(board) => Ok(board.all_gather(rank, bytes, timeout)?.iter().map(|b| b.as_ref().clone()).collect()),
-            Self::Tcp(group) => {
+            Self::Processes(group) => {
                 let mut g = group.lock().map_err(|_| Error::Protocol { rank, detail: "host group lock poisoned".into() })?;
                 g.all_gather(&bytes, timeout)
             }

@@ -36,7 +36,7 @@ use crate::backend::{
     Traffic, TrafficLog,
 };
 use crate::bootstrap::threads::Board;
-use crate::bootstrap::{LaunchEnv, TcpGroup};
+use crate::bootstrap::LaunchEnv;
 use crate::config::Config;
 use crate::error::{Error, Result, Role, WaitDiagnostic};
 use crate::handle::Handle;
@@ -50,8 +50,6 @@ const DEFAULT_BUFFER_MB: usize = 2048;
 /// Environment variable: `push` selects the push combine kernel (default: `pull`, measured
 /// faster on 2x H200 once both convert to BF16 natively: HT-A 12 SMs 232 us vs 359-363 us).
 pub const COMBINE_ENV: &str = "SWITCHYARD_COMBINE";
-/// Shortest rendezvous deadline in process mode: CUDA start-up alone can take seconds.
-const RENDEZVOUS_MIN: Duration = Duration::from_secs(60);
 
 /// State shared by the ranks of a cluster: contexts and buffers live until the last rank drops.
 struct Shared {
@@ -206,8 +204,9 @@ impl CudaRank {
 
     /// One process per GPU: this process becomes rank `env.rank` of a node of
     /// `env.world_size` processes, on GPU `env.local_rank` (default: the rank). The
-    /// processes meet through the TCP rendezvous of `env` (rank 0 listens on
-    /// `MASTER_ADDR:MASTER_PORT`), exchange CUDA IPC handles of their buffers and map
+    /// processes meet through [`crate::bootstrap::join_launched`] (MPI with the `mpi`
+    /// feature under an MPI launcher, else the TCP rendezvous of `env`: rank 0
+    /// listens on `MASTER_ADDR:MASTER_PORT`), exchange CUDA IPC handles of their buffers and map
     /// each other's. Collective: every rank calls it. A rank that fails to set up
     /// reports it, and every other rank fails with `PeerFailed` naming it.
     pub fn from_launch_env(env: &LaunchEnv, config: Config) -> Result<Self> {
@@ -217,9 +216,8 @@ impl CudaRank {
             return Err(Error::InvalidArgument { arg: "WORLD_SIZE".into(), reason: format!("{world}: 1..=8 GPUs supported") });
         }
         let timeout = Duration::from_millis(config.timeout_ms);
-        // Processes start at different times (CUDA init takes seconds): give the rendezvous room.
-        let mut tcp = TcpGroup::from_env(env, timeout.max(RENDEZVOUS_MIN))?;
-        let hosts = tcp.hostnames().to_vec();
+        let mut group = crate::bootstrap::join_launched(env, timeout)?;
+        let hosts = group.hostnames().to_vec();
         let buffer_bytes = buffer_bytes_from_env();
         let local = (|| -> Result<(Gpu, String, DeviceBuffer, [u8; 64])> {
             let found = Topology::from_hostnames(&hosts, None)?;
@@ -253,7 +251,7 @@ impl CudaRank {
             Ok((.., handle)) => [&[0u8][..], &(buffer_bytes as u64).to_le_bytes(), handle].concat(),
             Err(e) => [&[1u8][..], e.to_string().as_bytes()].concat(),
         };
-        let all = tcp.all_gather(&msg, timeout)?;
+        let all = group.all_gather(&msg, timeout)?;
         let (gpu, arch, buffer, _) = local?;
         let mut handles = Vec::with_capacity(world);
         for (r, m) in all.iter().enumerate() {
@@ -285,7 +283,7 @@ impl CudaRank {
             }
             Ok(())
         })();
-        let group = HostGroup::Tcp(Mutex::new(tcp));
+        let group = HostGroup::Processes(Mutex::new(group));
         let status = group.gather_status(rank, mapped.as_ref().err().map(|e| e.to_string()), timeout)?;
         peer::settle(rank, mapped.err(), &status)?;
         let comm_id = 0xC0DA_0000_0000 ^ ((env.master_port as u64) << 16) ^ world as u64;

@@ -145,12 +145,14 @@ struct GroupArgs {
 
 impl GroupArgs {
     /// The backend and the topology, with the defaults per backend: 2 emulated nodes x 2
-    /// ranks on the CPU, one node of every GPU on CUDA.
+    /// ranks on the CPU, one node of every GPU on CUDA; under a launcher the CPU ranks
+    /// are its processes, in nodes of the processes per host unless the flags say otherwise.
     fn resolve(&self) -> Result<(BackendKind, Topology), Error> {
         let backend = choose_backend(self.backend)?;
-        let (nodes, ranks_per_node) = match backend {
-            BackendKind::Cpu => (self.nodes.unwrap_or(2), self.ranks_per_node.unwrap_or(2)),
-            BackendKind::Cuda => (self.nodes.unwrap_or(1), self.ranks_per_node.unwrap_or_else(|| probe::probe().gpus.len())),
+        let (nodes, ranks_per_node) = match (backend, LaunchEnv::from_env()?) {
+            (BackendKind::Cpu, Some(env)) => launched_shape(self.nodes, self.ranks_per_node, &env)?,
+            (BackendKind::Cpu, None) => (self.nodes.unwrap_or(2), self.ranks_per_node.unwrap_or(2)),
+            (BackendKind::Cuda, _) => (self.nodes.unwrap_or(1), self.ranks_per_node.unwrap_or_else(|| probe::probe().gpus.len())),
         };
         Ok((backend, Topology::new(nodes, ranks_per_node)?))
     }
@@ -160,18 +162,35 @@ impl GroupArgs {
     /// process, `None` for threads of this process, and whether the ranks are processes).
     fn take_part(&self, backend: BackendKind, topology: Topology) -> Result<Result<(Option<LaunchEnv>, bool), ExitCode>, Error> {
         let launch_env = LaunchEnv::from_env()?;
-        if backend == BackendKind::Cpu && launch_env.is_some() {
-            return Err(Error::InvalidArgument {
-                arg: "--backend".into(),
-                reason: "the CPU backend runs its ranks as threads of one process; do not start it under a launcher".into(),
-            });
-        }
-        let processes = backend == BackendKind::Cuda && self.launch != Launch::Threads;
+        let processes = match backend {
+            BackendKind::Cpu => launch_env.is_some(),
+            BackendKind::Cuda => self.launch != Launch::Threads,
+        };
         if processes && launch_env.is_none() {
             return spawn_workers(topology.ranks_per_node).map(Err);
         }
         Ok(Ok((launch_env, processes)))
     }
+}
+
+/// Nodes x ranks per node of a CPU job whose ranks are the launcher's processes:
+/// `--ranks-per-node`, else `--nodes`, else the launcher's processes per host.
+fn launched_shape(nodes: Option<usize>, ranks_per_node: Option<usize>, env: &LaunchEnv) -> Result<(usize, usize), Error> {
+    let world = env.world_size;
+    let bad = |reason: String| Error::InvalidArgument { arg: "--nodes/--ranks-per-node".into(), reason };
+    let rpn = match (ranks_per_node, nodes) {
+        (Some(r), _) => r,
+        (None, Some(n)) if n > 0 && world % n == 0 => world / n,
+        (None, Some(n)) => return Err(bad(format!("{world} launched processes do not split into {n} nodes"))),
+        (None, None) => env.local_world_size.unwrap_or(world),
+    };
+    if rpn == 0 || world % rpn != 0 {
+        return Err(bad(format!("{world} launched processes do not split into nodes of {rpn}")));
+    }
+    if let Some(n) = nodes.filter(|&n| n * rpn != world) {
+        return Err(bad(format!("{n} nodes x {rpn} ranks is not the {world} launched processes")));
+    }
+    Ok((world / rpn, rpn))
 }
 
 /// How the CUDA backend's ranks are laid out over processes.
@@ -221,9 +240,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr, `RUST_LOG` or `info`; under a launcher only rank 0 logs `info` by
+/// default (the others `warn`), so one job prints one account, not one per rank.
 fn init_logging() {
+    let launched_rank = LaunchEnv::from_env().ok().flatten().map(|e| e.rank);
+    let default = if launched_rank.unwrap_or(0) == 0 { "info" } else { "warn" };
     let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -370,7 +393,8 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
 
     let bar = LazyBar::new(spec.total_steps(), "bench");
     let measurements = match (backend, &launch_env) {
-        (BackendKind::Cpu, _) => bench::run_cpu(&spec, &|done, _total| bar.set(done)).map(Some),
+        (BackendKind::Cpu, Some(env)) => bench::run_cpu_process(&spec, env, &|done, _total| bar.set(done)),
+        (BackendKind::Cpu, None) => bench::run_cpu(&spec, &|done, _total| bar.set(done)).map(Some),
         (BackendKind::Cuda, Some(env)) if processes => bench::run_cuda_process(&spec, env, &|done, _total| bar.set(done)),
         (BackendKind::Cuda, _) => bench::run_cuda(&spec, &|done, _total| bar.set(done)).map(Some),
     };
@@ -536,12 +560,28 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
             None => Error::InvalidArgument { arg: "conformance cases".into(), reason: "none are defined".into() },
         });
     }
-    let processes = backend == BackendKind::Cuda && a.launch != Launch::Threads;
-    let launch_env = if processes { LaunchEnv::from_env()? } else { None };
-    // The CUDA backend runs the cases of one node with as many ranks as GPUs (or as the launcher started).
-    let cases: Vec<_> = match backend {
-        BackendKind::Cpu => cases,
-        BackendKind::Cuda => {
+    let launched = LaunchEnv::from_env()?;
+    let processes = match backend {
+        BackendKind::Cpu => launched.is_some(),
+        BackendKind::Cuda => a.launch != Launch::Threads,
+    };
+    let launch_env = if processes { launched } else { None };
+    let cases: Vec<_> = match (backend, &launch_env) {
+        (BackendKind::Cpu, None) => cases,
+        // Processes started by a launcher run the cases of as many ranks as there are processes.
+        (BackendKind::Cpu, Some(env)) => {
+            let fit: Vec<_> = cases.into_iter().filter(|c| c.spec.topology.world() == env.world_size).collect();
+            info!("cpu: {} cases have {} ranks", fit.len(), env.world_size);
+            if fit.is_empty() {
+                return Err(Error::InvalidArgument {
+                    arg: "conformance cases".into(),
+                    reason: format!("none has {} ranks (the standard cases have 1, 2, 8 or 32)", env.world_size),
+                });
+            }
+            fit
+        }
+        // The CUDA backend runs the cases of one node with as many ranks as GPUs (or as the launcher started).
+        (BackendKind::Cuda, _) => {
             let gpus = launch_env.as_ref().map_or_else(|| probe::probe().gpus.len(), |e| e.world_size);
             let fit: Vec<_> =
                 cases.into_iter().filter(|c| c.spec.topology.num_nodes == 1 && c.spec.topology.ranks_per_node == gpus).collect();
@@ -555,10 +595,17 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
             fit
         }
     };
-    let mut comm = match (&launch_env, processes) {
-        (None, true) => return spawn_workers(cases[0].spec.topology.ranks_per_node),
-        (Some(env), true) => Some(switchyard::backend::cuda::CudaRank::from_launch_env(env, cases[0].config.clone())?),
-        (_, false) => None,
+    let first = &cases[0];
+    let (mut cpu_proc, mut cuda_proc) = match (backend, &launch_env) {
+        (BackendKind::Cuda, None) if processes => return spawn_workers(first.spec.topology.ranks_per_node),
+        (BackendKind::Cuda, Some(env)) => {
+            (None, Some(switchyard::backend::cuda::CudaRank::from_launch_env(env, first.config.clone())?))
+        }
+        (BackendKind::Cpu, Some(env)) => {
+            let rpn = Some(first.spec.topology.ranks_per_node);
+            (Some(switchyard::backend::cpu::CpuProcessRank::from_launch_env(env, rpn, first.config.clone())?), None)
+        }
+        _ => (None, None),
     };
     // In a group of processes every rank runs every case; rank 0 reports.
     let reports = launch_env.as_ref().map_or(true, |e| e.rank == 0);
@@ -566,10 +613,11 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
     let bar = LazyBar::new(cases.len() as u64, "check");
     let (mut passed, mut failed) = (0usize, 0usize);
     for (i, case) in cases.iter().enumerate() {
-        let report = match (backend, comm.as_mut()) {
-            (BackendKind::Cpu, _) => conformance::run_case_cpu(case),
-            (BackendKind::Cuda, Some(c)) => conformance::run_case_as_process(case, c),
-            (BackendKind::Cuda, None) => run_case_cuda(case),
+        let report = match (cpu_proc.as_mut(), cuda_proc.as_mut()) {
+            (Some(c), _) => run_case_cpu_process(case, c),
+            (_, Some(c)) => conformance::run_case_as_process(case, c),
+            (None, None) if backend == BackendKind::Cpu => conformance::run_case_cpu(case),
+            (None, None) => run_case_cuda(case),
         };
         let line = if report.passed() {
             passed += 1;
@@ -592,6 +640,20 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
         println!("{passed} passed, {failed} failed");
     }
     Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// One conformance case on this process's CPU rank, regrouped into the case's nodes.
+fn run_case_cpu_process(
+    case: &conformance::Case,
+    comm: &mut switchyard::backend::cpu::CpuProcessRank,
+) -> conformance::CaseReport {
+    let rpn = case.spec.topology.ranks_per_node;
+    if switchyard::Communicator::topology(comm).ranks_per_node != rpn {
+        if let Err(e) = comm.set_ranks_per_node(rpn) {
+            return conformance::CaseReport { name: case.name.clone(), wrong: 0, error: Some(format!("regrouping: {e}")) };
+        }
+    }
+    conformance::run_case_as_process(case, comm)
 }
 
 /// One conformance case on a fresh CUDA cluster of the case's ranks.

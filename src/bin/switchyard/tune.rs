@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use clap::Args;
 use tracing::{info, warn};
 
-use switchyard::backend::cpu::CpuCluster;
+use switchyard::backend::cpu::{CpuCluster, CpuProcessRank};
 use switchyard::bench;
 use switchyard::config::resolve::tuned_path;
 use switchyard::config::ConfigFile;
@@ -200,7 +200,10 @@ pub(crate) fn cmd_tune(a: TuneArgs) -> Result<ExitCode, Error> {
     let first = Config { num_channels: grid.channels[0], ..Config::default() };
     let first = Config { timeout_ms: a.timeout_ms, buffer_tokens: first.chunk_tokens * a.buffer_chunks, ..first };
     let mut runner: Box<dyn Runner> = match (backend, &launch_env) {
-        (BackendKind::Cpu, _) => Box::new(ThreadRunner {
+        (BackendKind::Cpu, Some(env)) => Box::new(ProcessRunner {
+            comm: Box::new(CpuProcessRank::from_launch_env(env, Some(topology.ranks_per_node), first)?),
+        }),
+        (BackendKind::Cpu, None) => Box::new(ThreadRunner {
             ranks: CpuCluster::new(topology, first)?
                 .into_ranks()
                 .into_iter()

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use self::dispatch::Positions;
 use super::wire_rows;
 use crate::backend::{checks, gather_outcomes, CombineOutput, Communicator, DispatchOptions, DispatchOutput, TrafficLog};
-use crate::bootstrap::ProcessGroup;
+use crate::bootstrap::{LaunchEnv, ProcessGroup};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handle::Handle;
@@ -74,34 +74,26 @@ impl CpuProcessRank {
     /// host) to emulate several nodes on one host. Collective: if one rank cannot
     /// join (bad config, bad node split), every rank fails.
     pub fn new(mut group: Box<dyn ProcessGroup>, ranks_per_node: Option<usize>, config: Config) -> Result<Self> {
-        let timeout = Duration::from_millis(config.timeout_ms);
+        let (topology, comm_id) = agree_on_nodes(group.as_mut(), ranks_per_node, &config)?;
         let rank = group.rank();
-        let mine = config.validate().and_then(|_| Topology::from_hostnames(group.hostnames(), ranks_per_node));
-        let proposal: std::result::Result<(usize, u64), String> =
-            mine.as_ref().map(|t| (t.ranks_per_node, rand::random::<u64>())).map_err(|e| e.to_string());
-        let all = group.all_gather(&serde_json::to_vec(&proposal).expect("serializes"), timeout)?;
-        let topology = mine?;
-        let mut comm_id = 0;
-        for (r, bytes) in all.iter().enumerate() {
-            let theirs: std::result::Result<(usize, u64), String> = serde_json::from_slice(bytes)
-                .map_err(|e| Error::Protocol { rank, detail: format!("rank {r} sent an unreadable set-up message: {e}") })?;
-            match theirs {
-                Err(reason) => return Err(Error::PeerFailed { rank: r, reason }),
-                Ok((rpn, _)) if rpn != topology.ranks_per_node => {
-                    let reason = format!("rank {r} found {rpn} ranks per node, rank {rank} {}", topology.ranks_per_node);
-                    return Err(Error::InvalidArgument { arg: "--ranks-per-node".into(), reason });
-                }
-                Ok((_, id)) if r == 0 => comm_id = id,
-                Ok(_) => {}
-            }
-        }
         tracing::info!(rank, topology = %topology, transport = group.transport(), "cpu rank ready (one process per rank)");
         Ok(Self { group, rank, topology, config, comm_id, traffic: TrafficLog::default(), spare_rows: None, broken: None })
     }
 
-    /// The group back, to build another communicator on it (another topology).
-    pub fn into_group(self) -> Box<dyn ProcessGroup> {
-        self.group
+    /// This process's rank of the job its launcher started (see
+    /// [`crate::bootstrap::join_launched`] for how the processes meet); nodes as in [`CpuProcessRank::new`].
+    pub fn from_launch_env(env: &LaunchEnv, ranks_per_node: Option<usize>, config: Config) -> Result<Self> {
+        let group = crate::bootstrap::join_launched(env, Duration::from_millis(config.timeout_ms))?;
+        Self::new(group, ranks_per_node, config)
+    }
+
+    /// Regroup the same processes into nodes of `ranks_per_node` (each on one host).
+    /// Collective; on failure every rank keeps its nodes. Handles made before belong
+    /// to the old grouping and are refused afterwards.
+    pub fn set_ranks_per_node(&mut self, ranks_per_node: usize) -> Result<()> {
+        let (topology, comm_id) = agree_on_nodes(self.group.as_mut(), Some(ranks_per_node), &self.config)?;
+        (self.topology, self.comm_id) = (topology, comm_id);
+        Ok(())
     }
 
     fn timeout(&self) -> Duration {
@@ -139,6 +131,33 @@ impl CpuProcessRank {
         }
         r
     }
+}
+
+/// The nodes of `group` (its hosts, or blocks of `ranks_per_node`) and a fresh
+/// communicator id from rank 0, agreed by every rank: one rank's failure fails all.
+fn agree_on_nodes(group: &mut dyn ProcessGroup, ranks_per_node: Option<usize>, config: &Config) -> Result<(Topology, u64)> {
+    let timeout = Duration::from_millis(config.timeout_ms);
+    let rank = group.rank();
+    let mine = config.validate().and_then(|_| Topology::from_hostnames(group.hostnames(), ranks_per_node));
+    let proposal: std::result::Result<(usize, u64), String> =
+        mine.as_ref().map(|t| (t.ranks_per_node, rand::random::<u64>())).map_err(|e| e.to_string());
+    let all = group.all_gather(&serde_json::to_vec(&proposal).expect("serializes"), timeout)?;
+    let topology = mine?;
+    let mut comm_id = 0;
+    for (r, bytes) in all.iter().enumerate() {
+        let theirs: std::result::Result<(usize, u64), String> = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Protocol { rank, detail: format!("rank {r} sent an unreadable set-up message: {e}") })?;
+        match theirs {
+            Err(reason) => return Err(Error::PeerFailed { rank: r, reason }),
+            Ok((rpn, _)) if rpn != topology.ranks_per_node => {
+                let reason = format!("rank {r} found {rpn} ranks per node, rank {rank} {}", topology.ranks_per_node);
+                return Err(Error::InvalidArgument { arg: "--ranks-per-node".into(), reason });
+            }
+            Ok((_, id)) if r == 0 => comm_id = id,
+            Ok(_) => {}
+        }
+    }
+    Ok((topology, comm_id))
 }
 
 /// The call signature every rank must share.
