@@ -22,7 +22,8 @@ use switchyard::{conformance, Config, DType, Error, Topology};
 
 const EXIT_HELP: &str = "Exit status: 0 on success; 1 when results are wrong (bench --check) or \
 conformance cases fail (check); 2 on any error (bad arguments, backend unavailable, I/O).\n\
-Logs go to stderr (RUST_LOG, default `info`); tables go to stdout.";
+Logs go to stderr (RUST_LOG, default `info`; under a launcher `warn` on ranks other than 0); tables go to stdout.\n\
+Under mpirun, srun or torchrun every command runs one rank per process (see README: Launching).";
 
 #[derive(Parser, Debug)]
 #[command(name = "switchyard", version, about = "Expert-parallel all-to-all (MoE dispatch/combine): benchmark, check, info", after_help = EXIT_HELP)]
@@ -35,7 +36,8 @@ struct Cli {
 enum Cmd {
     /// Time dispatch, cached dispatch and combine; print one row per op (nccl-tests style).
     Bench(BenchArgs),
-    /// Run the conformance cases against the serial oracle; one line per case.
+    /// Run the conformance cases against the serial oracle; one line per case (under a launcher:
+    /// the cases with as many ranks as processes).
     Check(CheckArgs),
     /// Show the version, usable backends, CUDA libraries found, GPUs and peer access.
     Info,
@@ -130,10 +132,12 @@ struct GroupArgs {
     /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
-    /// Number of nodes (emulated on the CPU backend) [default: cpu 2, cuda 1].
+    /// Number of nodes (emulated on the CPU backend) [default: cpu 2, cuda 1; CPU processes under
+    /// a launcher: the launched processes / ranks per node].
     #[arg(long)]
     nodes: Option<usize>,
-    /// Ranks per node [default: cpu 2, cuda the number of visible GPUs].
+    /// Ranks per node [default: cpu 2, cuda the number of visible GPUs; CPU processes under a
+    /// launcher: the processes per host, and N splits them into emulated nodes of N consecutive ranks].
     #[arg(long)]
     ranks_per_node: Option<usize>,
     /// CUDA ranks: `processes` (one process per GPU: under a launcher that sets RANK/WORLD_SIZE/
