@@ -13,12 +13,13 @@
 
 use std::time::Duration;
 
+use super::super::dispatch::DispatchInput;
 use super::super::output::{Arrived, Output};
 use super::super::slots::{DispatchSlot, NOT_SENT};
 use crate::backend::Traffic;
 use crate::bootstrap::ProcessGroup;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Rows, RowsRef};
+use crate::tensor::{DType, Rows};
 use crate::topology::Topology;
 
 /// Sender-side positions, from the layout (kept in the handle for cached dispatch).
@@ -53,21 +54,7 @@ pub(crate) struct Plan<'a> {
     /// `[world]` first output row of each source's rows.
     pub recv_prefix: Vec<usize>,
     pub num_recv: usize,
-    /// `[nodes]` tokens of this rank's rail peer on each node (sizes the forward record).
-    pub rail_tokens: Vec<usize>,
     pub timeout: Duration,
-}
-
-/// The rows to send and what travels with them.
-pub(crate) struct Input<'a> {
-    pub x: RowsRef<'a>,
-    /// `[T, k]` global expert ids and weights; empty for cached dispatch (slots carry zeros).
-    pub topk_idx: &'a [i64],
-    pub topk_weights: &'a [f32],
-    pub topk: usize,
-    pub experts_per_rank: usize,
-    /// Fill ids, weights and sources in the output (not for cached dispatch).
-    pub with_meta: bool,
 }
 
 /// What a dispatch delivered.
@@ -92,7 +79,13 @@ fn slots_of(bufs: &[Vec<u8>], slot_bytes: usize, me: usize, hop: &str) -> Result
     Ok(())
 }
 
-pub(crate) fn run(group: &mut dyn ProcessGroup, plan: &Plan<'_>, input: &Input<'_>, spare: Option<Rows>) -> Result<Delivered> {
+/// Move the rows of `input` (its `rail_tokens` sizes the forward record) along the route.
+pub(crate) fn run(
+    group: &mut dyn ProcessGroup,
+    plan: &Plan<'_>,
+    input: &DispatchInput<'_>,
+    spare: Option<Rows>,
+) -> Result<Delivered> {
     let (topo, me) = (plan.topo, plan.me);
     let (rpn, nodes, world) = (topo.ranks_per_node, topo.num_nodes, topo.world());
     let (my_node, my_local) = (topo.node_of(me), topo.local_of(me));
@@ -168,7 +161,7 @@ pub(crate) fn run(group: &mut dyn ProcessGroup, plan: &Plan<'_>, input: &Input<'
             }
         }
     }
-    let mut fwd_reach: Vec<Vec<u8>> = plan.rail_tokens.iter().map(|&t| vec![0u8; t]).collect();
+    let mut fwd_reach: Vec<Vec<u8>> = input.rail_tokens.iter().map(|&t| vec![0u8; t]).collect();
     let (mut ids, mut weights, mut scales) = (vec![0i64; k], vec![0f32; k], vec![0f32; groups]);
     for n in (0..nodes).filter(|&n| n != my_node) {
         for s in inter_in[topo.rank_of(n, my_local)].chunks_exact(slot_bytes) {

@@ -17,6 +17,7 @@ use half::bf16;
 use serde::{Deserialize, Serialize};
 
 use self::dispatch::Positions;
+use super::dispatch::DispatchInput;
 use super::wire_rows;
 use crate::backend::{checks, gather_outcomes, CombineOutput, Communicator, DispatchOptions, DispatchOutput, TrafficLog};
 use crate::bootstrap::{LaunchEnv, ProcessGroup};
@@ -218,10 +219,16 @@ impl Communicator for CpuProcessRank {
         let per_rank = layout.num_experts / world;
         let tokens_per_expert: Vec<usize> =
             (0..per_rank).map(|e| counts.iter().map(|c| c.tokens_per_expert[me * per_rank + e]).sum()).collect();
-        let plan =
-            dispatch::Plan { me, topo, positions: &positions, recv_prefix, num_recv, rail_tokens, timeout: self.timeout() };
-        let input =
-            dispatch::Input { x: wire, topk_idx, topk_weights, topk: layout.topk, experts_per_rank: per_rank, with_meta: true };
+        let plan = dispatch::Plan { me, topo, positions: &positions, recv_prefix, num_recv, timeout: self.timeout() };
+        let input = DispatchInput {
+            x: wire,
+            topk_idx,
+            topk_weights,
+            topk: layout.topk,
+            experts_per_rank: per_rank,
+            with_meta: true,
+            rail_tokens,
+        };
         let spare = self.spare_rows.take();
         let got = dispatch::run(self.group.as_mut(), &plan, &input, spare);
         let got = self.guard(got)?;
@@ -249,7 +256,7 @@ impl Communicator for CpuProcessRank {
         };
         let state = ProcessHandleState {
             recv_prefix: plan.recv_prefix,
-            rail_tokens: plan.rail_tokens,
+            rail_tokens: input.rail_tokens,
             positions,
             fwd_reach: got.fwd_reach,
             tokens_to_node,
@@ -282,16 +289,16 @@ impl Communicator for CpuProcessRank {
             positions: &state.positions,
             recv_prefix: state.recv_prefix.clone(),
             num_recv: handle.num_recv(),
-            rail_tokens: state.rail_tokens.clone(),
             timeout: self.timeout(),
         };
-        let input = dispatch::Input {
+        let input = DispatchInput {
             x: wire,
             topk_idx: &[],
             topk_weights: &[],
             topk: handle.topk,
             experts_per_rank: handle.num_experts / self.topology.world(),
             with_meta: false,
+            rail_tokens: state.rail_tokens.clone(),
         };
         let spare = self.spare_rows.take();
         let got = dispatch::run(self.group.as_mut(), &plan, &input, spare);
