@@ -198,6 +198,9 @@ pub struct Measurement {
     pub inter_node_bytes: f64,
     /// Intra-node hop bytes of one call, summed over ranks.
     pub intra_node_bytes: f64,
+    /// `[nodes]` inter-node rows of one call into each node, summed over the sending ranks.
+    #[serde(default)]
+    pub inter_node_rows_to_node: Vec<f64>,
     /// Elements or rows that differ from the oracle; `None` without `check`.
     pub wrong: Option<u64>,
     /// Timed as back-to-back calls on device-resident inputs (see [`OpResult::device_resident`]).
@@ -262,6 +265,19 @@ pub struct PhysicalGbps {
     pub intra_node: f64,
 }
 
+/// The inter-node hop of one call: what routing (node-limited or not) costs the network.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Network {
+    /// Inter-node rows per token of the group (all ranks' rows / all ranks' tokens): for
+    /// dispatch, the other nodes a token goes to, on average (at most `--max-nodes` with
+    /// node-limited routing); for combine, the summed rows coming back.
+    pub rows_per_token: f64,
+    /// Inter-node bytes per token of the group (rows with their metadata).
+    pub bytes_per_token: f64,
+    /// `[nodes]` inter-node rows into each node, summed over the ranks that send them.
+    pub rows_to_node: Vec<f64>,
+}
+
 /// One op's row of the results (one line of the table, one element of `results`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OpResult {
@@ -289,6 +305,9 @@ pub struct OpResult {
     pub physical_gbps: PhysicalGbps,
     /// `logical_gbps / memcpy_gbps` of the same run.
     pub ratio_to_memcpy: f64,
+    /// What one call put on the inter-node hop (the network); `null` on one node.
+    #[serde(default)]
+    pub network: Option<Network>,
     /// Mismatches with the oracle; `null` when not checked.
     pub wrong: Option<u64>,
     /// How the time was taken. `true`: `iters` calls back to back on inputs already in
@@ -379,6 +398,8 @@ struct RankRun {
     logical: [u64; 3],
     /// `[op]` (inter, intra) bytes over the timed loop.
     physical: [(u64, u64); 3],
+    /// `[op][node]` inter-node rows into each node over the timed loop.
+    network: [Vec<u64>; 3],
     /// Results of the extra checked calls.
     checked: Option<(DispatchOutput, Rows, CombineOutput, Vec<bf16>)>,
     /// `[op]` timed with device-resident inputs ([`Communicator::time_device_resident`]).
@@ -419,6 +440,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     let x = input.x.as_ref();
     let mut seconds: [Vec<f64>; 3] = Default::default();
     let mut physical = [(0u64, 0u64); 3];
+    let mut network: [Vec<u64>; 3] = Default::default();
     let mut resident = [false; 3];
 
     // The dispatch whose output and handle the other ops use.
@@ -476,6 +498,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
         let t = comm.traffic();
         let t = if op == Op::Combine { &t.combine } else { &t.dispatch };
         physical[i] = (t.inter_node.bytes, t.intra_node.bytes);
+        network[i] = t.inter_node_rows_to_node.clone();
     }
 
     let nccl = if spec.nccl {
@@ -512,7 +535,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     } else {
         None
     };
-    Ok(RankRun { seconds, logical, physical, checked, resident, interference, nccl })
+    Ok(RankRun { seconds, logical, physical, network, checked, resident, interference, nccl })
 }
 
 /// Pick the most informative of several ranks' errors: a rank's own error over
@@ -605,6 +628,8 @@ struct RankSummary {
     seconds: [Vec<f64>; 3],
     logical: [u64; 3],
     physical: [(u64, u64); 3],
+    #[serde(default)]
+    network: [Vec<u64>; 3],
     resident: [bool; 3],
     /// `[op]` mismatches with the oracle, when checked.
     wrong: Option<[u64; 3]>,
@@ -622,6 +647,7 @@ impl RankSummary {
             seconds: run.seconds.clone(),
             logical: run.logical,
             physical: run.physical,
+            network: run.network.clone(),
             resident: run.resident,
             wrong: want.map(|w| wrong_of_rank(w, rank, run)),
             interference: run.interference.clone(),
@@ -634,6 +660,7 @@ impl RankSummary {
 /// setting: each time the slowest rank's.
 fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Run {
     let iters = spec.iters;
+    let nodes = spec.workload.topology.num_nodes;
     let interference = match sums.first() {
         Some(first) => (0..first.interference.len())
             .map(|i| {
@@ -660,6 +687,9 @@ fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Run {
             logical_bytes: sums.iter().map(|r| r.logical[i]).sum(),
             inter_node_bytes: sums.iter().map(|r| r.physical[i].0).sum::<u64>() as f64 / iters as f64,
             intra_node_bytes: sums.iter().map(|r| r.physical[i].1).sum::<u64>() as f64 / iters as f64,
+            inter_node_rows_to_node: (0..nodes)
+                .map(|n| sums.iter().filter_map(|r| r.network[i].get(n)).sum::<u64>() as f64 / iters as f64)
+                .collect(),
             wrong: sums.iter().map(|r| r.wrong.map(|w| w[i])).sum(),
             device_resident: sums.iter().all(|r| r.resident[i]),
         })
@@ -847,11 +877,47 @@ pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], me
                     intra_node: m.intra_node_bytes / secs / 1e9,
                 },
                 ratio_to_memcpy: if memcpy_gbps > 0.0 { logical_gbps / memcpy_gbps } else { 0.0 },
+                network: network_of(m, w),
                 wrong: m.wrong,
                 device_resident: m.device_resident,
             }
         })
         .collect()
+}
+
+/// The network figures of a measurement, on more than one node.
+fn network_of(m: &Measurement, w: &WorkloadSpec) -> Option<Network> {
+    let tokens = (w.tokens * w.topology.world()) as f64;
+    (w.topology.num_nodes > 1 && tokens > 0.0).then(|| {
+        let rows: f64 = m.inter_node_rows_to_node.iter().sum();
+        Network {
+            rows_per_token: rows / tokens,
+            bytes_per_token: m.inter_node_bytes / tokens,
+            rows_to_node: m.inter_node_rows_to_node.clone(),
+        }
+    })
+}
+
+/// The network lines under the table (multi-node runs): per op, inter-node rows and
+/// bytes per token and the rows into each node; empty on one node.
+pub fn format_network(results: &[OpResult]) -> String {
+    let mut s = String::new();
+    for r in results {
+        let Some(n) = &r.network else { continue };
+        if s.is_empty() {
+            s.push_str("# inter-node hop per call (all ranks): rows/token, KB/token, rows into each node\n");
+        }
+        let into: Vec<String> = n.rows_to_node.iter().map(|x| format!("{x:.0}")).collect();
+        s += &format!(
+            "# {:>17}  {:>5}  {:>6.3} rows/token  {:>8.2} KB/token  [{}]\n",
+            r.op.name(),
+            r.dtype.name(),
+            n.rows_per_token,
+            n.bytes_per_token / 1e3,
+            into.join(", ")
+        );
+    }
+    s
 }
 
 /// The NCCL baseline rows of a run: the bytes of cached dispatch (wire row type) and combine.
@@ -1030,6 +1096,7 @@ mod tests {
                 logical_bytes: 2_500_000,
                 inter_node_bytes: 1e6,
                 intra_node_bytes: 5e5,
+                inter_node_rows_to_node: vec![100.0, 28.0],
                 wrong: (op == Op::Combine).then_some(0),
                 device_resident: op == Op::Combine,
             })
@@ -1076,6 +1143,7 @@ mod tests {
             logical_bytes: bytes,
             inter_node_bytes: 0.0,
             intra_node_bytes: 0.0,
+            inter_node_rows_to_node: vec![0.0],
             wrong: None,
             device_resident: true,
         };
@@ -1093,6 +1161,21 @@ mod tests {
         assert_eq!(t.lines().count(), 3, "{t}");
         assert!(t.lines().all(|l| l.starts_with('#')));
         assert!(nccl_results(&spec, &Run { nccl_seconds: None, ..run }).is_empty());
+    }
+
+    #[test]
+    fn network_figures_are_per_token_of_the_group_and_only_on_several_nodes() {
+        let r = sample();
+        // 2 x 2 ranks x 64 tokens = 256 tokens; 128 rows and 1 MB crossed per call.
+        let n = r.results[0].network.as_ref().expect("two nodes");
+        assert!((n.rows_per_token - 0.5).abs() < 1e-12 && (n.bytes_per_token - 1e6 / 256.0).abs() < 1e-9, "{n:?}");
+        assert_eq!(n.rows_to_node, vec![100.0, 28.0]);
+        let t = format_network(&r.results);
+        assert_eq!(t.lines().count(), 4, "{t}");
+        assert!(t.contains("0.500 rows/token") && t.contains("3.91 KB/token") && t.contains("[100, 28]"), "{t}");
+        let mut one = r.results.clone();
+        one.iter_mut().for_each(|x| x.network = None);
+        assert_eq!(format_network(&one), "");
     }
 
     #[test]

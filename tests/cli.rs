@@ -510,3 +510,33 @@ fn interference_and_nccl_on_the_cpu_backend_measure_nothing_and_say_so() {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(v.get("interference").is_none() && v.get("nccl_sendrecv").is_none(), "{v}");
 }
+
+#[test]
+fn node_limited_routing_bounds_the_network_rows_per_token() {
+    let dir = TempDir::new("network");
+    // 4 nodes x 1 rank, top-8 of 64 experts (16 per node).
+    let run = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let json = dir.path("net.json");
+        let mut args = vec!["bench", "--backend", "cpu", "--nodes", "4", "--ranks-per-node", "1", "--tokens", "64"];
+        args.extend(["--hidden", "256", "--topk", "8", "--experts", "64", "--iters", "1", "--warmup", "0"]);
+        args.extend(["--json", json.to_str().unwrap()]);
+        args.extend(extra);
+        let out = command(&args, &dir.0).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("rows/token"), "{}", text(&out.stdout));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        v["results"].as_array().unwrap().iter().map(|r| r["network"].clone()).collect()
+    };
+    let per_token = |n: &serde_json::Value| n["rows_per_token"].as_f64().expect("network on 4 nodes");
+    let limited = run(&["--routing", "node-limited", "--max-nodes", "2"]);
+    let uniform = run(&[]);
+    // A token goes to at most 2 nodes, so to at most 2 others; uniform top-8 reaches ~2.7 others.
+    assert!(per_token(&limited[0]) > 0.5 && per_token(&limited[0]) <= 2.0, "{}", limited[0]);
+    assert!(per_token(&uniform[0]) > 2.0 && per_token(&uniform[0]) <= 3.0, "{}", uniform[0]);
+    for net in [&limited, &uniform] {
+        // Rows into the nodes add up, and combine brings back one summed row per row that left.
+        let into: f64 = net[0]["rows_to_node"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum();
+        assert!((into - per_token(&net[0]) * 256.0).abs() < 1e-6, "{}", net[0]);
+        assert!((per_token(&net[2]) - per_token(&net[0])).abs() < 1e-12, "combine {} vs dispatch {}", net[2], net[0]);
+    }
+}
