@@ -192,6 +192,9 @@ pub struct Measurement {
     pub op: Op,
     /// Per timed iteration: the maximum over ranks of each rank's time, in seconds.
     pub iter_seconds: Vec<f64>,
+    /// `[rank][iteration]` each rank's own time, in seconds.
+    #[serde(default)]
+    pub rank_seconds: Vec<Vec<f64>>,
     /// Logical bytes of one call, summed over ranks.
     pub logical_bytes: u64,
     /// Inter-node hop bytes of one call (traffic counters / iterations), summed over ranks.
@@ -305,6 +308,10 @@ pub struct OpResult {
     pub physical_gbps: PhysicalGbps,
     /// `logical_gbps / memcpy_gbps` of the same run.
     pub ratio_to_memcpy: f64,
+    /// `[rank]` each rank's own iteration times (the headline `time_us` takes the slowest
+    /// rank per iteration).
+    #[serde(default)]
+    pub per_rank_us: Vec<TimeStats>,
     /// What one call put on the inter-node hop (the network); `null` on one node.
     #[serde(default)]
     pub network: Option<Network>,
@@ -684,6 +691,7 @@ fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Run {
         .map(|(i, op)| Measurement {
             op,
             iter_seconds: (0..iters).map(|it| sums.iter().map(|r| r.seconds[i][it]).fold(0.0, f64::max)).collect(),
+            rank_seconds: sums.iter().map(|r| r.seconds[i].clone()).collect(),
             logical_bytes: sums.iter().map(|r| r.logical[i]).sum(),
             inter_node_bytes: sums.iter().map(|r| r.physical[i].0).sum::<u64>() as f64 / iters as f64,
             intra_node_bytes: sums.iter().map(|r| r.physical[i].1).sum::<u64>() as f64 / iters as f64,
@@ -877,6 +885,7 @@ pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], me
                     intra_node: m.intra_node_bytes / secs / 1e9,
                 },
                 ratio_to_memcpy: if memcpy_gbps > 0.0 { logical_gbps / memcpy_gbps } else { 0.0 },
+                per_rank_us: m.rank_seconds.iter().map(|r| TimeStats::from_seconds(r)).collect(),
                 network: network_of(m, w),
                 wrong: m.wrong,
                 device_resident: m.device_resident,
@@ -896,6 +905,32 @@ fn network_of(m: &Measurement, w: &WorkloadSpec) -> Option<Network> {
             rows_to_node: m.inter_node_rows_to_node.clone(),
         }
     })
+}
+
+/// The per-rank lines under the table (more than one rank): per op, the fastest,
+/// median and slowest of the ranks' own median times, naming the fastest and slowest rank.
+pub fn format_per_rank(results: &[OpResult]) -> String {
+    let mut s = String::new();
+    for r in results.iter().filter(|r| r.per_rank_us.len() > 1) {
+        if s.is_empty() {
+            s.push_str("# per rank (each rank's own median, us): fastest, median, slowest rank\n");
+        }
+        let mut medians: Vec<(f64, usize)> = r.per_rank_us.iter().enumerate().map(|(k, t)| (t.median, k)).collect();
+        medians.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (lo, hi) = (medians[0], medians[medians.len() - 1]);
+        let mid = TimeStats::from_seconds(&medians.iter().map(|m| m.0 * 1e-6).collect::<Vec<_>>()).median;
+        s += &format!(
+            "# {:>17}  {:>5}  {:>10.1} (rank {})  {:>10.1}  {:>10.1} (rank {})\n",
+            r.op.name(),
+            r.dtype.name(),
+            lo.0,
+            lo.1,
+            mid,
+            hi.0,
+            hi.1
+        );
+    }
+    s
 }
 
 /// The network lines under the table (multi-node runs): per op, inter-node rows and
@@ -1093,6 +1128,7 @@ mod tests {
             .map(|op| Measurement {
                 op,
                 iter_seconds: vec![4e-6, 1e-6, 3e-6, 2e-6],
+                rank_seconds: vec![vec![1e-6, 1e-6, 2e-6, 2e-6], vec![4e-6, 1e-6, 3e-6, 2e-6], vec![3e-6; 4], vec![1e-6; 4]],
                 logical_bytes: 2_500_000,
                 inter_node_bytes: 1e6,
                 intra_node_bytes: 5e5,
@@ -1140,6 +1176,7 @@ mod tests {
         let m = |op, bytes| Measurement {
             op,
             iter_seconds: vec![1e-6, 1e-6],
+            rank_seconds: Vec::new(),
             logical_bytes: bytes,
             inter_node_bytes: 0.0,
             intra_node_bytes: 0.0,
@@ -1161,6 +1198,18 @@ mod tests {
         assert_eq!(t.lines().count(), 3, "{t}");
         assert!(t.lines().all(|l| l.starts_with('#')));
         assert!(nccl_results(&spec, &Run { nccl_seconds: None, ..run }).is_empty());
+    }
+
+    #[test]
+    fn per_rank_lines_name_the_fastest_and_slowest_rank() {
+        let r = sample();
+        // Rank medians: 1.5, 2.5, 3.0, 1.0 us.
+        assert_eq!(r.results[0].per_rank_us.len(), 4);
+        assert_eq!(r.results[0].per_rank_us[1], TimeStats { min: 1.0, median: 2.5, max: 4.0 });
+        let t = format_per_rank(&r.results);
+        assert_eq!(t.lines().count(), 4, "{t}");
+        let first = t.lines().nth(1).unwrap();
+        assert!(first.contains("1.0 (rank 3)") && first.contains("2.0") && first.contains("3.0 (rank 2)"), "{first}");
     }
 
     #[test]

@@ -428,6 +428,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
     );
     println!("# config: {}; warmup {}, iters {}", config_line(&configs), a.warmup, a.iters);
     print!("{}", bench::format_table(&results, memcpy_gbps));
+    print!("{}", bench::format_per_rank(&results));
     print!("{}", bench::format_network(&results));
     let nccl = bench::nccl_results(&spec, &run);
     print!("{}", bench::format_nccl(&nccl, &results));
