@@ -83,9 +83,11 @@ fn info_runs_without_cuda_and_reports_the_libraries() {
     let out = switchyard(&["info"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let s = text(&out.stdout);
-    for word in ["switchyard", "libcuda", "libnvrtc", "libnccl", "libcublas", "CUDA usable:", "cpu"] {
+    for word in ["switchyard", "libcuda", "libnvrtc", "libnccl", "libcublas", "CUDA usable:", "cpu", "launcher: none"] {
         assert!(s.contains(word), "info lacks {word}:\n{s}");
     }
+    let mpi = if cfg!(feature = "mpi") { "mpi: built in" } else { "mpi: not built in" };
+    assert!(s.contains(mpi), "info lacks {mpi:?}:\n{s}");
 }
 
 #[test]

@@ -679,7 +679,17 @@ fn cmd_info() -> Result<ExitCode, Error> {
     println!("switchyard {}", env!("CARGO_PKG_VERSION"));
     println!("commit: {}", bench::source_commit().unwrap_or_else(|| "unknown".into()));
     println!("backends:");
-    println!("  cpu   usable (reference backend: threads as ranks, emulated nodes)");
+    println!("  cpu   usable (reference backend: threads as ranks, emulated nodes; or launched processes)");
+    let mpi = if cfg!(feature = "mpi") {
+        "built in (ranks under mpirun/srun meet through MPI)"
+    } else {
+        "not built in (cargo build --features mpi); launched ranks meet over TCP"
+    };
+    println!("mpi: {mpi}");
+    match LaunchEnv::from_env()? {
+        Some(e) => println!("launcher: {:?}, rank {} of {}", e.launcher, e.rank, e.world_size),
+        None => println!("launcher: none (one process)"),
+    }
     println!("  cuda  {}", if p.cuda_usable { "usable".to_string() } else { format!("not usable: {}", p.reason) });
     println!("CUDA libraries (loaded at run time):");
     for l in &p.libraries {
