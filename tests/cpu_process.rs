@@ -58,6 +58,18 @@ fn ok_ranks(world: usize, rpn: usize, config: Config) -> Vec<CpuProcessRank> {
     process_ranks(world, Some(rpn), config).into_iter().map(|r| r.expect("rank set-up")).collect()
 }
 
+/// Ranks made together, each taken by its own thread.
+struct Handout(std::sync::Mutex<Vec<Option<CpuProcessRank>>>);
+
+impl Handout {
+    fn new(ranks: Vec<CpuProcessRank>) -> Self {
+        Self(std::sync::Mutex::new(ranks.into_iter().map(Some).collect()))
+    }
+    fn take(&self, r: usize) -> CpuProcessRank {
+        self.0.lock().unwrap()[r].take().expect("each rank taken once")
+    }
+}
+
 #[test]
 fn every_conformance_case_passes_with_ranks_as_processes() {
     let mut failed = Vec::new();
@@ -89,11 +101,10 @@ fn the_inter_node_hop_carries_each_token_once_per_destination_node() {
         seed: 7,
     };
     let inputs = std::sync::Arc::new(spec.generate().unwrap());
-    let ranks = ok_ranks(6, 2, test_config(20_000));
-    let ranks = std::sync::Mutex::new(ranks.into_iter().map(Some).collect::<Vec<_>>());
+    let ranks = Handout::new(ok_ranks(6, 2, test_config(20_000)));
     let ins = inputs.clone();
     let got = on_threads(6, move |r| {
-        let mut comm = ranks.lock().unwrap()[r].take().unwrap();
+        let mut comm = ranks.take(r);
         let inp = &ins[r];
         let layout = Layout::new(&inp.topk_idx, 4, 24, topo).unwrap();
         comm.dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &DispatchOptions::default()).unwrap();
@@ -118,9 +129,9 @@ fn small_input(r: usize) -> (Rows, Vec<i64>, Vec<f32>) {
 #[test]
 fn bad_input_on_one_rank_fails_every_rank_and_the_group_keeps_working() {
     let topo = Topology::new(2, 2).unwrap();
-    let ranks = std::sync::Mutex::new(ok_ranks(4, 2, test_config(20_000)).into_iter().map(Some).collect::<Vec<_>>());
+    let ranks = Handout::new(ok_ranks(4, 2, test_config(20_000)));
     let got = on_threads(4, move |r| {
-        let mut comm = ranks.lock().unwrap()[r].take().unwrap();
+        let mut comm = ranks.take(r);
         let (x, idx, w) = small_input(r);
         let layout = Layout::new(&idx, 2, 8, topo).unwrap();
         let bad_w = if r == 1 { &w[..15] } else { &w[..] };
@@ -155,9 +166,9 @@ fn bad_input_on_one_rank_fails_every_rank_and_the_group_keeps_working() {
 #[test]
 fn ranks_calling_with_different_shapes_all_fail_with_invalid_argument() {
     let topo = Topology::new(1, 2).unwrap();
-    let ranks = std::sync::Mutex::new(ok_ranks(2, 2, test_config(20_000)).into_iter().map(Some).collect::<Vec<_>>());
+    let ranks = Handout::new(ok_ranks(2, 2, test_config(20_000)));
     let got = on_threads(2, move |r| {
-        let mut comm = ranks.lock().unwrap()[r].take().unwrap();
+        let mut comm = ranks.take(r);
         let hidden = 128 * (r + 1);
         let x = Rows::Bf16 { hidden, data: common::bf16_values(1, 4 * hidden) };
         let idx = vec![0i64, 1, 2, 3];
@@ -190,9 +201,9 @@ fn nodes_default_to_hosts_so_one_host_is_one_node() {
 #[test]
 fn a_rank_that_never_calls_makes_the_others_time_out_not_hang() {
     let topo = Topology::new(2, 1).unwrap();
-    let ranks = std::sync::Mutex::new(ok_ranks(2, 1, test_config(1_500)).into_iter().map(Some).collect::<Vec<_>>());
+    let ranks = Handout::new(ok_ranks(2, 1, test_config(1_500)));
     let got = on_threads(2, move |r| {
-        let mut comm = ranks.lock().unwrap()[r].take().unwrap();
+        let mut comm = ranks.take(r);
         if r == 1 {
             // Stays in the group (its connection open) but never calls; released once rank 0 gave up.
             std::thread::sleep(Duration::from_secs(4));
