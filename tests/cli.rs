@@ -133,6 +133,14 @@ fn launcher_variables_are_checked_before_any_rank_waits() {
     let out = run(&[("RANK", "zero"), ("WORLD_SIZE", "2")], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("RANK"), "{}", text(&out.stderr));
+    // The process engine has no channels or chunks to tune.
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["tune", "--backend", "cpu", "--shape", "t:8:128:2:8", "--out", "/nonexistent/never-written.toml"])
+        .envs([("RANK", "0"), ("WORLD_SIZE", "1")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("neither channels nor chunks"), "{}", text(&out.stderr));
     // 4 launched processes cannot be 3 nodes, nor nodes of 3.
     for extra in [&["--nodes", "3"][..], &["--ranks-per-node", "3"][..], &["--nodes", "4", "--ranks-per-node", "2"][..]] {
         let out = run(&[("RANK", "0"), ("WORLD_SIZE", "4")], extra);

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use clap::Args;
 use tracing::{info, warn};
 
-use switchyard::backend::cpu::{CpuCluster, CpuProcessRank};
+use switchyard::backend::cpu::CpuCluster;
 use switchyard::bench;
 use switchyard::config::resolve::tuned_path;
 use switchyard::config::ConfigFile;
@@ -200,9 +200,16 @@ pub(crate) fn cmd_tune(a: TuneArgs) -> Result<ExitCode, Error> {
     let first = Config { num_channels: grid.channels[0], ..Config::default() };
     let first = Config { timeout_ms: a.timeout_ms, buffer_tokens: first.chunk_tokens * a.buffer_chunks, ..first };
     let mut runner: Box<dyn Runner> = match (backend, &launch_env) {
-        (BackendKind::Cpu, Some(env)) => Box::new(ProcessRunner {
-            comm: Box::new(CpuProcessRank::from_launch_env(env, Some(topology.ranks_per_node), first)?),
-        }),
+        // Its hops are whole all-to-alls: there is nothing to tune, and its entries would
+        // be read by the thread backend, whose entries share the key.
+        (BackendKind::Cpu, Some(_)) => {
+            return Err(Error::InvalidArgument {
+                arg: "--backend".into(),
+                reason: "CPU ranks as launched processes use neither channels nor chunks; tune the CPU backend without a \
+                         launcher (threads), or CUDA"
+                    .into(),
+            })
+        }
         (BackendKind::Cpu, None) => Box::new(ThreadRunner {
             ranks: CpuCluster::new(topology, first)?
                 .into_ranks()
