@@ -32,9 +32,11 @@ impl Runner for Synthetic {
         let m = |op, us: f64| Measurement {
             op,
             iter_seconds: vec![us * 1e-6; spec.iters],
+            rank_seconds: Vec::new(),
             logical_bytes: 1,
             inter_node_bytes: 0.0,
             intra_node_bytes: 0.0,
+            inter_node_rows_to_node: Vec::new(),
             wrong: Some(wrong),
             device_resident: false,
         };
