@@ -182,7 +182,17 @@ pub(crate) fn gather_outcomes<T: serde::Serialize + serde::de::DeserializeOwned>
     mine: std::result::Result<&T, String>,
 ) -> Result<std::result::Result<Vec<T>, (usize, String)>> {
     let me = comm.rank();
-    let all = comm.all_gather_bytes(&serde_json::to_vec(&mine).expect("outcome serializes"))?;
+    gather_outcomes_by(me, |bytes| comm.all_gather_bytes(bytes), mine)
+}
+
+/// [`gather_outcomes`] through any all-gather of bytes (`me`: this rank, for errors), for
+/// groups that are not yet a [`Communicator`].
+pub(crate) fn gather_outcomes_by<T: serde::Serialize + serde::de::DeserializeOwned>(
+    me: usize,
+    all_gather: impl FnOnce(&[u8]) -> Result<Vec<Vec<u8>>>,
+    mine: std::result::Result<&T, String>,
+) -> Result<std::result::Result<Vec<T>, (usize, String)>> {
+    let all = all_gather(&serde_json::to_vec(&mine).expect("outcome serializes"))?;
     let mut values = Vec::with_capacity(all.len());
     for (r, b) in all.iter().enumerate() {
         let got: std::result::Result<T, String> = serde_json::from_slice(b)

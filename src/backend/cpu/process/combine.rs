@@ -15,6 +15,7 @@ use half::bf16;
 
 use super::super::combine::{add_row, add_weights, to_bf16};
 use super::super::slots::CombineSlot;
+use super::dispatch::check_whole_slots;
 use crate::backend::Traffic;
 use crate::bootstrap::ProcessGroup;
 use crate::error::{Error, Result};
@@ -147,10 +148,8 @@ pub(crate) fn run(group: &mut dyn ProcessGroup, input: &Input<'_>) -> Result<Com
     }
     if rpn > 1 {
         let got = group.all_to_all(&parts, input.timeout)?;
-        for (r, b) in got.iter().enumerate() {
-            if b.len() % slot_bytes != 0 {
-                return Err(bad(me, format!("combine intra-node hop: rank {r} sent a partial slot")));
-            }
+        check_whole_slots(&got, slot_bytes, me, "combine intra-node hop")?;
+        for b in &got {
             for s in b.chunks_exact(slot_bytes) {
                 slot.weights(s, &mut wbuf);
                 let (src, token) = (slot.src_rank(s) as usize, slot.src_token(s) as usize);

@@ -66,8 +66,8 @@ pub(crate) struct Delivered {
     pub traffic: Traffic,
 }
 
-/// Slots received from each rank, checked to be whole slots.
-fn slots_of(bufs: &[Vec<u8>], slot_bytes: usize, me: usize, hop: &str) -> Result<()> {
+/// Fails unless what each rank sent is a whole number of `slot_bytes`-byte slots.
+pub(super) fn check_whole_slots(bufs: &[Vec<u8>], slot_bytes: usize, me: usize, hop: &str) -> Result<()> {
     for (r, b) in bufs.iter().enumerate() {
         if b.len() % slot_bytes != 0 {
             return Err(Error::Protocol {
@@ -138,7 +138,7 @@ pub(crate) fn run(
             }
         }
         inter_in = group.all_to_all(&parts, plan.timeout)?;
-        slots_of(&inter_in, slot_bytes, me, "inter-node hop")?;
+        check_whole_slots(&inter_in, slot_bytes, me, "inter-node hop")?;
     }
 
     // Hop 2: own tokens to the ranks of this node, and the forwarded slots.
@@ -195,7 +195,7 @@ pub(crate) fn run(
     }
     if rpn > 1 {
         let intra_in = group.all_to_all(&parts, plan.timeout)?;
-        slots_of(&intra_in, slot_bytes, me, "intra-node hop")?;
+        check_whole_slots(&intra_in, slot_bytes, me, "intra-node hop")?;
         for s in intra_in.iter().flat_map(|b| b.chunks_exact(slot_bytes)) {
             slot.ids(s, &mut ids);
             slot.weights(s, &mut weights);

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use self::dispatch::Positions;
 use super::dispatch::DispatchInput;
 use super::wire_rows;
-use crate::backend::{checks, gather_outcomes, CombineOutput, Communicator, DispatchOptions, DispatchOutput, TrafficLog};
+use crate::backend::{
+    checks, gather_outcomes, gather_outcomes_by, CombineOutput, Communicator, DispatchOptions, DispatchOutput, TrafficLog,
+};
 use crate::bootstrap::{LaunchEnv, ProcessGroup};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -142,22 +144,15 @@ fn agree_on_nodes(group: &mut dyn ProcessGroup, ranks_per_node: Option<usize>, c
     let mine = config.validate().and_then(|_| Topology::from_hostnames(group.hostnames(), ranks_per_node));
     let proposal: std::result::Result<(usize, u64), String> =
         mine.as_ref().map(|t| (t.ranks_per_node, rand::random::<u64>())).map_err(|e| e.to_string());
-    let all = group.all_gather(&serde_json::to_vec(&proposal).expect("serializes"), timeout)?;
+    let got = gather_outcomes_by(rank, |bytes| group.all_gather(bytes, timeout), proposal.as_ref().map_err(Clone::clone))?;
     let topology = mine?;
-    let mut comm_id = 0;
-    for (r, bytes) in all.iter().enumerate() {
-        let theirs: std::result::Result<(usize, u64), String> = serde_json::from_slice(bytes)
-            .map_err(|e| Error::Protocol { rank, detail: format!("rank {r} sent an unreadable set-up message: {e}") })?;
-        match theirs {
-            Err(reason) => return Err(Error::PeerFailed { rank: r, reason }),
-            Ok((rpn, _)) if rpn != topology.ranks_per_node => {
-                let reason = format!("rank {r} found {rpn} ranks per node, rank {rank} {}", topology.ranks_per_node);
-                return Err(Error::InvalidArgument { arg: "--ranks-per-node".into(), reason });
-            }
-            Ok((_, id)) if r == 0 => comm_id = id,
-            Ok(_) => {}
-        }
+    let all = got.map_err(|(rank, reason)| Error::PeerFailed { rank, reason })?;
+    if let Some((r, (rpn, _))) = all.iter().enumerate().find(|(_, (rpn, _))| *rpn != topology.ranks_per_node) {
+        let reason = format!("rank {r} found {rpn} ranks per node, rank {rank} {}", topology.ranks_per_node);
+        return Err(Error::InvalidArgument { arg: "--ranks-per-node".into(), reason });
     }
+    // Rank 0's id names the communicator on every rank.
+    let comm_id = all[0].1;
     Ok((topology, comm_id))
 }
 
@@ -233,17 +228,8 @@ impl Communicator for CpuProcessRank {
         let got = dispatch::run(self.group.as_mut(), &plan, &input, spare);
         let got = self.guard(got)?;
         self.traffic.dispatch.accumulate(&got.traffic);
-        let my_node = topo.node_of(me);
-        let tokens_to_node = (0..topo.num_nodes)
-            .map(|n| {
-                let hit = |t: usize| topo.ranks_of_node(n).any(|r| layout.token_in_rank(t, r));
-                if n == my_node {
-                    0
-                } else {
-                    (0..layout.num_tokens).filter(|&t| hit(t)).count()
-                }
-            })
-            .collect();
+        // Hop 1 sent each token once to every other node it goes to: the partial rows combine gets back.
+        let tokens_to_node = got.traffic.inter_node_rows_to_node.iter().map(|&rows| rows as usize).collect();
         let align = options.expert_alignment.max(1);
         let out = got.out;
         let output = DispatchOutput {
