@@ -5,53 +5,19 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{test_config, tokens_touching_node};
+use common::{on_tcp_groups, on_threads, test_config, tokens_touching_node};
 use switchyard::backend::cpu::CpuProcessRank;
-use switchyard::bootstrap::TcpGroup;
 use switchyard::conformance::{self, run_case_on, standard_cases};
 use switchyard::workload::{RoutingKind, WorkloadSpec};
 use switchyard::{Communicator, Config, DType, DispatchOptions, Error, Layout, Result, Rows, Topology};
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// Run `f(rank)` on one thread per rank; results in rank order. Panics after two minutes (a hang).
-fn on_threads<R: Send + 'static>(world: usize, f: impl Fn(usize) -> R + Send + Sync + 'static) -> Vec<R> {
-    let f = std::sync::Arc::new(f);
-    let (tx, rx) = mpsc::channel();
-    for r in 0..world {
-        let (f, tx) = (f.clone(), tx.clone());
-        std::thread::Builder::new()
-            .name(format!("rank{r}"))
-            .spawn(move || {
-                let _ = tx.send((r, f(r)));
-            })
-            .expect("spawn");
-    }
-    let mut out: Vec<Option<R>> = (0..world).map(|_| None).collect();
-    for _ in 0..world {
-        let (r, v) = rx.recv_timeout(Duration::from_secs(120)).expect("a rank hung or panicked");
-        out[r] = Some(v);
-    }
-    out.into_iter().map(|v| v.expect("every rank reported")).collect()
-}
-
 /// `world` process-style ranks over a fresh TCP rendezvous, nodes of `ranks_per_node`.
 fn process_ranks(world: usize, ranks_per_node: Option<usize>, config: Config) -> Vec<Result<CpuProcessRank>> {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let listener = std::sync::Mutex::new(Some(listener));
-    on_threads(world, move |r| {
-        let group = if r == 0 {
-            TcpGroup::root(listener.lock().unwrap().take().expect("one root"), world, LONG)
-        } else {
-            TcpGroup::join(&addr, r, world, LONG)
-        }?;
-        CpuProcessRank::new(Box::new(group), ranks_per_node, config.clone())
-    })
+    on_tcp_groups(world, LONG, move |group| CpuProcessRank::new(Box::new(group), ranks_per_node, config.clone()))
 }
 
 fn ok_ranks(world: usize, rpn: usize, config: Config) -> Vec<CpuProcessRank> {

@@ -4,6 +4,7 @@
 mod checks;
 pub mod cpu;
 pub mod cuda;
+pub mod hier;
 
 use half::bf16;
 

@@ -9,6 +9,7 @@
 mod env;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod split;
 mod tcp;
 pub(crate) mod threads;
 mod wire;
@@ -20,6 +21,7 @@ use crate::error::Result;
 pub use env::{LaunchEnv, Launcher, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiGroup;
+pub use split::SharedGroup;
 pub use tcp::TcpGroup;
 
 /// A group of processes, one rank each, that exchange bytes collectively. Every

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use half::bf16;
 use switchyard::backend::cpu::{CpuCluster, CpuRank};
+use switchyard::bootstrap::TcpGroup;
 use switchyard::{Config, Topology};
 
 /// Config for tests: small buffers and a short deadline so a stuck protocol fails fast.
@@ -257,4 +258,45 @@ pub fn summarize(o: &DispatchOutput) -> String {
         o.tokens_per_expert,
         o.x.dtype()
     )
+}
+
+/// Run `f(rank)` on one thread per rank; results in rank order. Panics after two minutes (a hang).
+pub fn on_threads<R: Send + 'static>(world: usize, f: impl Fn(usize) -> R + Send + Sync + 'static) -> Vec<R> {
+    let f = std::sync::Arc::new(f);
+    let (tx, rx) = mpsc::channel();
+    for r in 0..world {
+        let (f, tx) = (f.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name(format!("rank{r}"))
+            .spawn(move || {
+                let _ = tx.send((r, f(r)));
+            })
+            .expect("spawn");
+    }
+    let mut out: Vec<Option<R>> = (0..world).map(|_| None).collect();
+    for _ in 0..world {
+        let (r, v) = rx.recv_timeout(Duration::from_secs(120)).expect("a rank hung or panicked");
+        out[r] = Some(v);
+    }
+    out.into_iter().map(|v| v.expect("every rank reported")).collect()
+}
+
+/// `world` ranks that are threads standing in for processes: each joins a fresh TCP
+/// rendezvous (waiting at most `timeout`) and runs `f` on its group; results in rank order.
+pub fn on_tcp_groups<R: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(TcpGroup) -> switchyard::Result<R> + Send + Sync + 'static,
+) -> Vec<switchyard::Result<R>> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let listener = std::sync::Mutex::new(Some(listener));
+    on_threads(world, move |r| {
+        let group = if r == 0 {
+            TcpGroup::root(listener.lock().unwrap().take().expect("one root"), world, timeout)
+        } else {
+            TcpGroup::join(&addr, r, world, timeout)
+        }?;
+        f(group)
+    })
 }

@@ -274,7 +274,7 @@ impl CpuRank {
 
 /// The rows to put on the wire: BF16 input quantized when FP8 is asked for on the
 /// wire (`None`: send `x` as it is).
-pub(super) fn wire_rows(x: RowsRef<'_>, options: &DispatchOptions) -> Option<Rows> {
+pub(crate) fn wire_rows(x: RowsRef<'_>, options: &DispatchOptions) -> Option<Rows> {
     match x {
         RowsRef::Bf16 { hidden, data } if options.fp8_on_wire => {
             let (q, s) = quant::quantize(data, hidden);

@@ -1,0 +1,485 @@
+//! The two-hop route over any node-local communicator: ranks that are processes
+//! (one per GPU under a launcher), grouped into nodes; inside each node a
+//! single-node communicator of any backend (the CUDA backend's NVLink kernels, or
+//! the CPU backend) moves rows between the node's ranks.
+//!
+//! Dispatch: each rank sends each token once to every other node that hosts one of
+//! its experts, to its rail peer there (the rank with the same local index), with
+//! the top-k entries that belong to that node. The rail peer adds what it received
+//! to its own tokens and dispatches them inside its node, with expert ids made
+//! node-local; the rows that arrive are put back in (source rank, source token)
+//! order. Combine is the reverse: the node-local combine sums each forwarded
+//! token's rows in f32 and rounds once to BF16 (the partial sum), one row per token
+//! crosses back to its source, which sums its nodes' partials in f32 and rounds.
+//!
+//! The rail hop goes through the host: rows are gathered into one part per rail
+//! peer and moved by the process group's personalized exchange (MPI, or the TCP
+//! rendezvous). On a cluster that is the launcher's network (MPI's transport)
+//! rather than NCCL over the NICs; the NCCL rail on device buffers, chunked and
+//! overlapped with the NVLink step, is not built yet. Use this to check the route
+//! on any number of GPUs, not to time the network.
+
+mod batch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use half::bf16;
+use serde::{Deserialize, Serialize};
+
+use self::batch::{partials_from_bytes, partials_to_bytes, BatchFormat, TokenBatch};
+use super::cpu::wire_rows;
+use super::{checks, gather_outcomes_by, CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, TrafficLog};
+use crate::bootstrap::{ProcessGroup, SharedGroup};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::handle::Handle;
+use crate::routing::Layout;
+use crate::tensor::{DType, Rows, RowsRef};
+use crate::topology::Topology;
+
+/// Makes the communicator of one node from the node's view of the process group
+/// (its ranks renumbered from 0) and the config. Collective over the node.
+pub type NodeMaker<'a> = dyn FnMut(Box<dyn ProcessGroup>, &Config) -> Result<Box<dyn Communicator>> + 'a;
+
+/// One rank of a multi-node group: a node-local communicator plus the rail hop.
+pub struct HierRank {
+    world: Box<dyn ProcessGroup>,
+    node: Box<dyn Communicator>,
+    rank: usize,
+    topology: Topology,
+    config: Config,
+    comm_id: u64,
+    traffic: TrafficLog,
+    /// Why a call failed once data moved; the ranks are out of step, so every later call fails with it.
+    broken: Option<String>,
+}
+
+/// What a [`HierRank`] keeps in a [`Handle`].
+struct HierState {
+    /// The node-local dispatch's handle.
+    node: Handle,
+    /// Row `i` of this rank's output is row `perm[i]` of the node-local output.
+    perm: Vec<u32>,
+    /// `[nodes]` this rank's tokens that went to each node (its own node's: those
+    /// it dispatched inside the node itself), ascending.
+    sent: Vec<Vec<u32>>,
+    /// `[nodes]` tokens this rank forwarded for its rail peer on each node (its own
+    /// node: its own tokens), in the order of the node-local dispatch's input.
+    forwarded: Vec<usize>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Notice {
+    call: String,
+}
+
+impl HierRank {
+    /// This process's rank of `group`, grouped into nodes by host, or into blocks of
+    /// `ranks_per_node` consecutive ranks (each on one host) to emulate several nodes on
+    /// one host. `make_node` builds each node's communicator over the node's ranks.
+    /// Collective: one rank's failure fails every rank.
+    pub fn new(
+        group: &SharedGroup,
+        ranks_per_node: Option<usize>,
+        config: Config,
+        make_node: &mut NodeMaker<'_>,
+    ) -> Result<Self> {
+        let mut world = group.whole();
+        let rank = group.rank();
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let mine = config.validate().and_then(|_| Topology::from_hostnames(group.hostnames(), ranks_per_node));
+        let proposal: std::result::Result<(usize, u64), String> =
+            mine.as_ref().map(|t| (t.ranks_per_node, rand::random::<u64>())).map_err(|e| e.to_string());
+        let got = gather_outcomes_by(rank, |b| world.all_gather(b, timeout), proposal.as_ref().map_err(Clone::clone))?;
+        let topology = mine?;
+        let all = got.map_err(|(rank, reason)| Error::PeerFailed { rank, reason })?;
+        if let Some((r, (rpn, _))) = all.iter().enumerate().find(|(_, (rpn, _))| *rpn != topology.ranks_per_node) {
+            let reason = format!("rank {r} found {rpn} ranks per node, rank {rank} {}", topology.ranks_per_node);
+            return Err(Error::InvalidArgument { arg: "ranks per node".into(), reason });
+        }
+        let comm_id = all[0].1;
+        let members = topology.ranks_of_node(topology.node_of(rank)).collect();
+        let node = group.subset(members).and_then(|view| make_node(view, &config));
+        // Every node's outcome, so a node that could not start fails the others too.
+        let outcome = node.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        let got = gather_outcomes_by(rank, |b| world.all_gather(b, timeout), outcome.as_ref().map_err(Clone::clone))?;
+        let node = node?;
+        got.map_err(|(rank, reason)| Error::PeerFailed { rank, reason })?;
+        tracing::info!(rank, topology = %topology, node_backend = node.backend_name(), transport = world.transport(), "hierarchical rank ready");
+        Ok(Self { world, node, rank, topology, config, comm_id, traffic: TrafficLog::default(), broken: None })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.timeout_ms)
+    }
+
+    fn my_node(&self) -> usize {
+        self.topology.node_of(self.rank)
+    }
+
+    /// Agree that every rank makes this call with good input: its own error here,
+    /// `PeerFailed` for another rank's, a mismatch error if the calls differ.
+    fn agree_call(&mut self, call: String, local: Result<()>) -> Result<()> {
+        if let Some(reason) = &self.broken {
+            return Err(Error::PeerFailed { rank: self.rank, reason: format!("an earlier call failed: {reason}") });
+        }
+        let (me, timeout) = (self.rank, self.timeout());
+        let mine = local.as_ref().map(|_| Notice { call: call.clone() }).map_err(|e| e.to_string());
+        let got = gather_outcomes_by(me, |b| self.world.all_gather(b, timeout), mine.as_ref().map_err(Clone::clone))?;
+        local?;
+        let all = got.map_err(|(rank, reason)| Error::PeerFailed { rank, reason })?;
+        if let Some((r, n)) = all.iter().enumerate().find(|(_, n)| n.call != call) {
+            return Err(Error::InvalidArgument {
+                arg: "collective arguments".into(),
+                reason: format!("rank {r} called {} while rank {me} called {call}", n.call),
+            });
+        }
+        Ok(())
+    }
+
+    /// A failure once data moves leaves the ranks out of step: remember it.
+    fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.broken = Some(e.to_string());
+        }
+        r
+    }
+
+    /// Send `parts[n]` to the rail peer on node `n` (this node's part stays empty) and
+    /// return what each rail peer sent, by node; counts the bytes as inter-node traffic.
+    fn rail_exchange(&mut self, parts: Vec<Vec<u8>>, rows: &[usize], dispatch: bool) -> Result<Vec<Vec<u8>>> {
+        let topo = self.topology;
+        let local = topo.local_of(self.rank);
+        let mut full = vec![Vec::new(); topo.world()];
+        let into = if dispatch { &mut self.traffic.dispatch } else { &mut self.traffic.combine };
+        into.inter_node_rows_to_node.resize(topo.num_nodes, 0);
+        for (n, p) in parts.into_iter().enumerate().filter(|(n, _)| *n != topo.node_of(self.rank)) {
+            into.inter_node += HopCount { rows: rows[n] as u64, bytes: p.len() as u64 };
+            into.inter_node_rows_to_node[n] += rows[n] as u64;
+            full[topo.rank_of(n, local)] = p;
+        }
+        let timeout = self.timeout();
+        let mut got = self.world.all_to_all(&full, timeout)?;
+        Ok((0..topo.num_nodes).map(|n| std::mem::take(&mut got[topo.rank_of(n, local)])).collect())
+    }
+
+    /// Move the node communicator's traffic since its last reset into this rank's log.
+    fn take_node_traffic(&mut self, dispatch: bool) {
+        let t = self.node.traffic().clone();
+        self.node.reset_traffic();
+        let (from, into) =
+            if dispatch { (&t.dispatch, &mut self.traffic.dispatch) } else { (&t.combine, &mut self.traffic.combine) };
+        into.intra_node += from.intra_node;
+        into.local += from.local;
+    }
+
+    /// The batches this rank sends: per node, the tokens in `sent[n]`; returns this
+    /// node's batch and every other node's bytes.
+    fn pack(
+        &self,
+        fmt: &BatchFormat,
+        x: RowsRef<'_>,
+        sent: &[Vec<u32>],
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+        experts_per_node: usize,
+    ) -> (TokenBatch, Vec<Vec<u8>>) {
+        let me = self.my_node();
+        let mut own = None;
+        let mut parts = Vec::with_capacity(sent.len());
+        for (n, tokens) in sent.iter().enumerate() {
+            let on_node = |e: i64| e as usize / experts_per_node == n;
+            let b = TokenBatch::gather(fmt, x, tokens, topk_idx, topk_weights, on_node);
+            if n == me {
+                own = Some(b);
+                parts.push(Vec::new());
+            } else {
+                parts.push(b.to_bytes(fmt));
+            }
+        }
+        (own.expect("this rank's node is one of the nodes"), parts)
+    }
+
+    /// What this rank forwards inside its node: its rail peers' batches and its own,
+    /// in node order (so in source-rank order).
+    fn unpack(&self, fmt: &BatchFormat, own: TokenBatch, got: Vec<Vec<u8>>) -> Result<Vec<TokenBatch>> {
+        let (me, local) = (self.my_node(), self.topology.local_of(self.rank));
+        let mut own = Some(own);
+        got.iter()
+            .enumerate()
+            .map(|(n, bytes)| match n == me {
+                true => Ok(own.take().expect("one own batch")),
+                false => TokenBatch::from_bytes(fmt, bytes, self.rank, self.topology.rank_of(n, local)),
+            })
+            .collect()
+    }
+
+    /// Rows of the node-local output in this rank's order: output row `i` is `rows[perm[i]]`.
+    fn permute_rows(rows: &Rows, perm: &[u32]) -> Rows {
+        let mut out = Rows::zeros(rows.dtype(), perm.len(), rows.hidden());
+        for (i, &p) in perm.iter().enumerate() {
+            out.row_payload_mut(i).copy_from_slice(rows.as_ref().row_payload(p as usize));
+            out.row_scales_mut(i).copy_from_slice(rows.as_ref().row_scales(p as usize));
+        }
+        out
+    }
+}
+
+fn call_name(op: &str, hidden: usize, dtype: Option<DType>, topk: usize, experts: usize, weights: bool) -> String {
+    let dtype = dtype.map_or(String::new(), |d| format!(" {d:?}"));
+    format!("{op}(hidden {hidden}{dtype}, top-{topk} of {experts}, weights {weights})")
+}
+
+impl Communicator for HierRank {
+    fn backend_name(&self) -> &'static str {
+        self.node.backend_name()
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn topology(&self) -> Topology {
+        self.topology
+    }
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn dispatch(
+        &mut self,
+        x: RowsRef<'_>,
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+        layout: &Layout,
+        options: &DispatchOptions,
+    ) -> Result<(DispatchOutput, Handle)> {
+        let topo = self.topology;
+        let (t, k, e) = (layout.num_tokens, layout.topk, layout.num_experts);
+        let checked = checks::dispatch(topo, &x, topk_idx, topk_weights, layout, options);
+        let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
+        let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
+        self.agree_call(call_name("dispatch", x.hidden(), Some(wire.dtype()), k, e, true), checked)?;
+        let r = self.dispatch_agreed(wire, topk_idx, topk_weights, layout, options);
+        let (out, state) = self.guard(r)?;
+        let handle = Handle {
+            comm_id: self.comm_id,
+            rank: self.rank,
+            topology: topo,
+            num_tokens: t,
+            topk: k,
+            num_experts: e,
+            source_rank: out.source_rank.clone(),
+            source_token: out.source_token.clone(),
+            backend_state: Arc::new(state),
+        };
+        Ok((out, handle))
+    }
+
+    fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows> {
+        let checked = checks::dispatch_cached(self.comm_id, self.rank, &x, handle, options);
+        let state = handle.state::<HierState>("hierarchical");
+        let checked = checked.and(state.map(|_| ()));
+        let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
+        let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
+        let call = call_name("dispatch_cached", x.hidden(), Some(wire.dtype()), handle.topk, handle.num_experts, false);
+        self.agree_call(call, checked)?;
+        let st = handle.state::<HierState>("hierarchical")?;
+        let r = (|| {
+            let fmt = BatchFormat { dtype: wire.dtype(), hidden: wire.hidden(), topk: handle.topk, with_meta: false };
+            let per_node = handle.num_experts / self.topology.num_nodes;
+            let (own, parts) = self.pack(&fmt, wire, &st.sent, &[], &[], per_node);
+            let rows: Vec<usize> = st.sent.iter().map(Vec::len).collect();
+            let got = self.rail_exchange(parts, &rows, true)?;
+            let batches = self.unpack(&fmt, own, got)?;
+            let input = TokenBatch::concat(&fmt, &batches);
+            let opts = DispatchOptions { fp8_on_wire: false, ..*options };
+            let rows = self.node.dispatch_cached(input.x.as_ref(), &st.node, &opts)?;
+            self.take_node_traffic(true);
+            Ok(Self::permute_rows(&rows, &st.perm))
+        })();
+        self.guard(r)
+    }
+
+    fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput> {
+        let checked = checks::combine(self.comm_id, self.rank, y, hidden, handle, topk_weights);
+        let checked = checked.and(handle.state::<HierState>("hierarchical").map(|_| ()));
+        let call = call_name("combine", hidden, None, handle.topk, handle.num_experts, topk_weights.is_some());
+        self.agree_call(call, checked)?;
+        let st = handle.state::<HierState>("hierarchical")?;
+        let r = self.combine_agreed(y, hidden, handle, st, topk_weights);
+        self.guard(r)
+    }
+
+    fn set_config(&mut self, config: Config) -> Result<()> {
+        // Every node tries it (collective inside the node), then all nodes agree; if any
+        // node could not take it, those that did go back to the old one.
+        let old = self.config.clone();
+        let tried = self.node.set_config(config.clone());
+        let agreed = checks::agree_on_config(self, &config, tried);
+        match agreed {
+            Ok(()) => {
+                self.config = config;
+                Ok(())
+            }
+            Err(e) => {
+                let back = self.node.set_config(old);
+                back.map_err(|b| Error::Protocol { rank: self.rank, detail: format!("{e}; and going back failed: {b}") })?;
+                Err(e)
+            }
+        }
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        let timeout = self.timeout();
+        self.world.barrier(timeout)
+    }
+
+    fn traffic(&self) -> &TrafficLog {
+        &self.traffic
+    }
+
+    fn reset_traffic(&mut self) {
+        self.traffic = TrafficLog::default();
+        self.node.reset_traffic();
+    }
+
+    fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let timeout = self.timeout();
+        self.world.all_gather(bytes, timeout)
+    }
+}
+
+impl HierRank {
+    /// Dispatch once every rank agreed: rail hop, node-local dispatch, reorder.
+    fn dispatch_agreed(
+        &mut self,
+        wire: RowsRef<'_>,
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+        layout: &Layout,
+        options: &DispatchOptions,
+    ) -> Result<(DispatchOutput, HierState)> {
+        let topo = self.topology;
+        let (me, my_node, rpn) = (self.rank, self.my_node(), topo.ranks_per_node);
+        let (k, e) = (layout.topk, layout.num_experts);
+        let per_node = e / topo.num_nodes;
+        let fmt = BatchFormat { dtype: wire.dtype(), hidden: wire.hidden(), topk: k, with_meta: true };
+        let sent: Vec<Vec<u32>> = (0..topo.num_nodes)
+            .map(|n| (0..layout.num_tokens).filter(|&t| layout.token_in_node(t, n)).map(|t| t as u32).collect())
+            .collect();
+        let (own, parts) = self.pack(&fmt, wire, &sent, topk_idx, topk_weights, per_node);
+        let rows: Vec<usize> = sent.iter().map(Vec::len).collect();
+        let got = self.rail_exchange(parts, &rows, true)?;
+        let batches = self.unpack(&fmt, own, got)?;
+        let forwarded: Vec<usize> = batches.iter().map(TokenBatch::len).collect();
+        // Who each forwarded token is: (source rank, token), in the node-local input's order.
+        let local = topo.local_of(me);
+        let sources: Vec<[u32; 2]> = batches
+            .iter()
+            .enumerate()
+            .flat_map(|(n, b)| b.tokens.iter().map(move |&t| [topo.rank_of(n, local) as u32, t]))
+            .collect();
+        let mut input = TokenBatch::concat(&fmt, &batches);
+        // Expert ids of this node, made node-local (the rest are -1 already).
+        let first = (my_node * per_node) as i64;
+        input.ids.iter_mut().filter(|e| **e >= 0).for_each(|e| *e -= first);
+        let node_topo = Topology { num_nodes: 1, ranks_per_node: rpn };
+        let node_layout = Layout::new(&input.ids, k, per_node, node_topo)?;
+        let opts = DispatchOptions { fp8_on_wire: false, ..*options };
+        let (out, node_handle) = self.node.dispatch(input.x.as_ref(), &input.ids, &input.weights, &node_layout, &opts)?;
+        self.take_node_traffic(true);
+        // Every rank's forwarded tokens, to name the rows that arrive (only this node's are read).
+        let timeout = self.timeout();
+        let all = self.world.all_gather(bytemuck::cast_slice(&sources), timeout)?;
+        let node_first = topo.rank_of(my_node, 0);
+        let names: Vec<Vec<[u32; 2]>> = (0..rpn).map(|l| bytemuck::pod_collect_to_vec(&all[node_first + l])).collect();
+        let mut named = Vec::with_capacity(out.source_rank.len());
+        for (i, (&f, &v)) in out.source_rank.iter().zip(&out.source_token).enumerate() {
+            let name = names.get(f as usize).and_then(|n| n.get(v as usize)).ok_or_else(|| Error::Protocol {
+                rank: me,
+                detail: format!("row {i} names forwarder {f} token {v}, which it did not forward"),
+            })?;
+            named.push((*name, i as u32));
+        }
+        named.sort_unstable();
+        let perm: Vec<u32> = named.iter().map(|&(_, i)| i).collect();
+        let pick = |v: &[i64], i: u32| v[i as usize * k..(i as usize + 1) * k].to_vec();
+        let output = DispatchOutput {
+            x: Self::permute_rows(&out.x, &perm),
+            topk_idx: perm.iter().flat_map(|&i| pick(&out.topk_idx, i)).collect(),
+            topk_weights: perm.iter().flat_map(|&i| out.topk_weights[i as usize * k..(i as usize + 1) * k].to_vec()).collect(),
+            tokens_per_expert: out.tokens_per_expert,
+            source_rank: named.iter().map(|&([s, _], _)| s).collect(),
+            source_token: named.iter().map(|&([_, t], _)| t).collect(),
+        };
+        Ok((output, HierState { node: node_handle, perm, sent, forwarded }))
+    }
+
+    /// Combine once every rank agreed: node-local combine into partial sums, rail hop
+    /// back, sum per token.
+    fn combine_agreed(
+        &mut self,
+        y: &[bf16],
+        hidden: usize,
+        handle: &Handle,
+        st: &HierState,
+        topk_weights: Option<&[f32]>,
+    ) -> Result<CombineOutput> {
+        let topo = self.topology;
+        let (k, my_node, local) = (handle.topk, self.my_node(), topo.local_of(self.rank));
+        // Back into the node-local output's order.
+        let mut y_node = vec![bf16::ZERO; y.len()];
+        let mut w_node = topk_weights.map(|w| vec![0f32; w.len()]);
+        for (i, &p) in st.perm.iter().enumerate() {
+            let (i, p) = (i, p as usize);
+            y_node[p * hidden..(p + 1) * hidden].copy_from_slice(&y[i * hidden..(i + 1) * hidden]);
+            if let (Some(wn), Some(w)) = (w_node.as_mut(), topk_weights) {
+                wn[p * k..(p + 1) * k].copy_from_slice(&w[i * k..(i + 1) * k]);
+            }
+        }
+        let partial = self.node.combine(&y_node, hidden, &st.node, w_node.as_deref())?;
+        self.take_node_traffic(false);
+        // Split the partial sums by the node their tokens came from.
+        let mut parts = Vec::with_capacity(topo.num_nodes);
+        let mut own = (Vec::new(), Vec::new());
+        let mut at = 0;
+        for (n, &count) in st.forwarded.iter().enumerate() {
+            let x = &partial.x[at * hidden..(at + count) * hidden];
+            let w = partial.topk_weights.as_ref().map(|w| &w[at * k..(at + count) * k]);
+            at += count;
+            if n == my_node {
+                own = (x.to_vec(), w.map_or_else(Vec::new, <[f32]>::to_vec));
+                parts.push(Vec::new());
+            } else {
+                parts.push(partials_to_bytes(x, w));
+            }
+        }
+        let got = self.rail_exchange(parts, &st.forwarded, false)?;
+        let t = handle.num_tokens;
+        let mut acc = vec![0f32; t * hidden];
+        let mut wacc = vec![0f32; t * k];
+        let with_w = topk_weights.map(|_| k);
+        for (n, bytes) in got.iter().enumerate() {
+            let tokens = &st.sent[n];
+            let (x, w) = match n == my_node {
+                true => std::mem::take(&mut own),
+                false => partials_from_bytes(bytes, tokens.len(), hidden, with_w, self.rank, topo.rank_of(n, local))?,
+            };
+            for (i, &tok) in tokens.iter().enumerate() {
+                let tok = tok as usize;
+                for (a, v) in acc[tok * hidden..(tok + 1) * hidden].iter_mut().zip(&x[i * hidden..(i + 1) * hidden]) {
+                    *a += v.to_f32();
+                }
+                if with_w.is_some() {
+                    for (a, v) in wacc[tok * k..(tok + 1) * k].iter_mut().zip(&w[i * k..(i + 1) * k]) {
+                        *a += v;
+                    }
+                }
+            }
+        }
+        Ok(CombineOutput { x: acc.into_iter().map(bf16::from_f32).collect(), topk_weights: with_w.map(|_| wacc) })
+    }
+}
