@@ -572,7 +572,10 @@ pub fn run_cuda(spec: &BenchSpec, progress: &(dyn Fn(u64, u64) + Sync)) -> Resul
     if topo.num_nodes != 1 {
         return Err(Error::InvalidArgument {
             arg: "--nodes".into(),
-            reason: format!("the CUDA backend runs one node for now (intra-node); got {} nodes", topo.num_nodes),
+            reason: format!(
+                "CUDA ranks as threads run one node; {} nodes need ranks as processes (--launch processes)",
+                topo.num_nodes
+            ),
         });
     }
     let ranks = crate::backend::cuda::CudaCluster::new(topo.ranks_per_node, spec.configs.dispatch.clone())?.into_ranks()?;
@@ -733,8 +736,9 @@ pub fn run_cpu_process(
     run_as_process(spec, &mut comm, progress)
 }
 
-/// Run the bench as one rank of a node of processes (one per GPU) that met through
-/// `env` ([`crate::backend::cuda::CudaRank::from_launch_env`]). Every rank runs its
+/// Run the bench as one rank of a group of processes (one per GPU, or several sharing a
+/// GPU to emulate nodes) that met through `env`, in the workload's nodes
+/// ([`crate::backend::cuda::communicator_over`]). Every rank runs its
 /// part and checks its own results; rank 0 gathers them and returns the
 /// measurements, the other ranks `None`. `progress` is called on rank 0 only.
 pub fn run_cuda_process(
@@ -743,17 +747,20 @@ pub fn run_cuda_process(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Option<Run>> {
     let topo = spec.workload.topology;
-    if topo.num_nodes != 1 || topo.ranks_per_node != env.world_size {
+    if topo.world() != env.world_size {
         return Err(Error::InvalidArgument {
             arg: "--ranks-per-node".into(),
-            reason: format!("one node of {} processes was launched; the bench asks for {topo}", env.world_size),
+            reason: format!("{} processes were launched; the bench asks for {topo}", env.world_size),
         });
     }
     if spec.iters == 0 {
         return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
     }
-    let mut comm = crate::backend::cuda::CudaRank::from_launch_env(env, spec.configs.dispatch.clone())?;
-    run_as_process(spec, &mut comm, progress)
+    let config = spec.configs.dispatch.clone();
+    let group = crate::bootstrap::join_launched(env, std::time::Duration::from_millis(config.timeout_ms))?;
+    let group = crate::bootstrap::SharedGroup::new(group);
+    let mut comm = crate::backend::cuda::communicator_over(&group, topo.ranks_per_node, config)?;
+    run_as_process(spec, comm.as_mut(), progress)
 }
 
 /// Run the bench as `comm`'s rank of a group of processes (one rank each): every

@@ -238,7 +238,7 @@ fn query_driver() -> std::result::Result<(Vec<GpuInfo>, Vec<Vec<bool>>), String>
 pub enum BackendChoice {
     /// The CPU reference backend (threads as ranks).
     Cpu,
-    /// The CUDA backend (one node: all visible GPUs, peer-mapped over NVLink).
+    /// The CUDA backend (peer-mapped buffers over NVLink inside a node; several nodes through the two-hop route).
     Cuda,
     /// CUDA if it is usable here, else CPU.
     Auto,

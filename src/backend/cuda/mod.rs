@@ -31,12 +31,13 @@ use self::group::HostGroup;
 use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
 use self::local_copy::{CopyOp, LocalCopy, RowArrays};
 use self::peer::PeerMap;
+use crate::backend::hier::HierRank;
 use crate::backend::{
     checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Interference, ResidentInputs, ResidentOp,
     Traffic, TrafficLog,
 };
 use crate::bootstrap::threads::Board;
-use crate::bootstrap::LaunchEnv;
+use crate::bootstrap::{LaunchEnv, ProcessGroup, SharedGroup};
 use crate::config::Config;
 use crate::error::{Error, Result, Role, WaitDiagnostic};
 use crate::handle::Handle;
@@ -150,6 +151,43 @@ impl CudaCluster {
     }
 }
 
+/// The GPU a process drives: process `local` of the `processes` on its host takes GPU
+/// `local` when there are enough of `gpus`; with more processes than GPUs (nodes
+/// emulated on one host), blocks of consecutive processes share one, so an emulated
+/// node's ranks stay on one GPU and each rail holds distinct GPUs where it can.
+pub fn gpu_for_process(local: usize, processes: usize, gpus: usize) -> usize {
+    if processes <= gpus {
+        local
+    } else {
+        local * gpus / processes
+    }
+}
+
+/// This rank's index among the ranks on its host, and how many those are.
+pub fn host_slot(hosts: &[String], rank: usize) -> (usize, usize) {
+    let same = |h: &&String| **h == hosts[rank];
+    (hosts[..rank].iter().filter(same).count(), hosts.iter().filter(same).count())
+}
+
+/// The CUDA communicator of this process over `group` in nodes of `ranks_per_node`:
+/// one node is a [`CudaRank`] over the whole group; several are a
+/// [`HierRank`](crate::backend::hier::HierRank) with a `CudaRank` per node (NVLink
+/// inside, the rail hop through the group). Collective.
+pub fn communicator_over(group: &SharedGroup, ranks_per_node: usize, config: Config) -> Result<Box<dyn Communicator>> {
+    let slot = host_slot(group.hostnames(), group.rank());
+    let world = group.world_size();
+    if ranks_per_node == world {
+        let id = 0xC0DA_0000_0000 | rand::random::<u32>() as u64;
+        return Ok(Box::new(CudaRank::from_process_group(group.whole(), slot, id, config)?));
+    }
+    let hier = HierRank::new(group, Some(ranks_per_node), config, &mut |view, cfg| {
+        // Only the node's ranks see this id, in handles that stay inside the hierarchical rank.
+        let id = 0xC0DA_0000_0000 ^ ((group.rank() / ranks_per_node) as u64) << 8;
+        Ok(Box::new(CudaRank::from_process_group(view, slot, id, cfg.clone())?) as Box<dyn Communicator>)
+    })?;
+    Ok(Box::new(hier))
+}
+
 /// The GPU's arch name for NVRTC, or why it cannot run the kernels.
 fn arch_of(gpu: &Gpu) -> Result<String> {
     let (major, minor) = gpu.compute_capability()?;
@@ -203,20 +241,36 @@ impl CudaRank {
     }
 
     /// One process per GPU: this process becomes rank `env.rank` of a node of
-    /// `env.world_size` processes, on GPU `env.local_rank` (default: the rank). The
-    /// processes meet through [`crate::bootstrap::join_launched`] (MPI with the `mpi`
-    /// feature under an MPI launcher, else the TCP rendezvous of `env`: rank 0
-    /// listens on `MASTER_ADDR:MASTER_PORT`), exchange CUDA IPC handles of their buffers and map
-    /// each other's. Collective: every rank calls it. A rank that fails to set up
-    /// reports it, and every other rank fails with `PeerFailed` naming it.
+    /// `env.world_size` processes. The processes meet through
+    /// [`crate::bootstrap::join_launched`] (MPI with the `mpi` feature under an MPI
+    /// launcher, else the TCP rendezvous of `env`: rank 0 listens on
+    /// `MASTER_ADDR:MASTER_PORT`), then set up as in [`CudaRank::from_process_group`].
     pub fn from_launch_env(env: &LaunchEnv, config: Config) -> Result<Self> {
         config.validate()?;
-        let (rank, world) = (env.rank, env.world_size);
+        let group = crate::bootstrap::join_launched(env, Duration::from_millis(config.timeout_ms))?;
+        let comm_id = 0xC0DA_0000_0000 ^ ((env.master_port as u64) << 16) ^ env.world_size as u64;
+        let slot = host_slot(group.hostnames(), group.rank());
+        Self::from_process_group(group, slot, comm_id, config)
+    }
+
+    /// This process as one rank of a node whose ranks are the processes of `group` (all
+    /// on one host), named `comm_id` in handles. It drives GPU [`gpu_for_process`] of
+    /// `host_slot` (its index among the processes of its host, and their number), makes its
+    /// communication buffer, and exchanges CUDA IPC handles with the others to map theirs.
+    /// Collective: every rank calls it. A rank that fails to set up reports it, and every
+    /// other rank fails with `PeerFailed` naming it.
+    pub fn from_process_group(
+        mut group: Box<dyn ProcessGroup>,
+        host_slot: (usize, usize),
+        comm_id: u64,
+        config: Config,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (rank, world) = (group.rank(), group.world_size());
         if !(1..=layout::MAX_WORLD).contains(&world) {
             return Err(Error::InvalidArgument { arg: "WORLD_SIZE".into(), reason: format!("{world}: 1..=8 GPUs supported") });
         }
         let timeout = Duration::from_millis(config.timeout_ms);
-        let mut group = crate::bootstrap::join_launched(env, timeout)?;
         let hosts = group.hostnames().to_vec();
         let buffer_bytes = buffer_bytes_from_env();
         let local = (|| -> Result<(Gpu, String, DeviceBuffer, [u8; 64])> {
@@ -230,13 +284,19 @@ impl CudaRank {
             if !compile::nvrtc_available() {
                 return Err(Error::BackendUnavailable { backend: "cuda", reason: "libnvrtc not found".into() });
             }
-            let ordinal = env.local_rank.unwrap_or(rank);
             let available = driver::device_count()?;
-            if ordinal >= available {
-                return Err(Error::BackendUnavailable {
-                    backend: "cuda",
-                    reason: format!("rank {rank} wants GPU {ordinal}; {available} present"),
-                });
+            if available == 0 {
+                return Err(Error::BackendUnavailable { backend: "cuda", reason: "no GPU present".into() });
+            }
+            let ordinal = gpu_for_process(host_slot.0, host_slot.1, available);
+            if host_slot.1 > available {
+                tracing::warn!(
+                    rank,
+                    gpu = ordinal,
+                    processes = host_slot.1,
+                    gpus = available,
+                    "more processes than GPUs on this host: GPUs are shared (time-sliced), good for checking, not for timing"
+                );
             }
             let gpu = Gpu::new(ordinal)?;
             check_channels(config.num_channels, &gpu)?;
@@ -286,7 +346,6 @@ impl CudaRank {
         let group = HostGroup::Processes(Mutex::new(group));
         let status = group.gather_status(rank, mapped.as_ref().err().map(|e| e.to_string()), timeout)?;
         peer::settle(rank, mapped.err(), &status)?;
-        let comm_id = 0xC0DA_0000_0000 ^ ((env.master_port as u64) << 16) ^ world as u64;
         tracing::info!(rank, world, gpu = gpu.ordinal(), device = %gpu.name(), arch = %arch, buffer_mb = buffer_bytes >> 20, "cuda rank ready (one process per GPU, CUDA IPC)");
         let shared = Arc::new(Shared {
             buffers: vec![buffer],
@@ -1139,6 +1198,17 @@ mod tests {
             spec_row_bytes(&KernelSpec { world: 2, hidden: 256, topk: 8, num_experts: 16, x_fp8: false, wire_fp8: true }),
             264
         );
+    }
+
+    #[test]
+    fn processes_share_gpus_in_blocks_only_when_there_are_more_of_them() {
+        // One GPU each while they last.
+        assert_eq!((0..4).map(|p| gpu_for_process(p, 4, 8)).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        // 2 emulated nodes x 2 ranks on 2 GPUs: each node on its own GPU, each rail across both.
+        assert_eq!((0..4).map(|p| gpu_for_process(p, 4, 2)).collect::<Vec<_>>(), vec![0, 0, 1, 1]);
+        assert_eq!((0..8).map(|p| gpu_for_process(p, 8, 1)).collect::<Vec<_>>(), vec![0; 8]);
+        let hosts: Vec<String> = ["a", "a", "b", "b", "b"].iter().map(|h| h.to_string()).collect();
+        assert_eq!((0..5).map(|r| host_slot(&hosts, r)).collect::<Vec<_>>(), vec![(0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]);
     }
 
     #[test]

@@ -129,19 +129,21 @@ struct BenchArgs {
 /// The group a command runs on (`bench`, `tune`).
 #[derive(Args, Debug)]
 struct GroupArgs {
-    /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
+    /// Backend: cpu, cuda (NVLink inside a node; several nodes as processes, the rail hop between
+    /// nodes through the host), or auto (cuda if usable, else cpu).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
-    /// Number of nodes (emulated on the CPU backend) [default: cpu 2, cuda 1; CPU processes under
-    /// a launcher: the launched processes / ranks per node].
+    /// Number of nodes [default: cpu 2, cuda 1; processes under a launcher: the launched processes
+    /// / ranks per node]. On one host the nodes are emulated; CUDA processes share the host's GPUs
+    /// when there are more processes than GPUs (consecutive processes on one GPU).
     #[arg(long)]
     nodes: Option<usize>,
-    /// Ranks per node [default: cpu 2, cuda the number of visible GPUs; CPU processes under a
+    /// Ranks per node [default: cpu 2, cuda the number of visible GPUs; processes under a
     /// launcher: the processes per host, and N splits them into emulated nodes of N consecutive ranks].
     #[arg(long)]
     ranks_per_node: Option<usize>,
-    /// CUDA ranks: `processes` (one process per GPU: under a launcher that sets RANK/WORLD_SIZE/
-    /// MASTER_ADDR/MASTER_PORT this process is one rank, otherwise it spawns one worker per GPU),
+    /// CUDA ranks: `processes` (one process per rank: under a launcher that sets RANK/WORLD_SIZE/
+    /// MASTER_ADDR/MASTER_PORT this process is one rank, otherwise it spawns one worker per rank),
     /// `threads` (every GPU driven by a thread of this process), or `auto` (= processes).
     #[arg(long, value_enum, default_value_t = Launch::Auto)]
     launch: Launch,
@@ -156,6 +158,9 @@ impl GroupArgs {
         let (nodes, ranks_per_node) = match (backend, LaunchEnv::from_env()?) {
             (BackendKind::Cpu, Some(env)) => launched_shape(self.nodes, self.ranks_per_node, &env)?,
             (BackendKind::Cpu, None) => (self.nodes.unwrap_or(2), self.ranks_per_node.unwrap_or(2)),
+            (BackendKind::Cuda, Some(env)) if self.launch != Launch::Threads => {
+                launched_shape(self.nodes, self.ranks_per_node, &env)?
+            }
             (BackendKind::Cuda, _) => (self.nodes.unwrap_or(1), self.ranks_per_node.unwrap_or_else(|| probe::probe().gpus.len())),
         };
         Ok((backend, Topology::new(nodes, ranks_per_node)?))
@@ -171,7 +176,7 @@ impl GroupArgs {
             BackendKind::Cuda => self.launch != Launch::Threads,
         };
         if processes && launch_env.is_none() {
-            return spawn_workers(topology.ranks_per_node).map(Err);
+            return spawn_workers(topology.world()).map(Err);
         }
         Ok(Ok((launch_env, processes)))
     }
@@ -207,7 +212,8 @@ enum Launch {
 
 #[derive(Args, Debug)]
 struct CheckArgs {
-    /// Backend: cpu, cuda (one node of all visible GPUs), or auto (cuda if usable, else cpu).
+    /// Backend: cpu, cuda, or auto (cuda if usable, else cpu). CUDA processes run the cases with as
+    /// many ranks as there are processes (one node or several); threads the one-node cases of all GPUs.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
     /// Run only the cases whose name contains this text.
@@ -586,26 +592,29 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
             }
             fit
         }
-        // The CUDA backend runs the cases of one node with as many ranks as GPUs (or as the launcher started).
+        // CUDA processes run the cases of as many ranks as were launched, one node or several
+        // (nodes of processes on one host share its GPUs); threads run one node of every GPU.
         (BackendKind::Cuda, _) => {
-            let gpus = launch_env.as_ref().map_or_else(|| probe::probe().gpus.len(), |e| e.world_size);
-            let fit: Vec<_> =
-                cases.into_iter().filter(|c| c.spec.topology.num_nodes == 1 && c.spec.topology.ranks_per_node == gpus).collect();
-            info!("cuda: {} cases fit one node of {gpus} GPUs", fit.len());
+            let gpus = probe::probe().gpus.len();
+            let ranks = launch_env.as_ref().map_or(gpus, |e| e.world_size);
+            let fits = |t: Topology| if processes { t.world() == ranks } else { t.num_nodes == 1 && t.ranks_per_node == gpus };
+            let fit: Vec<_> = cases.into_iter().filter(|c| fits(c.spec.topology)).collect();
+            info!("cuda: {} cases have {ranks} ranks{}", fit.len(), if processes { "" } else { " in one node" });
             if fit.is_empty() {
                 return Err(Error::InvalidArgument {
                     arg: "conformance cases".into(),
-                    reason: format!("none fits one node of {gpus} GPUs"),
+                    reason: format!("none has {ranks} ranks{}", if processes { "" } else { " in one node" }),
                 });
             }
             fit
         }
     };
     let first = &cases[0];
-    let (mut cpu_proc, mut cuda_proc) = match (backend, &launch_env) {
-        (BackendKind::Cuda, None) if processes => return spawn_workers(first.spec.topology.ranks_per_node),
+    let (mut cpu_proc, mut cuda_group) = match (backend, &launch_env) {
+        (BackendKind::Cuda, None) if processes => return spawn_workers(first.spec.topology.world()),
         (BackendKind::Cuda, Some(env)) => {
-            (None, Some(switchyard::backend::cuda::CudaRank::from_launch_env(env, first.config.clone())?))
+            let group = switchyard::bootstrap::join_launched(env, Duration::from_millis(first.config.timeout_ms))?;
+            (None, Some((switchyard::bootstrap::SharedGroup::new(group), None)))
         }
         (BackendKind::Cpu, Some(env)) => {
             let rpn = Some(first.spec.topology.ranks_per_node);
@@ -619,9 +628,9 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
     let bar = LazyBar::new(cases.len() as u64, "check");
     let (mut passed, mut failed) = (0usize, 0usize);
     for (i, case) in cases.iter().enumerate() {
-        let report = match (cpu_proc.as_mut(), cuda_proc.as_mut()) {
+        let report = match (cpu_proc.as_mut(), cuda_group.as_mut()) {
             (Some(c), _) => run_case_cpu_process(case, c),
-            (_, Some(c)) => conformance::run_case_as_process(case, c),
+            (_, Some((group, comm))) => run_case_cuda_process(case, group, comm),
             (None, None) if backend == BackendKind::Cpu => conformance::run_case_cpu(case),
             (None, None) => run_case_cuda(case),
         };
@@ -660,6 +669,25 @@ fn run_case_cpu_process(
         }
     }
     conformance::run_case_as_process(case, comm)
+}
+
+/// One conformance case on this process's CUDA rank, in the case's nodes: the
+/// communicator is made afresh (over the same group) when the nodes change.
+fn run_case_cuda_process(
+    case: &conformance::Case,
+    group: &switchyard::bootstrap::SharedGroup,
+    comm: &mut Option<Box<dyn switchyard::Communicator>>,
+) -> conformance::CaseReport {
+    let topo = case.spec.topology;
+    if comm.as_ref().map(|c| c.topology()) != Some(topo) {
+        // The old one goes first: its buffers and mappings are freed before the new ones are made.
+        *comm = None;
+        match switchyard::backend::cuda::communicator_over(group, topo.ranks_per_node, case.config.clone()) {
+            Ok(c) => *comm = Some(c),
+            Err(e) => return conformance::CaseReport { name: case.name.clone(), wrong: 0, error: Some(format!("set-up: {e}")) },
+        }
+    }
+    conformance::run_case_as_process(case, comm.as_mut().expect("made above").as_mut())
 }
 
 /// One conformance case on a fresh CUDA cluster of the case's ranks.

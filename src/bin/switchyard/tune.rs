@@ -192,6 +192,14 @@ pub(crate) fn cmd_tune(a: TuneArgs) -> Result<ExitCode, Error> {
         }
     })
     .map_err(|e| Error::InvalidArgument { arg: "Ctrl-C handler".into(), reason: e.to_string() })?;
+    // The rail hop of several nodes goes through the host and has no knobs; the node-local
+    // knobs are tuned on one node (and refused before any worker is spawned).
+    if backend == BackendKind::Cuda && topology.num_nodes > 1 {
+        return Err(Error::InvalidArgument {
+            arg: "--nodes".into(),
+            reason: format!("{topology}: tune CUDA on one node (its config applies to every node of a multi-node group)"),
+        });
+    }
     let (launch_env, processes) = match a.group.take_part(backend, topology)? {
         Ok(part) => part,
         Err(workers_done) => return Ok(workers_done),
