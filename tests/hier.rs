@@ -7,13 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{on_tcp_groups, on_threads, test_config, tokens_touching_node};
+use common::{on_tcp_groups, on_threads, test_config};
 use switchyard::backend::cpu::CpuProcessRank;
 use switchyard::backend::hier::HierRank;
 use switchyard::bootstrap::SharedGroup;
-use switchyard::conformance::{self, run_case_on, standard_cases};
-use switchyard::workload::{RoutingKind, WorkloadSpec};
-use switchyard::{Communicator, Config, DType, DispatchOptions, Error, Layout, Result, Rows, Topology};
+use switchyard::conformance::standard_cases;
+use switchyard::{Communicator, Config, DispatchOptions, Error, Layout, Result, Topology};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -31,70 +30,27 @@ fn ok_ranks(world: usize, rpn: usize, config: Config) -> Vec<HierRank> {
     hier_ranks(world, rpn, config).into_iter().map(|r| r.expect("rank set-up")).collect()
 }
 
-/// Ranks made together, each taken by its own thread.
-struct Handout(std::sync::Mutex<Vec<Option<HierRank>>>);
-
-impl Handout {
-    fn new(ranks: Vec<HierRank>) -> Self {
-        Self(std::sync::Mutex::new(ranks.into_iter().map(Some).collect()))
-    }
-    fn take(&self, r: usize) -> HierRank {
-        self.0.lock().unwrap()[r].take().expect("each rank taken once")
-    }
-}
-
 #[test]
 fn every_multi_node_conformance_case_passes() {
-    let mut failed = Vec::new();
     let cases: Vec<_> = standard_cases().into_iter().filter(|c| c.spec.topology.num_nodes > 1).collect();
     assert!(cases.len() >= 5, "the standard cases lost their multi-node shapes");
-    for case in cases {
+    let failed = common::failed_cases(cases, |case| {
         let topo = case.spec.topology;
         let ranks = ok_ranks(topo.world(), topo.ranks_per_node, case.config.clone());
-        assert!(ranks.iter().all(|r| r.topology() == topo), "{}: topology", case.name);
-        let report = run_case_on(&case, ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect());
-        if !report.passed() {
-            failed.push(format!("{}: {} wrong, error {:?}", report.name, report.wrong, report.error));
-        }
-    }
+        ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect()
+    });
     assert!(failed.is_empty(), "failed cases: {failed:#?}");
 }
 
 #[test]
 fn each_token_crosses_to_each_other_node_once_and_partials_come_back_once() {
-    let topo = Topology::new(3, 2).unwrap();
-    let spec = WorkloadSpec {
-        topology: topo,
-        tokens: 40,
-        hidden: 128,
-        topk: 4,
-        num_experts: 24,
-        dtype: DType::Bf16,
-        routing: RoutingKind::Uniform,
-        max_nodes: 3,
-        hole_rate: 0.1,
-        seed: 11,
-    };
-    let inputs = std::sync::Arc::new(spec.generate().unwrap());
-    let ranks = Handout::new(ok_ranks(6, 2, test_config(20_000)));
-    let ins = inputs.clone();
-    let got = on_threads(6, move |r| {
-        let mut comm = ranks.take(r);
-        let inp = &ins[r];
-        let layout = Layout::new(&inp.topk_idx, 4, 24, topo).unwrap();
-        let (out, handle) =
-            comm.dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &DispatchOptions::default()).unwrap();
-        let y = switchyard::workload::expert_outputs(&out.x, r);
-        comm.combine(&y, 128, &handle, None).unwrap();
-        comm.traffic().clone()
-    });
+    let spec = common::three_node_workload(11);
+    let topo = spec.topology;
+    let ranks = ok_ranks(6, 2, test_config(20_000));
+    let got = common::traffic_of_one_round(ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect(), &spec);
+    // Each forwarded token's partial sum goes back to its source: one row per token per node.
     let mut back_rows = vec![0u64; 6];
     for (r, t) in got.iter().enumerate() {
-        for n in 0..3 {
-            let want = if n == topo.node_of(r) { 0 } else { tokens_touching_node(&inputs[r].topk_idx, 4, 8, n) };
-            assert_eq!(t.dispatch.inter_node_rows_to_node[n], want as u64, "rank {r} to node {n}");
-        }
-        // Each forwarded token's partial sum goes back to its source: one row per token per node.
         for n in 0..3 {
             back_rows[topo.rank_of(n, topo.local_of(r))] += t.combine.inter_node_rows_to_node[n];
         }
@@ -104,56 +60,23 @@ fn each_token_crosses_to_each_other_node_once_and_partials_come_back_once() {
     }
 }
 
-/// Inputs of one small dispatch on rank `r` of a 2x2 group: 8 tokens, hidden 128, top-2 of 8.
-fn small_input(r: usize) -> (Rows, Vec<i64>, Vec<f32>) {
-    let x = Rows::Bf16 { hidden: 128, data: common::bf16_values(r as u64, 8 * 128) };
-    let idx: Vec<i64> = (0..8).flat_map(|t| [(t % 8) as i64, ((t + 3) % 8) as i64]).collect();
-    (x, idx, vec![0.5; 16])
-}
-
 #[test]
 fn bad_input_on_one_rank_fails_every_rank_and_the_group_keeps_working() {
-    let topo = Topology::new(2, 2).unwrap();
-    let ranks = Handout::new(ok_ranks(4, 2, test_config(20_000)));
-    let got = on_threads(4, move |r| {
-        let mut comm = ranks.take(r);
-        let (x, idx, w) = small_input(r);
-        let layout = Layout::new(&idx, 2, 8, topo).unwrap();
-        let bad_w = if r == 2 { &w[..15] } else { &w[..] };
-        let first = comm.dispatch(x.as_ref(), &idx, bad_w, &layout, &DispatchOptions::default()).map(drop);
-        let (recv, handle) = comm.dispatch(x.as_ref(), &idx, &w, &layout, &DispatchOptions::default()).unwrap();
-        let y = switchyard::workload::expert_outputs(&recv.x, r);
-        let back = comm.combine(&y, 128, &handle, None).map(|c| c.x.len());
-        (first, recv, back)
-    });
-    for (r, (first, _, back)) in got.iter().enumerate() {
-        match (r, first) {
-            (2, Err(Error::ShapeMismatch { arg, .. })) => assert_eq!(*arg, "topk_weights"),
-            (_, Err(Error::PeerFailed { rank: 2, .. })) if r != 2 => {}
-            other => panic!("rank {r}: {other:?}"),
-        }
-        assert_eq!(back.as_ref().ok(), Some(&(8 * 128)), "rank {r}: combine after the failure");
-    }
-    let inputs: Vec<_> = (0..4)
-        .map(|r| {
-            let (x, topk_idx, topk_weights) = small_input(r);
-            switchyard::workload::RankInput { x, topk_idx, topk_weights }
-        })
-        .collect();
-    let want = switchyard::oracle::dispatch(topo, 8, 2, &inputs, &DispatchOptions::default());
-    for (r, (_, recv, _)) in got.iter().enumerate() {
-        assert_eq!(conformance::count_wrong_dispatch(recv, &want[r]), 0, "rank {r}");
-    }
+    let ranks = ok_ranks(4, 2, test_config(20_000));
+    common::bad_input_fails_every_rank_and_the_group_keeps_working(
+        ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect(),
+        2,
+    );
 }
 
 #[test]
 fn a_handle_of_another_communicator_is_refused_on_every_rank() {
     let topo = Topology::new(2, 1).unwrap();
-    let a = Handout::new(ok_ranks(2, 1, test_config(20_000)));
-    let b = Handout::new(ok_ranks(2, 1, test_config(20_000)));
+    let a = common::Handout::new(ok_ranks(2, 1, test_config(20_000)));
+    let b = common::Handout::new(ok_ranks(2, 1, test_config(20_000)));
     let got = on_threads(2, move |r| {
         let (mut a, mut b) = (a.take(r), b.take(r));
-        let (x, idx, w) = small_input(r);
+        let (x, idx, w) = common::small_input(r);
         let idx: Vec<i64> = idx.chunks(2).flat_map(|_| [0, 1]).collect();
         let layout = Layout::new(&idx, 2, 2, topo).unwrap();
         let (_, handle) = a.dispatch(x.as_ref(), &idx, &w, &layout, &DispatchOptions::default()).unwrap();

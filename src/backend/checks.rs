@@ -1,9 +1,13 @@
 //! Argument checks every backend runs before any data moves, so a bad input is
 //! the same typed error whichever backend gets it.
 
+use std::time::Duration;
+
 use half::bf16;
 
-use super::DispatchOptions;
+use super::{gather_outcomes_by, DispatchOptions};
+use crate::bootstrap::ProcessGroup;
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::quant;
@@ -119,4 +123,41 @@ pub(crate) fn agree_on_config(
         }
     }
     Ok(())
+}
+
+/// The nodes of `group` (its hosts, or blocks of `ranks_per_node`) and a fresh
+/// communicator id from rank 0, agreed by every rank: one rank's failure fails all.
+pub(crate) fn agree_on_nodes(
+    group: &mut dyn ProcessGroup,
+    ranks_per_node: Option<usize>,
+    config: &Config,
+) -> Result<(Topology, u64)> {
+    let timeout = Duration::from_millis(config.timeout_ms);
+    let rank = group.rank();
+    let mine = config.validate().and_then(|_| Topology::from_hostnames(group.hostnames(), ranks_per_node));
+    let proposal: std::result::Result<(usize, u64), String> =
+        mine.as_ref().map(|t| (t.ranks_per_node, rand::random::<u64>())).map_err(|e| e.to_string());
+    let got = gather_outcomes_by(rank, |bytes| group.all_gather(bytes, timeout), proposal.as_ref().map_err(Clone::clone))?;
+    let topology = mine?;
+    let all = got.map_err(|(rank, reason)| Error::PeerFailed { rank, reason })?;
+    if let Some((r, (rpn, _))) = all.iter().enumerate().find(|(_, (rpn, _))| *rpn != topology.ranks_per_node) {
+        let reason = format!("rank {r} found {rpn} ranks per node, rank {rank} {}", topology.ranks_per_node);
+        return Err(Error::InvalidArgument { arg: "--ranks-per-node".into(), reason });
+    }
+    // Rank 0's id names the communicator on every rank.
+    let comm_id = all[0].1;
+    Ok((topology, comm_id))
+}
+
+/// The call signature every rank must share.
+pub(crate) fn call_name(
+    op: &str,
+    hidden: usize,
+    wire: Option<&RowsRef<'_>>,
+    topk: usize,
+    experts: usize,
+    weights: bool,
+) -> String {
+    let dtype = wire.map_or(String::new(), |x| format!(" {:?}", x.dtype()));
+    format!("{op}(hidden {hidden}{dtype}, top-{topk} of {experts}, weights {weights})")
 }

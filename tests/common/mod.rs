@@ -300,3 +300,129 @@ pub fn on_tcp_groups<R: Send + 'static>(
         f(group)
     })
 }
+
+/// Inputs of one small dispatch on rank `r`: 8 tokens, hidden 128, top-2 of 8 experts.
+pub fn small_input(r: usize) -> (switchyard::Rows, Vec<i64>, Vec<f32>) {
+    let x = switchyard::Rows::Bf16 { hidden: 128, data: bf16_values(r as u64, 8 * 128) };
+    let idx: Vec<i64> = (0..8).flat_map(|t| [(t % 8) as i64, ((t + 3) % 8) as i64]).collect();
+    (x, idx, vec![0.5; 16])
+}
+
+/// Bad weights on rank `bad` of `ranks` (a group of 8 experts, [`small_input`]): that
+/// rank must get the typed error, every other rank `PeerFailed` naming it; then the
+/// same call with good input must work on every rank and match the oracle.
+pub fn bad_input_fails_every_rank_and_the_group_keeps_working(ranks: Vec<Box<dyn switchyard::Communicator>>, bad: usize) {
+    use switchyard::{DispatchOptions, Error, Layout};
+    let world = ranks.len();
+    let topo = ranks[0].topology();
+    let ranks = std::sync::Mutex::new(ranks.into_iter().map(Some).collect::<Vec<_>>());
+    let got = on_threads(world, move |r| {
+        let mut comm = ranks.lock().unwrap()[r].take().expect("each rank taken once");
+        let (x, idx, w) = small_input(r);
+        let layout = Layout::new(&idx, 2, 8, topo).unwrap();
+        let bad_w = if r == bad { &w[..15] } else { &w[..] };
+        let first = comm.dispatch(x.as_ref(), &idx, bad_w, &layout, &DispatchOptions::default()).map(drop);
+        let (recv, handle) = comm.dispatch(x.as_ref(), &idx, &w, &layout, &DispatchOptions::default()).unwrap();
+        let y = switchyard::workload::expert_outputs(&recv.x, r);
+        let back = comm.combine(&y, 128, &handle, None).map(|c| c.x.len());
+        (first, recv, back)
+    });
+    for (r, (first, _, back)) in got.iter().enumerate() {
+        match first {
+            Err(Error::ShapeMismatch { arg, .. }) if r == bad => assert_eq!(*arg, "topk_weights"),
+            Err(Error::PeerFailed { rank, .. }) if r != bad && *rank == bad => {}
+            other => panic!("rank {r}: {other:?}"),
+        }
+        assert_eq!(back.as_ref().ok(), Some(&(8 * 128)), "rank {r}: combine after the failure");
+    }
+    let inputs: Vec<_> = (0..world)
+        .map(|r| {
+            let (x, topk_idx, topk_weights) = small_input(r);
+            switchyard::workload::RankInput { x, topk_idx, topk_weights }
+        })
+        .collect();
+    let want = switchyard::oracle::dispatch(topo, 8, 2, &inputs, &DispatchOptions::default());
+    for (r, (_, recv, _)) in got.iter().enumerate() {
+        assert_eq!(switchyard::conformance::count_wrong_dispatch(recv, &want[r]), 0, "rank {r}");
+    }
+}
+
+/// Every case of `cases` on the ranks `make` builds for it (one thread per rank),
+/// checked against the oracle; the failures, one line each.
+pub fn failed_cases(
+    cases: Vec<switchyard::conformance::Case>,
+    make: impl Fn(&switchyard::conformance::Case) -> Vec<Box<dyn switchyard::Communicator>>,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for case in cases {
+        let ranks = make(&case);
+        assert!(ranks.iter().all(|r| r.topology() == case.spec.topology), "{}: topology", case.name);
+        let report = switchyard::conformance::run_case_on(&case, ranks);
+        if !report.passed() {
+            failed.push(format!("{}: {} wrong, error {:?}", report.name, report.wrong, report.error));
+        }
+    }
+    failed
+}
+
+/// 3 nodes x 2 ranks, 40 tokens, top-4 of 24 experts (8 per node), some holes.
+pub fn three_node_workload(seed: u64) -> switchyard::workload::WorkloadSpec {
+    switchyard::workload::WorkloadSpec {
+        topology: Topology::new(3, 2).unwrap(),
+        tokens: 40,
+        hidden: 128,
+        topk: 4,
+        num_experts: 24,
+        dtype: switchyard::DType::Bf16,
+        routing: switchyard::workload::RoutingKind::Uniform,
+        max_nodes: 3,
+        hole_rate: 0.1,
+        seed,
+    }
+}
+
+/// One dispatch and one combine of `spec`'s workload on `ranks` (one thread each);
+/// each rank's traffic afterwards. Also checks, per rank, that the inter-node hop of
+/// dispatch carried each token once to each other node it goes to (counted here from
+/// the inputs), and no row to the rank's own node.
+pub fn traffic_of_one_round(
+    ranks: Vec<Box<dyn switchyard::Communicator>>,
+    spec: &switchyard::workload::WorkloadSpec,
+) -> Vec<switchyard::TrafficLog> {
+    use switchyard::{DispatchOptions, Layout};
+    let (topo, k, e) = (spec.topology, spec.topk, spec.num_experts);
+    let inputs = std::sync::Arc::new(spec.generate().unwrap());
+    let ranks = std::sync::Mutex::new(ranks.into_iter().map(Some).collect::<Vec<_>>());
+    let ins = inputs.clone();
+    let got = on_threads(topo.world(), move |r| {
+        let mut comm = ranks.lock().unwrap()[r].take().expect("each rank taken once");
+        let inp = &ins[r];
+        let layout = Layout::new(&inp.topk_idx, k, e, topo).unwrap();
+        let (out, handle) =
+            comm.dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &DispatchOptions::default()).unwrap();
+        let y = switchyard::workload::expert_outputs(&out.x, r);
+        comm.combine(&y, out.x.hidden(), &handle, None).unwrap();
+        comm.traffic().clone()
+    });
+    let per_node = e / topo.num_nodes;
+    for (r, t) in got.iter().enumerate() {
+        for n in 0..topo.num_nodes {
+            let want = if n == topo.node_of(r) { 0 } else { tokens_touching_node(&inputs[r].topk_idx, k, per_node, n) };
+            assert_eq!(t.dispatch.inter_node_rows_to_node[n], want as u64, "rank {r} to node {n}");
+        }
+        assert_eq!(t.dispatch.inter_node.rows, t.dispatch.inter_node_rows_to_node.iter().sum::<u64>(), "rank {r}");
+    }
+    got
+}
+
+/// Ranks made together, each taken by its own thread.
+pub struct Handout<T>(std::sync::Mutex<Vec<Option<T>>>);
+
+impl<T> Handout<T> {
+    pub fn new(ranks: Vec<T>) -> Self {
+        Self(std::sync::Mutex::new(ranks.into_iter().map(Some).collect()))
+    }
+    pub fn take(&self, r: usize) -> T {
+        self.0.lock().unwrap()[r].take().expect("each rank taken once")
+    }
+}

@@ -28,6 +28,7 @@ use half::bf16;
 use serde::{Deserialize, Serialize};
 
 use self::batch::{partials_from_bytes, partials_to_bytes, BatchFormat, TokenBatch};
+use super::checks::{agree_on_nodes, call_name};
 use super::cpu::wire_rows;
 use super::{checks, gather_outcomes_by, CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, TrafficLog};
 use crate::bootstrap::{ProcessGroup, SharedGroup};
@@ -35,7 +36,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::routing::Layout;
-use crate::tensor::{DType, Rows, RowsRef};
+use crate::tensor::{Rows, RowsRef};
 use crate::topology::Topology;
 
 /// Makes the communicator of one node from the node's view of the process group
@@ -88,17 +89,7 @@ impl HierRank {
         let mut world = group.whole();
         let rank = group.rank();
         let timeout = Duration::from_millis(config.timeout_ms);
-        let mine = config.validate().and_then(|_| Topology::from_hostnames(group.hostnames(), ranks_per_node));
-        let proposal: std::result::Result<(usize, u64), String> =
-            mine.as_ref().map(|t| (t.ranks_per_node, rand::random::<u64>())).map_err(|e| e.to_string());
-        let got = gather_outcomes_by(rank, |b| world.all_gather(b, timeout), proposal.as_ref().map_err(Clone::clone))?;
-        let topology = mine?;
-        let all = got.map_err(|(rank, reason)| Error::PeerFailed { rank, reason })?;
-        if let Some((r, (rpn, _))) = all.iter().enumerate().find(|(_, (rpn, _))| *rpn != topology.ranks_per_node) {
-            let reason = format!("rank {r} found {rpn} ranks per node, rank {rank} {}", topology.ranks_per_node);
-            return Err(Error::InvalidArgument { arg: "ranks per node".into(), reason });
-        }
-        let comm_id = all[0].1;
+        let (topology, comm_id) = agree_on_nodes(world.as_mut(), ranks_per_node, &config)?;
         let members = topology.ranks_of_node(topology.node_of(rank)).collect();
         let node = group.subset(members).and_then(|view| make_node(view, &config));
         // Every node's outcome, so a node that could not start fails the others too.
@@ -226,11 +217,6 @@ impl HierRank {
     }
 }
 
-fn call_name(op: &str, hidden: usize, dtype: Option<DType>, topk: usize, experts: usize, weights: bool) -> String {
-    let dtype = dtype.map_or(String::new(), |d| format!(" {d:?}"));
-    format!("{op}(hidden {hidden}{dtype}, top-{topk} of {experts}, weights {weights})")
-}
-
 impl Communicator for HierRank {
     fn backend_name(&self) -> &'static str {
         self.node.backend_name()
@@ -261,7 +247,7 @@ impl Communicator for HierRank {
         let checked = checks::dispatch(topo, &x, topk_idx, topk_weights, layout, options);
         let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
-        self.agree_call(call_name("dispatch", x.hidden(), Some(wire.dtype()), k, e, true), checked)?;
+        self.agree_call(call_name("dispatch", x.hidden(), Some(&wire), k, e, true), checked)?;
         let r = self.dispatch_agreed(wire, topk_idx, topk_weights, layout, options);
         let (out, state) = self.guard(r)?;
         let handle = Handle {
@@ -284,7 +270,7 @@ impl Communicator for HierRank {
         let checked = checked.and(state.map(|_| ()));
         let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
-        let call = call_name("dispatch_cached", x.hidden(), Some(wire.dtype()), handle.topk, handle.num_experts, false);
+        let call = call_name("dispatch_cached", x.hidden(), Some(&wire), handle.topk, handle.num_experts, false);
         self.agree_call(call, checked)?;
         let st = handle.state::<HierState>("hierarchical")?;
         let r = (|| {
