@@ -487,7 +487,7 @@ fn spawn_workers(n: usize) -> Result<ExitCode, Error> {
         std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(io_err("tcp://127.0.0.1:0"))?.port();
     let exe = std::env::current_exe().map_err(io_err("current executable"))?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    info!("spawning {n} worker processes (one per GPU), rendezvous on 127.0.0.1:{port}");
+    info!("spawning {n} worker processes (one per rank; more ranks than GPUs share them), rendezvous on 127.0.0.1:{port}");
     let mut children = Vec::with_capacity(n);
     for r in 0..n {
         let mut c = std::process::Command::new(&exe);
