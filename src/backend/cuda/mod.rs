@@ -65,6 +65,8 @@ struct Shared {
     buffer_bytes: usize,
     arch: String,
     comm_id: u64,
+    /// Most ranks of this process on one GPU: their channels share its SMs.
+    ranks_per_gpu: usize,
 }
 
 impl Drop for Shared {
@@ -91,7 +93,16 @@ impl CudaCluster {
     /// Use GPUs `0..num_gpus` (2..=8) as the ranks of one node. Fails with
     /// [`Error::BackendUnavailable`] when the driver, NVRTC or the GPUs are missing.
     pub fn new(num_gpus: usize, config: Config) -> Result<Self> {
+        Self::on_gpus(&(0..num_gpus).collect::<Vec<_>>(), config)
+    }
+
+    /// Rank `r` of one node on GPU `gpus[r]` (1..=8 ranks). A GPU may carry several
+    /// ranks: their kernels run side by side on it (one context, a stream per rank), so
+    /// one GPU can run the node-wide protocol for development and tests; every channel
+    /// of every rank on a GPU needs an SM of its own (checked).
+    pub fn on_gpus(gpus: &[usize], config: Config) -> Result<Self> {
         config.validate()?;
+        let num_gpus = gpus.len();
         if !(1..=layout::MAX_WORLD).contains(&num_gpus) {
             return Err(Error::InvalidArgument { arg: "num_gpus".into(), reason: format!("{num_gpus}: 1..=8 supported") });
         }
@@ -99,14 +110,21 @@ impl CudaCluster {
         if !compile::nvrtc_available() {
             return Err(Error::BackendUnavailable { backend: "cuda", reason: "libnvrtc not found".into() });
         }
-        if available < num_gpus {
+        if let Some(&missing) = gpus.iter().find(|&&g| g >= available) {
             return Err(Error::BackendUnavailable {
                 backend: "cuda",
-                reason: format!("{num_gpus} GPUs asked for, {available} present"),
+                reason: format!("GPU {missing} asked for, {available} present"),
             });
         }
-        let gpus: Vec<Gpu> = (0..num_gpus).map(Gpu::new).collect::<Result<_>>()?;
-        check_channels(config.num_channels, &gpus[0])?;
+        let gpus: Vec<Gpu> = gpus.iter().map(|&g| Gpu::new(g)).collect::<Result<_>>()?;
+        let most_on_one = gpus.iter().map(|g| gpus.iter().filter(|o| o.ordinal() == g.ordinal()).count()).max().unwrap_or(1);
+        check_channels(config.num_channels * most_on_one, &gpus[0]).map_err(|e| match (e, most_on_one) {
+            (Error::InvalidArgument { reason, .. }, n) if n > 1 => Error::InvalidArgument {
+                arg: "num_channels".into(),
+                reason: format!("{n} ranks share a GPU, so {} channels each take {}: {reason}", config.num_channels, config.num_channels * n),
+            },
+            (e, _) => e,
+        })?;
         let arch = arch_of(&gpus[0])?;
         let buffer_bytes = buffer_bytes_from_env();
         let mb = buffer_bytes >> 20;
@@ -138,6 +156,7 @@ impl CudaCluster {
                 buffer_bytes,
                 arch,
                 comm_id,
+                ranks_per_gpu: most_on_one,
             }),
             config,
         })
@@ -356,6 +375,7 @@ impl CudaRank {
             buffer_bytes,
             arch,
             comm_id,
+            ranks_per_gpu: 1,
         });
         Self::endpoint(rank, world, 0, config, shared)
     }
@@ -625,7 +645,7 @@ impl CudaRank {
         iters: usize,
     ) -> Result<Interference> {
         let gemm_sms = self.gpu().sm_count()?.saturating_sub(channels[0].max(channels[1])).max(1);
-        let fits = channels.iter().try_for_each(|&c| check_channels(c, self.gpu()));
+        let fits = channels.iter().try_for_each(|&c| check_channels(c * self.shared.ranks_per_gpu, self.gpu()));
         self.gpu().bind()?;
         let g = fits.and_then(|_| gemm::Gemm::new(shape));
         self.agree(g.as_ref().map(|_| ()).map_err(|e| Error::Cuda(e.to_string())))?;
@@ -1127,7 +1147,7 @@ impl Communicator for CudaRank {
     }
 
     fn set_config(&mut self, config: Config) -> Result<()> {
-        let fits = check_channels(config.num_channels, self.gpu());
+        let fits = check_channels(config.num_channels * self.shared.ranks_per_gpu, self.gpu());
         checks::agree_on_config(self, &config, fits)?;
         self.config = config;
         Ok(())
