@@ -80,7 +80,6 @@ struct SyParams {
     u64 out;                  // combine: [T, H] bf16
     u64 out_weights;          // combine: [T, k] f32
     u64 host_meta;            // mapped pinned host memory: diagnostics and notify results
-    u64 seq;                  // call sequence number (same on every rank); flags hold the last seq
     u64 timeout_ns;           // deadline of every wait
     u64 num_tokens;           // T
     u64 rank;                 // my rank in the node
@@ -111,6 +110,7 @@ struct SyParams {
 #define SY_SIG_RECV_READY (SY_SIG_NOTIFY + SY_MAX_WORLD)    // [W]: rank d's receive area is free for this call
 #define SY_SIG_COMBINE_READY (SY_SIG_RECV_READY + SY_MAX_WORLD)  // [W]: rank d's y rows are in place
 #define SY_SIG_DIAG_CLAIM (SY_SIG_COMBINE_READY + SY_MAX_WORLD)  // one slot: first timed-out wait of a call wins
+#define SY_SIG_CALL (SY_SIG_DIAG_CLAIM + 1)                 // one slot: this rank's call count (see sy_advance)
 #define SY_SIG_DISPATCH_ARRIVE (SY_SIG_DIAG_CLAIM + 8)      // [W][MAX_CH]: source s channel c finished its rows
 #define SY_SIG_COMBINE_DONE (SY_SIG_DISPATCH_ARRIVE + SY_MAX_WORLD * SY_MAX_CHANNELS)  // [W][MAX_CH]
 #define SY_SIG_SLOTS (SY_SIG_COMBINE_DONE + SY_MAX_WORLD * SY_MAX_CHANNELS)
@@ -253,11 +253,20 @@ struct SyWaitCtx {
     u32 rank;
 };
 
+// This call's sequence number: the rank's call count in its own buffer, which
+// `sy_advance` (launched on the same stream before each call's first kernel) raised.
+// On the device rather than in the parameters, so a call captured in a CUDA graph
+// takes a fresh number on every replay. Every rank makes the same calls, so the
+// counts agree across ranks.
+__device__ __forceinline__ u64 sy_call_seq(const SyParams& p) {
+    return *reinterpret_cast<const volatile u64*>(p.peers[p.rank] + SY_SIG_CALL * 8);
+}
+
 __device__ __forceinline__ SyWaitCtx sy_wait_ctx(const SyParams& p) {
     SyWaitCtx c;
     c.claim = p.peers[p.rank] + SY_SIG_DIAG_CLAIM * 8;
     c.host_meta = p.host_meta;
-    c.seq = p.seq;
+    c.seq = sy_call_seq(p);
     c.timeout_ns = p.timeout_ns;
     c.rank = (u32)p.rank;
     return c;

@@ -20,6 +20,15 @@ __device__ __forceinline__ T* region(const SyParams& p, int r, u64 off) {
 
 // ------------------------------------------------------------------ notify
 
+// Start a call: raise this rank's call count by one. One thread; launched on the
+// rank's stream before the call's first kernel, which stream order makes see it.
+extern "C" __global__ void sy_advance(const SyParams p) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        volatile u64* count = reinterpret_cast<volatile u64*>(p.peers[p.rank] + SY_SIG_CALL * 8);
+        *count = *count + 1;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(SY_NOTIFY_THREADS, 1) sy_notify(const SyParams p) {
     const int tid = threadIdx.x;
     const int me = (int)p.rank;
@@ -108,11 +117,11 @@ extern "C" __global__ void __launch_bounds__(SY_NOTIFY_THREADS, 1) sy_notify(con
     }
     fence_acq_rel_sys();
     __syncthreads();
-    if (tid < SY_WORLD) st_release_sys(sig(p.peers[tid]) + SY_SIG_NOTIFY + me, p.seq);
+    if (tid < SY_WORLD) st_release_sys(sig(p.peers[tid]) + SY_SIG_NOTIFY + me, sy_call_seq(p));
 
     // Wait for every rank's counts (ours included: same path, no special case).
     if (tid < SY_WORLD) {
-        if (!sy_wait(sig(p.peers[me]) + SY_SIG_NOTIFY + tid, p.seq, sy_wait_ctx(p), 0, SY_ROLE_NOTIFY, tid, SY_WAIT_NOTIFY))
+        if (!sy_wait(sig(p.peers[me]) + SY_SIG_NOTIFY + tid, sy_call_seq(p), sy_wait_ctx(p), 0, SY_ROLE_NOTIFY, tid, SY_WAIT_NOTIFY))
             atomicExch(&s_failed, 1);
     }
     __syncthreads();
@@ -172,9 +181,9 @@ __device__ __forceinline__ bool dispatch_entry(const SyParams& p, int ch, int me
     const int tid = threadIdx.x;
     if (tid == 0) s_failed = 0;
     __syncthreads();
-    if (ch == 0 && tid < SY_WORLD) st_release_sys(sig(p.peers[tid]) + SY_SIG_RECV_READY + me, p.seq);
+    if (ch == 0 && tid < SY_WORLD) st_release_sys(sig(p.peers[tid]) + SY_SIG_RECV_READY + me, sy_call_seq(p));
     if (tid < SY_WORLD) {
-        if (!sy_wait(sig(p.peers[me]) + SY_SIG_RECV_READY + tid, p.seq, sy_wait_ctx(p), ch, SY_ROLE_SENDER, tid, SY_WAIT_RECV_READY))
+        if (!sy_wait(sig(p.peers[me]) + SY_SIG_RECV_READY + tid, sy_call_seq(p), sy_wait_ctx(p), ch, SY_ROLE_SENDER, tid, SY_WAIT_RECV_READY))
             atomicExch(&s_failed, 1);
     }
     __syncthreads();
@@ -336,12 +345,12 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
     __syncthreads();
     sy_stamp(p, 2);
     if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
-        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_DISPATCH_ARRIVE + me * SY_MAX_CHANNELS + ch, p.seq);
+        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_DISPATCH_ARRIVE + me * SY_MAX_CHANNELS + ch, sy_call_seq(p));
     if (ch == 0) {
         for (int i = threadIdx.x; i < SY_WORLD * nch; i += SY_THREADS) {
             const int s = i / nch, c = i % nch;
             if (s == me) continue;
-            if (!sy_wait(sig(p.peers[me]) + SY_SIG_DISPATCH_ARRIVE + s * SY_MAX_CHANNELS + c, p.seq, sy_wait_ctx(p), c,
+            if (!sy_wait(sig(p.peers[me]) + SY_SIG_DISPATCH_ARRIVE + s * SY_MAX_CHANNELS + c, sy_call_seq(p), sy_wait_ctx(p), c,
                          SY_ROLE_RECEIVER, s, SY_WAIT_DISPATCH_ARRIVE))
                 break;
         }
@@ -408,9 +417,9 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
     if (threadIdx.x == 0) s_failed = 0;
     __syncthreads();
     sy_stamp(p, 0);
-    if (ch == 0 && threadIdx.x < SY_WORLD) st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_READY + me, p.seq);
+    if (ch == 0 && threadIdx.x < SY_WORLD) st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_READY + me, sy_call_seq(p));
     if (threadIdx.x < SY_WORLD) {
-        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_READY + threadIdx.x, p.seq, sy_wait_ctx(p), ch, SY_ROLE_RECEIVER,
+        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_READY + threadIdx.x, sy_call_seq(p), sy_wait_ctx(p), ch, SY_ROLE_RECEIVER,
                      threadIdx.x, SY_WAIT_COMBINE_READY))
             atomicExch(&s_failed, 1);
     }
@@ -456,12 +465,12 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
     __syncthreads();
     sy_stamp(p, 2);
     if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
-        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_DONE + me * SY_MAX_CHANNELS + ch, p.seq);
+        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_DONE + me * SY_MAX_CHANNELS + ch, sy_call_seq(p));
     if (ch == 0) {
         for (int i = threadIdx.x; i < SY_WORLD * nch; i += SY_THREADS) {
             const int s = i / nch, c = i % nch;
             if (s == me) continue;
-            if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_DONE + s * SY_MAX_CHANNELS + c, p.seq, sy_wait_ctx(p), c,
+            if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_DONE + s * SY_MAX_CHANNELS + c, sy_call_seq(p), sy_wait_ctx(p), c,
                          SY_ROLE_NOTIFY, s, SY_WAIT_COMBINE_DONE))
                 break;
         }
@@ -489,9 +498,9 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(cons
     sy_stamp(p, 0);
     if (threadIdx.x == 0) s_failed = 0;
     __syncthreads();
-    if (ch == 0 && threadIdx.x < SY_WORLD) st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_READY + me, p.seq);
+    if (ch == 0 && threadIdx.x < SY_WORLD) st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_READY + me, sy_call_seq(p));
     if (threadIdx.x < SY_WORLD) {
-        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_READY + threadIdx.x, p.seq, sy_wait_ctx(p), ch, SY_ROLE_SENDER,
+        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_READY + threadIdx.x, sy_call_seq(p), sy_wait_ctx(p), ch, SY_ROLE_SENDER,
                      threadIdx.x, SY_WAIT_COMBINE_READY))
             atomicExch(&s_failed, 1);
     }
@@ -530,11 +539,11 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(cons
     __syncthreads();
     sy_stamp(p, 2);
     if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
-        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_DONE + me * SY_MAX_CHANNELS + ch, p.seq);
+        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_DONE + me * SY_MAX_CHANNELS + ch, sy_call_seq(p));
     for (int i = threadIdx.x; i < SY_WORLD * nch; i += SY_THREADS) {
         const int s = i / nch, c = i % nch;
         if (s == me) continue;
-        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_DONE + s * SY_MAX_CHANNELS + c, p.seq, sy_wait_ctx(p), ch,
+        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_DONE + s * SY_MAX_CHANNELS + c, sy_call_seq(p), sy_wait_ctx(p), ch,
                      SY_ROLE_RECEIVER, s, SY_WAIT_COMBINE_PUSHED))
             atomicExch(&s_failed, 1);
     }

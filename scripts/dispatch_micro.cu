@@ -249,18 +249,16 @@ int main(int argc, char** argv) {
     printf("T=%d hidden=%d threads=%d dunroll=%d: rows 0->1 %d, 1->0 %d, remote MB per direction %.1f\n", T, SY_HIDDEN,
            SY_THREADS, SY_DUNROLL, cnt[0][1], cnt[1][0], remote_bytes / 1e6);
 
-    u64 seq = 0;
     auto time_it = [&](const char* name, int sms, auto launch) {
         std::vector<float> worst;
         const int gap_ms = getenv("MICRO_GAP_MS") ? atoi(getenv("MICRO_GAP_MS")) : 0;
         const bool threads = getenv("MICRO_THREADS") != nullptr;
         for (int it = 0; it < iters + 2; ++it) {
-            ++seq;
             if (gap_ms > 0) usleep(gap_ms * 1000);
             auto one = [&](int d) {
                 CK(cudaSetDevice(d));
-                g[d].p.seq = seq;
                 CK(cudaEventRecord(g[d].a, g[d].s));
+                sy_advance<<<1, 1, 0, g[d].s>>>(g[d].p);  // the call's sequence number, as the runtime does
                 launch(d);
                 CK(cudaEventRecord(g[d].b, g[d].s));
             };

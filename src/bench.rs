@@ -94,6 +94,9 @@ pub struct BenchSpec {
     pub interference: Option<InterferenceSpec>,
     /// Also time a grouped NCCL send/recv of the same bytes (device backends only).
     pub nccl: bool,
+    /// Time the device-resident ops as replays of one call captured in a CUDA graph
+    /// (device backends only).
+    pub graph: bool,
 }
 
 /// The same-run NCCL baseline of one op: a grouped send/recv of the bytes it moves.
@@ -324,6 +327,9 @@ pub struct OpResult {
     /// idle between calls while the host copies inputs and outputs).
     #[serde(default)]
     pub device_resident: bool,
+    /// Device-resident calls were replays of one call captured in a CUDA graph (`--graph`).
+    #[serde(default)]
+    pub graph: bool,
 }
 
 /// A whole results file (`switchyard bench --json FILE`), schema version [`SCHEMA_VERSION`].
@@ -478,7 +484,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
             Op::DispatchCached => Some(ResidentOp::DispatchCached),
             Op::Combine => Some(ResidentOp::Combine),
         };
-        let resident_inputs = ResidentInputs { x, y: &y, hidden, handle: &handle, options: &opts };
+        let resident_inputs = ResidentInputs { x, y: &y, hidden, handle: &handle, options: &opts, graph: spec.graph };
         // Device backends: back-to-back calls on device-resident inputs (see `device_resident`).
         let warm = resident_op.and_then(|r| comm.time_device_resident(r, &resident_inputs, spec.warmup.max(1)));
         if let (Some(r), Some(warm)) = (resident_op, warm) {
@@ -517,7 +523,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     };
     let mut interference = Vec::new();
     if let Some(is) = &spec.interference {
-        let inputs = ResidentInputs { x, y: &y, hidden, handle: &handle, options: &opts };
+        let inputs = ResidentInputs { x, y: &y, hidden, handle: &handle, options: &opts, graph: spec.graph };
         for &channels in &is.settings {
             comm.barrier()?;
             match comm.measure_interference(&inputs, is.gemm, channels, is.iters) {
@@ -896,6 +902,7 @@ pub fn results(spec: &BenchSpec, backend: &str, measurements: &[Measurement], me
                 network: network_of(m, w),
                 wrong: m.wrong,
                 device_resident: m.device_resident,
+                graph: m.device_resident && spec.graph,
             }
         })
         .collect()
@@ -1043,7 +1050,8 @@ pub fn format_table(results: &[OpResult], memcpy_gbps: f64) -> String {
     let resident: Vec<&str> = results.iter().filter(|r| r.device_resident).map(|r| r.op.name()).collect();
     if !resident.is_empty() {
         s.push_str(&format!(
-            "# device-resident (back-to-back calls, inputs in device memory): {}; the others: host-slice calls\n",
+            "# device-resident (back-to-back calls, inputs in device memory{}): {}; the others: host-slice calls\n",
+            if results.iter().any(|r| r.graph) { ", each a replay of one call captured in a CUDA graph" } else { "" },
             resident.join(", ")
         ));
     }
@@ -1129,6 +1137,7 @@ mod tests {
             options: DispatchOptions::default(),
             interference: None,
             nccl: false,
+            graph: false,
         };
         let ms: Vec<Measurement> = Op::ALL
             .into_iter()
@@ -1179,6 +1188,7 @@ mod tests {
             options: DispatchOptions::default(),
             interference: None,
             nccl: true,
+            graph: false,
         };
         let m = |op, bytes| Measurement {
             op,

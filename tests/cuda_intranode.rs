@@ -9,6 +9,7 @@
 //!   SWITCHYARD_REQUIRE_CUDA=1 cargo test --release --test cuda_intranode -- --nocapture
 
 use switchyard::backend::cuda::{driver, CudaCluster, CudaRank};
+use switchyard::backend::{ResidentInputs, ResidentOp};
 use switchyard::workload::{expert_outputs, RankInput, RoutingKind, WorkloadSpec};
 use switchyard::{oracle, Communicator, Config, DType, DispatchOptions, Layout, Topology};
 
@@ -67,14 +68,15 @@ fn run_case(world: usize, gpus: usize, c: &Case) -> Result<(), String> {
     let (on, channels) = placement(world, gpus, c.channels)?;
     let config = Config { num_channels: channels, timeout_ms: 10_000, ..Config::default() };
     let ranks: Vec<CudaRank> = CudaCluster::on_gpus(&on, config).and_then(|cl| cl.into_ranks()).map_err(|e| e.to_string())?;
-    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+    let results: Vec<Result<u64, String>> = std::thread::scope(|s| {
         let hs: Vec<_> = ranks
             .into_iter()
             .enumerate()
             .map(|(r, mut comm)| {
                 let (inp, want, y, w, wc) = (&inputs[r], &want[r], &ys[r], &ws[r], &want_combine[r]);
-                s.spawn(move || -> Result<(), String> {
+                s.spawn(move || -> Result<u64, String> {
                     let layout = Layout::new(&inp.topk_idx, c.topk, c.experts, comm.topology()).map_err(|e| e.to_string())?;
+                    let mut last = None;
                     for round in 0..2 {
                         let (got, handle) = comm
                             .dispatch(inp.x.as_ref(), &inp.topk_idx, &inp.topk_weights, &layout, &options)
@@ -100,19 +102,52 @@ fn run_case(world: usize, gpus: usize, c: &Case) -> Result<(), String> {
                                 out.topk_weights == wc.topk_weights
                             ));
                         }
+                        last = Some(handle);
                     }
-                    comm.barrier().map_err(|e| e.to_string())
+                    // Calls captured in a CUDA graph: each replay must be a call of its own on the
+                    // device (the call count, and so the flags' epoch, goes up by one), and the
+                    // host calls after them must still agree with the oracle.
+                    let handle = last.expect("two rounds ran");
+                    let before = comm.calls_on_device().map_err(|e| e.to_string())?;
+                    let resident = ResidentInputs {
+                        x: inp.x.as_ref(),
+                        y,
+                        hidden: c.hidden,
+                        handle: &handle,
+                        options: &options,
+                        graph: true,
+                    };
+                    for op in [ResidentOp::DispatchCached, ResidentOp::Combine] {
+                        let times = comm.time_device_resident(op, &resident, 3).expect("cuda times device-resident calls");
+                        times.map_err(|e| format!("rank {r} {op:?} as a graph: {e}"))?;
+                    }
+                    let replayed = comm.calls_on_device().map_err(|e| e.to_string())? - before;
+                    if replayed != 6 {
+                        return Err(format!("rank {r}: 6 graph replays raised the call count by {replayed}"));
+                    }
+                    let cached = comm
+                        .dispatch_cached(inp.x.as_ref(), &handle, &options)
+                        .map_err(|e| format!("rank {r} cached after graphs: {e}"))?;
+                    if cached != want.x {
+                        return Err(format!("rank {r}: cached dispatch rows differ after the graph replays"));
+                    }
+                    comm.barrier().map_err(|e| e.to_string())?;
+                    comm.calls_on_device().map_err(|e| e.to_string())
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("rank thread panicked".into()))).collect()
     });
-    let errs: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("; "))
+    let errs: Vec<String> = results.iter().filter_map(|r| r.clone().err()).collect();
+    if !errs.is_empty() {
+        return Err(errs.join("; "));
     }
+    // Every rank made the same calls, so their counts agree.
+    let counts: Vec<u64> = results.into_iter().map(|r| r.expect("no errors")).collect();
+    if counts.iter().any(|&n| n != counts[0]) {
+        return Err(format!("call counts differ across ranks: {counts:?}"));
+    }
+    Ok(())
 }
 
 fn diff(a: &switchyard::DispatchOutput, b: &switchyard::DispatchOutput) -> String {

@@ -149,6 +149,9 @@ pub struct ResidentInputs<'a> {
     pub handle: &'a Handle,
     /// Dispatch options.
     pub options: &'a DispatchOptions,
+    /// Capture one call in a CUDA graph and replay it `iters` times, instead of
+    /// launching each call's kernels from the host (CUDA; ignored elsewhere).
+    pub graph: bool,
 }
 
 /// What [`Communicator::measure_interference`] measured: medians over the timed

@@ -190,6 +190,7 @@ impl TuneSpec {
             options: Default::default(),
             interference: None,
             nccl: false,
+            graph: false,
         }
     }
 }

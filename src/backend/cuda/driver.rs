@@ -393,9 +393,10 @@ impl Drop for MappedHost {
     }
 }
 
-/// A loaded CUBIN and its three kernels.
+/// A loaded CUBIN and its kernels.
 pub struct Kernels {
     module: sys::CUmodule,
+    advance: sys::CUfunction,
     notify: sys::CUfunction,
     dispatch: sys::CUfunction,
     combine: sys::CUfunction,
@@ -409,6 +410,8 @@ unsafe impl Sync for Kernels {}
 /// Which kernel to launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
+    /// `sy_advance`: starts a call (raises the rank's call count on the device).
+    Advance,
     /// `sy_notify`.
     Notify,
     /// `sy_dispatch`.
@@ -429,6 +432,7 @@ impl Kernels {
             unsafe { result::module::get_function(module, CString::new(n).unwrap()) }.map_err(err("cuModuleGetFunction"))
         };
         Ok(Self {
+            advance: get("sy_advance")?,
             notify: get("sy_notify")?,
             dispatch: get("sy_dispatch")?,
             combine: get("sy_combine")?,
@@ -440,6 +444,7 @@ impl Kernels {
     /// Launch `which` with one parameter block on `stream`.
     pub fn launch(&self, which: Kernel, grid: u32, block: u32, params: &SyParams, stream: &Stream) -> Result<()> {
         let f = match which {
+            Kernel::Advance => self.advance,
             Kernel::Notify => self.notify,
             Kernel::Dispatch => self.dispatch,
             Kernel::Combine => self.combine,
@@ -457,6 +462,76 @@ impl Drop for Kernels {
         // SAFETY: loaded in load().
         unsafe {
             let _ = result::module::unload(self.module);
+        }
+    }
+}
+
+/// Work captured from a stream into a CUDA graph and instantiated: replaying it
+/// launches the same kernels and copies with the same parameters, with no host work.
+pub struct CapturedGraph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+
+// SAFETY: graph handles may be used from any thread with their context current.
+unsafe impl Send for CapturedGraph {}
+
+impl CapturedGraph {
+    /// Start capturing `stream`: what is enqueued on it (and on streams that join it
+    /// through events) is recorded, not run, until [`CapturedGraph::end_capture`].
+    /// Thread-local capture mode, so other threads of this process (other ranks) may
+    /// use CUDA meanwhile.
+    pub fn begin_capture(stream: &Stream) -> Result<()> {
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        // SAFETY: valid stream.
+        unsafe { result::stream::begin_capture(stream.raw, mode) }.map_err(err("cuStreamBeginCapture"))
+    }
+
+    /// End the capture of `stream` begun by [`CapturedGraph::begin_capture`] and
+    /// instantiate it; `enqueued` is how the enqueueing went (its error wins).
+    pub fn end_capture(stream: &Stream, enqueued: Result<()>) -> Result<Self> {
+        // Capture must end whatever happened, or the stream stays in capture mode.
+        // SAFETY: the stream is capturing.
+        let graph = unsafe { result::stream::end_capture(stream.raw) }.map_err(err("cuStreamEndCapture"));
+        let graph = match (enqueued, graph) {
+            (Ok(()), Ok(g)) => g,
+            (Ok(()), Err(e)) => return Err(e),
+            (Err(e), g) => {
+                if let Ok(g) = g {
+                    // SAFETY: a graph from end_capture, not instantiated.
+                    unsafe {
+                        let _ = result::graph::destroy(g);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        // SAFETY: a complete captured graph.
+        match unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
+            Ok(exec) => Ok(Self { graph, exec }),
+            Err(e) => {
+                // SAFETY: as above.
+                unsafe {
+                    let _ = result::graph::destroy(graph);
+                }
+                Err(err("cuGraphInstantiate")(e))
+            }
+        }
+    }
+
+    /// Enqueue one replay on `stream`.
+    pub fn launch(&self, stream: &Stream) -> Result<()> {
+        // SAFETY: instantiated graph, valid stream.
+        unsafe { result::graph::launch(self.exec, stream.raw) }.map_err(err("cuGraphLaunch"))
+    }
+}
+
+impl Drop for CapturedGraph {
+    fn drop(&mut self) {
+        // SAFETY: made in capture(); the caller binds the context.
+        unsafe {
+            let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
         }
     }
 }

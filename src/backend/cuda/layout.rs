@@ -7,6 +7,10 @@ use super::compile::{KernelSpec, MAX_CHANNELS};
 /// Largest node the kernels support (size of `SyParams::peers`).
 pub const MAX_WORLD: usize = 8;
 
+/// Byte offset of the rank's call count in its own buffer; mirrors `SY_SIG_CALL`
+/// (the slot after the diagnostic claim, `3 * MAX_WORLD + 1`).
+pub const CALL_COUNT_OFFSET: usize = (3 * MAX_WORLD + 1) * 8;
+
 /// Signal slots (u64) at the start of every buffer; mirrors `SY_SIG_SLOTS`.
 pub const SIGNAL_SLOTS: usize = 3 * MAX_WORLD + 8 + 2 * MAX_WORLD * MAX_CHANNELS;
 
@@ -94,8 +98,6 @@ pub struct SyParams {
     pub out_weights: u64,
     /// Device pointer of the mapped pinned host meta.
     pub host_meta: u64,
-    /// Call sequence number.
-    pub seq: u64,
     /// Deadline of every wait, ns.
     pub timeout_ns: u64,
     /// Tokens on this rank.

@@ -25,7 +25,8 @@ use half::bf16;
 
 use self::compile::{KernelSpec, NOTIFY_THREADS, THREADS};
 use self::driver::{
-    dtod_async, dtoh, htod, DeviceBuffer, Event, EventPairs, Gpu, IpcMapping, Kernel, Kernels, MappedHost, Scratch, Stream,
+    dtod_async, dtoh, htod, CapturedGraph, DeviceBuffer, Event, EventPairs, Gpu, IpcMapping, Kernel, Kernels, MappedHost,
+    Scratch, Stream,
 };
 use self::group::HostGroup;
 use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
@@ -121,7 +122,11 @@ impl CudaCluster {
         check_channels(config.num_channels * most_on_one, &gpus[0]).map_err(|e| match (e, most_on_one) {
             (Error::InvalidArgument { reason, .. }, n) if n > 1 => Error::InvalidArgument {
                 arg: "num_channels".into(),
-                reason: format!("{n} ranks share a GPU, so {} channels each take {}: {reason}", config.num_channels, config.num_channels * n),
+                reason: format!(
+                    "{n} ranks share a GPU, so {} channels each take {}: {reason}",
+                    config.num_channels,
+                    config.num_channels * n
+                ),
             },
             (e, _) => e,
         })?;
@@ -246,7 +251,6 @@ impl CudaRank {
             meta: MappedHost::new(meta::bytes(compile::MAX_EXPERTS))?,
             kernels: HashMap::new(),
             ws: Workspace::default(),
-            seq: 0,
             traffic: TrafficLog::default(),
             poisoned: None,
             events: None,
@@ -454,7 +458,6 @@ pub struct CudaRank {
     meta: MappedHost,
     kernels: HashMap<KernelSpec, Kernels>,
     ws: Workspace,
-    seq: u64,
     traffic: TrafficLog,
     poisoned: Option<String>,
     /// Timing events around each launch, made on first use.
@@ -505,14 +508,19 @@ impl CudaRank {
     }
 
     /// Start a collective call: every rank agrees its inputs are fine, then this
-    /// rank binds its GPU, takes the next call sequence number (the flags' epoch)
-    /// and zeroes the call's device time.
+    /// rank binds its GPU and zeroes the call's device time.
     fn begin_call(&mut self, prep: Result<()>) -> Result<()> {
         self.agree(prep)?;
         self.gpu().bind()?;
-        self.seq += 1;
         self.device_us = 0.0;
         Ok(())
+    }
+
+    /// Enqueue the start of one call on the device, before its first kernel: the rank's
+    /// call count (the flags' epoch, kept in its buffer) goes up by one. Every rank
+    /// enqueues it once per call, so the counts stay equal without the host.
+    fn advance(&self, spec: &KernelSpec, p: &SyParams) -> Result<()> {
+        self.kernels[spec].launch(Kernel::Advance, 1, 32, p, &self.stream)
     }
 
     /// Wait for this rank's uploads, then for every rank: the kernels that follow spin-wait
@@ -540,7 +548,6 @@ impl CudaRank {
         let mut p = SyParams {
             peers: self.shared.peers.bases,
             host_meta: self.meta.dev_ptr(),
-            seq: self.seq,
             timeout_ns: self.config.timeout_ms.saturating_mul(1_000_000),
             num_tokens: num_tokens as u64,
             rank: self.rank as u64,
@@ -556,24 +563,42 @@ impl CudaRank {
     }
 
     /// [`Communicator::time_device_resident`]: upload once, agree once, then enqueue `iters`
-    /// calls back to back (each its own sequence number, so the flags order them) with
+    /// calls back to back (each its own `advance` on the device, so the flags order them) with
     /// events around each, and wait once at the end.
     fn resident_loop(&mut self, op: ResidentOp, inp: &ResidentInputs<'_>, iters: usize) -> Result<Vec<f64>> {
-        let mut l = match op {
+        let l = match op {
             ResidentOp::DispatchCached => self.prepare_cached_dispatch(inp.x, inp.handle, inp.options)?,
             ResidentOp::Combine => self.prepare_combine(inp.y, inp.hidden, inp.handle, None)?,
         };
         let events = EventPairs::new(iters)?;
         self.meta.write(meta::DIAG, SyDiag::default());
+        // One call (its `advance` included, so every replay is a call of its own) as a graph.
+        let graph = match inp.graph {
+            true => Some(self.ensure_side().and_then(|_| CapturedGraph::begin_capture(&self.stream)).and_then(|_| {
+                let enqueued = self
+                    .advance(&l.spec, &l.p)
+                    .and_then(|_| self.enqueue(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &l.side_ops));
+                CapturedGraph::end_capture(&self.stream, enqueued)
+            })),
+            false => None,
+        }
+        .transpose();
+        // Every rank says whether it could capture before any launches.
+        let graph = match self.agree(graph.as_ref().map(|_| ()).map_err(|e| Error::Cuda(e.to_string()))) {
+            Ok(()) => graph?,
+            Err(e) => return Err(e),
+        };
         self.start_together()?;
         let r = (|| {
-            for (i, (a, b)) in events.iter().enumerate() {
-                if i > 0 {
-                    self.seq += 1;
-                }
-                l.p.seq = self.seq;
+            for (a, b) in events.iter() {
                 a.record(&self.stream)?;
-                self.enqueue(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &l.side_ops)?;
+                match &graph {
+                    Some(g) => g.launch(&self.stream)?,
+                    None => {
+                        self.advance(&l.spec, &l.p)?;
+                        self.enqueue(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &l.side_ops)?;
+                    }
+                }
                 b.record(&self.stream)?;
             }
             self.stream.sync()?;
@@ -650,27 +675,18 @@ impl CudaRank {
         let g = fits.and_then(|_| gemm::Gemm::new(shape));
         self.agree(g.as_ref().map(|_| ()).map_err(|e| Error::Cuda(e.to_string())))?;
         let g = g?;
-        // Each launch takes the next sequence number, as in `resident_loop`: the two
-        // preparations took one each, the first pair uses them.
-        let mut d = self.prepare_cached_dispatch(inp.x, inp.handle, inp.options)?;
-        let mut c = self.prepare_combine(inp.y, inp.hidden, inp.handle, None)?;
+        // Each launch is a call of its own (its own `advance`), as in `resident_loop`.
+        let d = self.prepare_cached_dispatch(inp.x, inp.handle, inp.options)?;
+        let c = self.prepare_combine(inp.y, inp.hidden, inp.handle, None)?;
         self.meta.write(meta::DIAG, SyDiag::default());
-        let mut first = Some(self.seq - 1);
         let r = (|| -> Result<Interference> {
             let pair_events = EventPairs::new(iters)?;
-            let mut pairs = |this: &mut Self| -> Result<()> {
+            let pairs = |this: &mut Self| -> Result<()> {
                 for (a, b) in pair_events.iter() {
-                    let seq_d = match first.take() {
-                        Some(s) => s,
-                        None => {
-                            this.seq += 2;
-                            this.seq - 1
-                        }
-                    };
                     a.record(&this.stream)?;
-                    d.p.seq = seq_d;
+                    this.advance(&d.spec, &d.p)?;
                     this.enqueue(&d.spec, d.kernel, channels[0] as u32, THREADS as u32, &d.p, &d.side_ops)?;
-                    c.p.seq = seq_d + 1;
+                    this.advance(&c.spec, &c.p)?;
                     this.enqueue(&c.spec, c.kernel, channels[1] as u32, THREADS as u32, &c.p, &c.side_ops)?;
                     b.record(&this.stream)?;
                 }
@@ -822,8 +838,8 @@ impl CudaRank {
         p: &SyParams,
         side_ops: &[CopyOp],
     ) -> Result<()> {
-        if !side_ops.is_empty() && self.side.is_none() {
-            self.side = Some((Stream::new()?, Event::new()?, Event::new()?));
+        if !side_ops.is_empty() {
+            self.ensure_side()?;
         }
         let side = self.side.as_ref().filter(|_| !side_ops.is_empty());
         if let Some((_, fork, _)) = side {
@@ -838,6 +854,14 @@ impl CudaRank {
             }
             join.record(side)?;
             self.stream.wait_event(join)?;
+        }
+        Ok(())
+    }
+
+    /// Make the side stream and its fork/join events (not while a stream captures: they are made first).
+    fn ensure_side(&mut self) -> Result<()> {
+        if self.side.is_none() {
+            self.side = Some((Stream::new()?, Event::new()?, Event::new()?));
         }
         Ok(())
     }
@@ -976,6 +1000,18 @@ impl CudaRank {
     }
 }
 
+impl CudaRank {
+    /// How many calls this rank has started on the device: its call count, which every
+    /// call (and every replay of a captured call) raises by one and whose value the
+    /// call's flags carry. Equal on every rank between calls. Waits for this rank's stream.
+    pub fn calls_on_device(&self) -> Result<u64> {
+        self.gpu().bind()?;
+        let mut count = [0u64];
+        dtoh(&mut count, self.shared.peers.bases[self.rank] + layout::CALL_COUNT_OFFSET as u64, &self.stream)?;
+        Ok(count[0])
+    }
+}
+
 impl Drop for CudaRank {
     fn drop(&mut self) {
         // Module unload and stream destroy act on the current context: make it ours.
@@ -1031,6 +1067,7 @@ impl Communicator for CudaRank {
         p.send_base = self.ws.send_base.get(self.world * 4)?;
 
         self.start_together()?;
+        self.advance(&spec, &p)?;
         self.run(&spec, Kernel::Notify, 1, NOTIFY_THREADS as u32, &p, &[])?;
         let num_recv = self.meta.read::<i32>(meta::NUM_RECV) as usize;
         let max_recv_any = self.meta.read::<i32>(meta::MAX_RECV_ANY) as usize;
@@ -1091,6 +1128,7 @@ impl Communicator for CudaRank {
     fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows> {
         let l = self.prepare_cached_dispatch(x, handle, options)?;
         self.start_together()?;
+        self.advance(&l.spec, &l.p)?;
         self.run(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &l.side_ops)?;
         let st = handle.state::<CudaHandleState>("cuda")?;
         count_traffic(
@@ -1107,6 +1145,7 @@ impl Communicator for CudaRank {
         let (t, k) = (handle.num_tokens, handle.topk);
         let l = self.prepare_combine(y, hidden, handle, topk_weights)?;
         self.start_together()?;
+        self.advance(&l.spec, &l.p)?;
         self.run(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &[])?;
         let mut x = vec![bf16::ZERO; t * hidden];
         dtoh(&mut x, l.p.out, &self.stream)?;

@@ -113,6 +113,10 @@ struct BenchArgs {
     /// and combine move (CUDA).
     #[arg(long)]
     nccl: bool,
+    /// Time cached dispatch and combine (CUDA, device-resident) as replays of one call
+    /// captured in a CUDA graph: no host work between calls.
+    #[arg(long)]
+    graph: bool,
     /// Also measure the interference with the expert GEMM (CUDA): a cuBLAS BF16 GEMM on another
     /// stream beside back-to-back cached dispatch + combine, each alone and both at once, at the
     /// configs in force and at each --interference-sms.
@@ -378,6 +382,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
                 .collect(),
         }),
         nccl: a.nccl,
+        graph: a.graph,
     };
     info!(
         "workload: {} nodes x {} ranks, {} tokens/rank, hidden {}, top-{} of {} experts, {}, routing {}{}, seed {}; warmup {}, iters {}{}",
