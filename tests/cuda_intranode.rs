@@ -8,10 +8,12 @@
 //!
 //!   SWITCHYARD_REQUIRE_CUDA=1 cargo test --release --test cuda_intranode -- --nocapture
 
-use switchyard::backend::cuda::{driver, CudaCluster, CudaRank};
+use half::bf16;
+use switchyard::backend::cuda::driver::{dtoh, htod, CapturedGraph, DeviceBuffer, Stream};
+use switchyard::backend::cuda::{driver, CallerStream, CudaCluster, CudaRank, DeviceRows};
 use switchyard::backend::{ResidentInputs, ResidentOp};
 use switchyard::workload::{expert_outputs, RankInput, RoutingKind, WorkloadSpec};
-use switchyard::{oracle, Communicator, Config, DType, DispatchOptions, Layout, Topology};
+use switchyard::{oracle, Communicator, Config, DType, DispatchOptions, Layout, Rows, Topology};
 
 fn gpus_or_skip() -> Option<usize> {
     let required = std::env::var("SWITCHYARD_REQUIRE_CUDA").map(|v| v == "1").unwrap_or(false);
@@ -64,6 +66,7 @@ fn run_case(world: usize, gpus: usize, c: &Case) -> Result<(), String> {
     let ys: Vec<Vec<half::bf16>> = want.iter().enumerate().map(|(r, o)| expert_outputs(&o.x, r)).collect();
     let ws: Vec<Vec<f32>> = want.iter().map(|o| o.topk_weights.iter().map(|w| w * 0.5 + 0.25).collect()).collect();
     let want_combine = oracle::combine(&vec![c.tokens; world], c.hidden, c.topk, &want, &ys, Some(&ws));
+    let want_plain = oracle::combine(&vec![c.tokens; world], c.hidden, c.topk, &want, &ys, None);
 
     let (on, channels) = placement(world, gpus, c.channels)?;
     let config = Config { num_channels: channels, timeout_ms: 10_000, ..Config::default() };
@@ -74,6 +77,7 @@ fn run_case(world: usize, gpus: usize, c: &Case) -> Result<(), String> {
             .enumerate()
             .map(|(r, mut comm)| {
                 let (inp, want, y, w, wc) = (&inputs[r], &want[r], &ys[r], &ws[r], &want_combine[r]);
+                let plain = &want_plain[r].x;
                 s.spawn(move || -> Result<u64, String> {
                     let layout = Layout::new(&inp.topk_idx, c.topk, c.experts, comm.topology()).map_err(|e| e.to_string())?;
                     let mut last = None;
@@ -131,6 +135,10 @@ fn run_case(world: usize, gpus: usize, c: &Case) -> Result<(), String> {
                     if cached != want.x {
                         return Err(format!("rank {r}: cached dispatch rows differ after the graph replays"));
                     }
+                    if !c.fp8_on_wire {
+                        on_stream_in_a_graph(&mut comm, &inp.x, &want.x, y, plain, &handle, &options)
+                            .map_err(|e| format!("rank {r} on the caller's stream: {e}"))?;
+                    }
                     comm.barrier().map_err(|e| e.to_string())?;
                     comm.calls_on_device().map_err(|e| e.to_string())
                 })
@@ -146,6 +154,120 @@ fn run_case(world: usize, gpus: usize, c: &Case) -> Result<(), String> {
     let counts: Vec<u64> = results.into_iter().map(|r| r.expect("no errors")).collect();
     if counts.iter().any(|&n| n != counts[0]) {
         return Err(format!("call counts differ across ranks: {counts:?}"));
+    }
+    Ok(())
+}
+
+/// `rows` with every value's sign flipped (BF16 bit 15, E4M3 bit 7; scales kept).
+fn negated(rows: &Rows) -> Rows {
+    match rows {
+        Rows::Bf16 { hidden, data } => {
+            Rows::Bf16 { hidden: *hidden, data: data.iter().map(|v| bf16::from_bits(v.to_bits() ^ 0x8000)).collect() }
+        }
+        Rows::Fp8 { hidden, data, scales } => {
+            Rows::Fp8 { hidden: *hidden, data: data.iter().map(|b| b ^ 0x80).collect(), scales: scales.clone() }
+        }
+    }
+}
+
+/// Rows `x` into a fresh device buffer (payload, then scales); the buffer and the `DeviceRows` naming it.
+fn upload(x: &Rows, s: &Stream) -> Result<(DeviceBuffer, DeviceRows), String> {
+    let e = |e: switchyard::Error| e.to_string();
+    let (payload, scales): (Vec<u8>, Vec<f32>) = match x {
+        Rows::Bf16 { data, .. } => (data.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(), Vec::new()),
+        Rows::Fp8 { data, scales, .. } => (data.clone(), scales.clone()),
+    };
+    let buf = DeviceBuffer::new(payload.len() + scales.len() * 4 + 16).map_err(e)?;
+    htod(buf.ptr(), &payload, s).map_err(e)?;
+    let scales_at = buf.ptr() + payload.len().next_multiple_of(16) as u64;
+    if !scales.is_empty() {
+        htod(scales_at, &scales, s).map_err(e)?;
+    }
+    let fp8 = x.dtype() == DType::Fp8;
+    let rows = DeviceRows {
+        data: buf.ptr(),
+        scales: if fp8 { scales_at } else { 0 },
+        dtype: x.dtype(),
+        hidden: x.hidden(),
+        num_rows: x.num_rows(),
+    };
+    Ok((buf, rows))
+}
+
+/// The calls on device pointers, on a stream of the test's own, captured together in a
+/// CUDA graph, replayed with the input and then with its negation written in between:
+/// each replay's rows and sums must match the oracle's (negated for the second).
+fn on_stream_in_a_graph(
+    comm: &mut CudaRank,
+    x: &Rows,
+    want_rows: &Rows,
+    y: &[bf16],
+    want_out: &[bf16],
+    handle: &switchyard::Handle,
+    options: &DispatchOptions,
+) -> Result<(), String> {
+    let e = |e: switchyard::Error| e.to_string();
+    comm.calls_on_device().map_err(e)?; // binds the rank's GPU on this thread
+    let s = Stream::new().map_err(e)?;
+    let hidden = x.hidden();
+    let (x_buf, x_dev) = upload(x, &s)?;
+    let y_rows = Rows::Bf16 { hidden, data: y.to_vec() };
+    let (y_buf, _) = upload(&y_rows, &s)?;
+    let out = DeviceBuffer::new((want_out.len() * 2).max(16)).map_err(e)?;
+    let on = CallerStream(s.raw() as u64);
+    // Outside any capture first: kernels compiled, the handle's plan uploaded.
+    comm.dispatch_cached_on(x_dev, handle, options, on).map_err(e)?;
+    comm.combine_on(y_buf.ptr(), hidden, handle, out.ptr(), on).map_err(e)?;
+    s.sync().map_err(e)?;
+    comm.device_error().map_err(e)?;
+    CapturedGraph::begin_capture(&s).map_err(e)?;
+    let enqueued = comm.dispatch_cached_on(x_dev, handle, options, on).and_then(|recv| {
+        comm.combine_on(y_buf.ptr(), hidden, handle, out.ptr(), on)?;
+        Ok(recv)
+    });
+    let graph = CapturedGraph::end_capture(&s, enqueued.as_ref().map(|_| ()).map_err(|e| switchyard::Error::Cuda(e.to_string())));
+    let recv = enqueued.map_err(e)?;
+    let graph = graph.map_err(e)?;
+    for round in 0..2 {
+        let (x_now, y_now) = if round == 0 { (x.clone(), y_rows.clone()) } else { (negated(x), negated(&y_rows)) };
+        let (_x_new_buf, x_new) = upload(&x_now, &s)?; // kept until the copies below ran (synchronized)
+                                                       // Same addresses as captured: write the new input over the old.
+        let bytes = |r: &Rows| r.num_rows() * r.dtype().row_bytes(r.hidden());
+        switchyard::backend::cuda::driver::dtod_async(x_buf.ptr(), x_new.data, bytes(&x_now), &s).map_err(e)?;
+        if x_now.dtype() == DType::Fp8 {
+            let n = x_now.num_rows() * x_now.hidden() / 128 * 4;
+            switchyard::backend::cuda::driver::dtod_async(x_dev.scales, x_new.scales, n, &s).map_err(e)?;
+        }
+        let (_y_new_buf, y_new) = upload(&y_now, &s)?;
+        switchyard::backend::cuda::driver::dtod_async(y_buf.ptr(), y_new.data, y.len() * 2, &s).map_err(e)?;
+        graph.launch(&s).map_err(e)?;
+        s.sync().map_err(e)?;
+        comm.device_error().map_err(e)?;
+        let want = if round == 0 { want_rows.clone() } else { negated(want_rows) };
+        let got = match want.dtype() {
+            DType::Bf16 => {
+                let mut data = vec![bf16::ZERO; recv.num_rows * hidden];
+                dtoh(&mut data, recv.data, &s).map_err(e)?;
+                Rows::Bf16 { hidden, data }
+            }
+            DType::Fp8 => {
+                let mut data = vec![0u8; recv.num_rows * hidden];
+                dtoh(&mut data, recv.data, &s).map_err(e)?;
+                let mut scales = vec![0f32; recv.num_rows * hidden / 128];
+                dtoh(&mut scales, recv.scales, &s).map_err(e)?;
+                Rows::Fp8 { hidden, data, scales }
+            }
+        };
+        if got != want {
+            return Err(format!("replay {round}: received rows differ from the oracle"));
+        }
+        let mut sums = vec![bf16::ZERO; want_out.len()];
+        dtoh(&mut sums, out.ptr(), &s).map_err(e)?;
+        let sign = if round == 0 { 1.0 } else { -1.0 };
+        let bad = sums.iter().zip(want_out).filter(|(g, w)| g.to_f32() != sign * w.to_f32()).count();
+        if bad > 0 {
+            return Err(format!("replay {round}: {bad} of {} combined values differ from the oracle", sums.len()));
+        }
     }
     Ok(())
 }

@@ -49,7 +49,7 @@ fn each_token_crosses_to_each_other_node_once_and_partials_come_back_once() {
     let ranks = ok_ranks(6, 2, test_config(20_000));
     let got = common::traffic_of_one_round(ranks.into_iter().map(|r| Box::new(r) as Box<dyn Communicator>).collect(), &spec);
     // Each forwarded token's partial sum goes back to its source: one row per token per node.
-    let mut back_rows = vec![0u64; 6];
+    let mut back_rows = [0u64; 6];
     for (r, t) in got.iter().enumerate() {
         for n in 0..3 {
             back_rows[topo.rank_of(n, topo.local_of(r))] += t.combine.inter_node_rows_to_node[n];

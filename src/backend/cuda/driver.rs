@@ -116,6 +116,8 @@ impl Drop for Gpu {
 /// A non-blocking stream of one GPU.
 pub struct Stream {
     raw: sys::CUstream,
+    /// Destroyed on drop (false: the caller's stream, borrowed).
+    owned: bool,
 }
 
 // SAFETY: streams may be used from any thread with their context current.
@@ -126,7 +128,14 @@ impl Stream {
     /// A new stream in the current context.
     pub fn new() -> Result<Self> {
         let raw = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(err("cuStreamCreate"))?;
-        Ok(Self { raw })
+        Ok(Self { raw, owned: true })
+    }
+
+    /// A stream someone else owns (a framework's current stream), by its raw handle; it is
+    /// not destroyed on drop. Unsafe-free because every use goes through the driver, which
+    /// rejects a handle that is not a stream of the current context.
+    pub fn borrowed(raw: sys::CUstream) -> Self {
+        Self { raw, owned: false }
     }
 
     /// Wait for all work on the stream.
@@ -156,9 +165,11 @@ pub fn dtod_async(dst: u64, src: u64, bytes: usize, stream: &Stream) -> Result<(
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        // SAFETY: created in new().
-        unsafe {
-            let _ = result::stream::destroy(self.raw);
+        if self.owned {
+            // SAFETY: created in new().
+            unsafe {
+                let _ = result::stream::destroy(self.raw);
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ mod group;
 pub mod layout;
 pub mod local_copy;
 pub mod nccl;
+mod on_stream;
 pub mod peer;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use self::driver::{
 use self::group::HostGroup;
 use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
 use self::local_copy::{CopyOp, LocalCopy, RowArrays};
+pub use self::on_stream::{CallerStream, DeviceRows};
 use self::peer::PeerMap;
 use crate::backend::hier::HierRank;
 use crate::backend::{
@@ -258,6 +260,7 @@ impl CudaRank {
             local_copy: LocalCopy::from_env(),
             combine_push: std::env::var(COMBINE_ENV).is_ok_and(|v| v == "push"),
             nccl: None,
+            plans: on_stream::PlanCache::default(),
             device_us: 0.0,
             shared,
         })
@@ -410,12 +413,20 @@ struct PreparedLaunch {
 
 /// What a CUDA dispatch leaves in its [`Handle`].
 struct CudaHandleState {
+    /// Names this routing in the rank's cache of plans on the device (unique per process).
+    id: u64,
     /// `[T, W]` row of each token among those sent to each rank (-1: not sent).
     pos: Vec<i32>,
     /// `[W]` start of my rows in each rank's receive area.
     send_base: Vec<i32>,
     /// Most rows any rank received (capacity check for reuse).
     max_recv_any: usize,
+}
+
+/// A fresh id for a handle's plan (see `CudaHandleState::id`).
+fn next_handle_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Compiled CUBINs of this process, per (spec, arch): every rank thread shares one compile.
@@ -472,6 +483,8 @@ pub struct CudaRank {
     combine_push: bool,
     /// The same-run NCCL baseline's communicator, made on first use.
     nccl: Option<nccl::NcclExchange>,
+    /// Plans of recent handles on the device, for the calls on the caller's stream (`on_stream`).
+    plans: on_stream::PlanCache,
     // Last: dropped after the stream, modules and workspaces of this rank.
     shared: Arc<Shared>,
 }
@@ -521,6 +534,11 @@ impl CudaRank {
     /// enqueues it once per call, so the counts stay equal without the host.
     fn advance(&self, spec: &KernelSpec, p: &SyParams) -> Result<()> {
         self.kernels[spec].launch(Kernel::Advance, 1, 32, p, &self.stream)
+    }
+
+    /// [`CudaRank::advance`] on any stream of this rank's context.
+    fn advance_on(&self, stream: &Stream, spec: &KernelSpec, p: &SyParams) -> Result<()> {
+        self.kernels[spec].launch(Kernel::Advance, 1, 32, p, stream)
     }
 
     /// Wait for this rank's uploads, then for every rank: the kernels that follow spin-wait
@@ -841,19 +859,38 @@ impl CudaRank {
         if !side_ops.is_empty() {
             self.ensure_side()?;
         }
-        let side = self.side.as_ref().filter(|_| !side_ops.is_empty());
+        self.enqueue_on(&self.stream, spec, which, grid, block, p, side_ops)
+    }
+
+    /// [`CudaRank::enqueue`] on any stream of this rank's context; the side stream must
+    /// exist when there are `side_ops` ([`CudaRank::ensure_side`]).
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_on(
+        &self,
+        stream: &Stream,
+        spec: &KernelSpec,
+        which: Kernel,
+        grid: u32,
+        block: u32,
+        p: &SyParams,
+        side_ops: &[CopyOp],
+    ) -> Result<()> {
+        let side = match side_ops.is_empty() {
+            true => None,
+            false => Some(self.side.as_ref().ok_or_else(|| Error::Cuda("side stream not made before enqueue".into()))?),
+        };
         if let Some((_, fork, _)) = side {
-            fork.record(&self.stream)?;
+            fork.record(stream)?;
         }
         // The kernel goes out first: its peers wait for it, while the copies are only waited for at the end.
-        self.kernels[spec].launch(which, grid, block, p, &self.stream)?;
+        self.kernels[spec].launch(which, grid, block, p, stream)?;
         if let Some((side, fork, join)) = side {
             side.wait_event(fork)?;
             for op in side_ops {
                 dtod_async(op.dst, op.src, op.bytes, side)?;
             }
             join.record(side)?;
-            self.stream.wait_event(join)?;
+            stream.wait_event(join)?;
         }
         Ok(())
     }
@@ -1120,7 +1157,7 @@ impl Communicator for CudaRank {
             num_experts: e,
             source_rank: out.source_rank.clone(),
             source_token: out.source_token.clone(),
-            backend_state: Arc::new(CudaHandleState { pos, send_base, max_recv_any }),
+            backend_state: Arc::new(CudaHandleState { id: next_handle_id(), pos, send_base, max_recv_any }),
         };
         Ok((out, handle))
     }
