@@ -66,7 +66,6 @@ fn run_case(world: usize, gpus: usize, c: &Case) -> Result<(), String> {
     let ys: Vec<Vec<half::bf16>> = want.iter().enumerate().map(|(r, o)| expert_outputs(&o.x, r)).collect();
     let ws: Vec<Vec<f32>> = want.iter().map(|o| o.topk_weights.iter().map(|w| w * 0.5 + 0.25).collect()).collect();
     let want_combine = oracle::combine(&vec![c.tokens; world], c.hidden, c.topk, &want, &ys, Some(&ws));
-    let want_plain = oracle::combine(&vec![c.tokens; world], c.hidden, c.topk, &want, &ys, None);
 
     let (on, channels) = placement(world, gpus, c.channels)?;
     let config = Config { num_channels: channels, timeout_ms: 10_000, ..Config::default() };
@@ -77,7 +76,6 @@ fn run_case(world: usize, gpus: usize, c: &Case) -> Result<(), String> {
             .enumerate()
             .map(|(r, mut comm)| {
                 let (inp, want, y, w, wc) = (&inputs[r], &want[r], &ys[r], &ws[r], &want_combine[r]);
-                let plain = &want_plain[r].x;
                 s.spawn(move || -> Result<u64, String> {
                     let layout = Layout::new(&inp.topk_idx, c.topk, c.experts, comm.topology()).map_err(|e| e.to_string())?;
                     let mut last = None;
@@ -136,7 +134,7 @@ fn run_case(world: usize, gpus: usize, c: &Case) -> Result<(), String> {
                         return Err(format!("rank {r}: cached dispatch rows differ after the graph replays"));
                     }
                     if !c.fp8_on_wire {
-                        on_stream_in_a_graph(&mut comm, &inp.x, &want.x, y, plain, &handle, &options)
+                        on_stream_in_a_graph(&mut comm, &inp.x, &want.x, y, w, wc, &handle, &options)
                             .map_err(|e| format!("rank {r} on the caller's stream: {e}"))?;
                     }
                     comm.barrier().map_err(|e| e.to_string())?;
@@ -202,10 +200,13 @@ fn on_stream_in_a_graph(
     x: &Rows,
     want_rows: &Rows,
     y: &[bf16],
-    want_out: &[bf16],
+    w: &[f32],
+    want_combined: &switchyard::CombineOutput,
     handle: &switchyard::Handle,
     options: &DispatchOptions,
 ) -> Result<(), String> {
+    let want_out = &want_combined.x;
+    let want_w = want_combined.topk_weights.as_ref().ok_or("the expected combine has weights")?;
     let e = |e: switchyard::Error| e.to_string();
     comm.calls_on_device().map_err(e)?; // binds the rank's GPU on this thread
     let s = Stream::new().map_err(e)?;
@@ -214,15 +215,19 @@ fn on_stream_in_a_graph(
     let y_rows = Rows::Bf16 { hidden, data: y.to_vec() };
     let (y_buf, _) = upload(&y_rows, &s)?;
     let out = DeviceBuffer::new((want_out.len() * 2).max(16)).map_err(e)?;
+    let w_buf = DeviceBuffer::new((w.len() * 4).max(16)).map_err(e)?;
+    htod(w_buf.ptr(), w, &s).map_err(e)?;
+    let out_w = DeviceBuffer::new((want_w.len() * 4).max(16)).map_err(e)?;
+    let weights = Some([w_buf.ptr(), out_w.ptr()]);
     let on = CallerStream(s.raw() as u64);
     // Outside any capture first: kernels compiled, the handle's plan uploaded.
     comm.dispatch_cached_on(x_dev, handle, options, on).map_err(e)?;
-    comm.combine_on(y_buf.ptr(), hidden, handle, out.ptr(), on).map_err(e)?;
+    comm.combine_on(y_buf.ptr(), hidden, handle, out.ptr(), weights, on).map_err(e)?;
     s.sync().map_err(e)?;
     comm.device_error().map_err(e)?;
     CapturedGraph::begin_capture(&s).map_err(e)?;
     let enqueued = comm.dispatch_cached_on(x_dev, handle, options, on).and_then(|recv| {
-        comm.combine_on(y_buf.ptr(), hidden, handle, out.ptr(), on)?;
+        comm.combine_on(y_buf.ptr(), hidden, handle, out.ptr(), weights, on)?;
         Ok(recv)
     });
     let graph = CapturedGraph::end_capture(&s, enqueued.as_ref().map(|_| ()).map_err(|e| switchyard::Error::Cuda(e.to_string())));
@@ -267,6 +272,11 @@ fn on_stream_in_a_graph(
         let bad = sums.iter().zip(want_out).filter(|(g, w)| g.to_f32() != sign * w.to_f32()).count();
         if bad > 0 {
             return Err(format!("replay {round}: {bad} of {} combined values differ from the oracle", sums.len()));
+        }
+        let mut got_w = vec![0f32; want_w.len()];
+        dtoh(&mut got_w, out_w.ptr(), &s).map_err(e)?;
+        if &got_w != want_w {
+            return Err(format!("replay {round}: combined weights differ from the oracle"));
         }
     }
     Ok(())

@@ -120,10 +120,20 @@ impl CudaRank {
     }
 
     /// Combine of `y` (`[handle.num_recv(), hidden]` BF16 at device address `y`) along
-    /// `handle` into `out` (`[handle.num_tokens(), hidden]` BF16), enqueued on `stream`;
-    /// no weights. `y` is copied into this rank's buffer (where the peers read it) on the
-    /// stream first. Returns once enqueued. See the module docs for the contract.
-    pub fn combine_on(&mut self, y: u64, hidden: usize, handle: &Handle, out: u64, stream: CallerStream) -> Result<()> {
+    /// `handle` into `out` (`[handle.num_tokens(), hidden]` BF16), enqueued on `stream`.
+    /// With `weights = Some([w, out_w])` the `[num_recv, k]` f32 weights at `w` are summed
+    /// back into `[num_tokens, k]` at `out_w` too. `y` (and `w`) are copied into this rank's
+    /// buffer (where the peers read them) on the stream first. Returns once enqueued. See
+    /// the module docs for the contract.
+    pub fn combine_on(
+        &mut self,
+        y: u64,
+        hidden: usize,
+        handle: &Handle,
+        out: u64,
+        weights: Option<[u64; 2]>,
+        stream: CallerStream,
+    ) -> Result<()> {
         let spec = KernelSpec {
             world: self.world,
             hidden,
@@ -133,15 +143,22 @@ impl CudaRank {
             wire_fp8: false,
         };
         let st = self.ready_for(&spec, handle, None)?;
-        if y == 0 && handle.num_recv() > 0 || out == 0 && handle.num_tokens > 0 {
-            return Err(Error::InvalidArgument { arg: "y/out".into(), reason: "null device address".into() });
+        let null = |a: u64, n: usize| a == 0 && n > 0;
+        let (r, t) = (handle.num_recv(), handle.num_tokens);
+        if null(y, r) || null(out, t) || weights.is_some_and(|[w, ow]| null(w, r) || null(ow, t)) {
+            return Err(Error::InvalidArgument { arg: "y/out/weights".into(), reason: "null device address".into() });
         }
         let stream = Stream::borrowed(stream.0 as _);
         let (pos, send_base) = self.plans.get(st, &stream)?;
         let (mut p, lay) = self.base_params(&spec, handle.num_tokens);
         (p.pos, p.send_base, p.out) = (pos, send_base, out);
         let own = self.shared.peers.bases[self.rank];
-        super::driver::dtod_async(own + lay.y as u64, y, handle.num_recv() * hidden * 2, &stream)?;
+        super::driver::dtod_async(own + lay.y as u64, y, r * hidden * 2, &stream)?;
+        if let Some([w, out_w]) = weights {
+            super::driver::dtod_async(own + lay.y_w as u64, w, r * handle.topk * 4, &stream)?;
+            p.out_weights = out_w;
+            p.flags |= super::layout::FLAG_WITH_WEIGHTS;
+        }
         self.advance_on(&stream, &spec, &p)?;
         self.enqueue_on(&stream, &spec, Kernel::Combine, self.channels(), THREADS as u32, &p, &[])
     }

@@ -217,14 +217,15 @@ enum Launch {
 #[derive(Args, Debug)]
 struct CheckArgs {
     /// Backend: cpu, cuda, or auto (cuda if usable, else cpu). CUDA processes run the cases with as
-    /// many ranks as there are processes (one node or several); threads the one-node cases of all GPUs.
+    /// many ranks as there are processes (one node or several); threads every one-node case, its ranks
+    /// round robin over the GPUs (several ranks share a GPU when there are fewer GPUs than ranks).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
     /// Run only the cases whose name contains this text.
     #[arg(long, value_name = "SUBSTR")]
     filter: Option<String>,
     /// CUDA ranks: `processes` (one process per GPU, spawned unless a launcher set RANK/WORLD_SIZE;
-    /// one set of communicators runs every case) or `threads` (a fresh cluster of threads per case);
+    /// one set of communicators per node shape runs the cases) or `threads` (a fresh cluster of threads per case);
     /// `auto` = processes.
     #[arg(long, value_enum, default_value_t = Launch::Auto)]
     launch: Launch,
@@ -602,14 +603,13 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
         (BackendKind::Cuda, _) => {
             let gpus = probe::probe().gpus.len();
             let ranks = launch_env.as_ref().map_or(gpus, |e| e.world_size);
-            let fits = |t: Topology| if processes { t.world() == ranks } else { t.num_nodes == 1 && t.ranks_per_node == gpus };
+            // Threads run every one-node case, ranks round robin over the GPUs (several on one GPU when there are fewer).
+            let fits = |t: Topology| if processes { t.world() == ranks } else { t.num_nodes == 1 && gpus > 0 };
             let fit: Vec<_> = cases.into_iter().filter(|c| fits(c.spec.topology)).collect();
-            info!("cuda: {} cases have {ranks} ranks{}", fit.len(), if processes { "" } else { " in one node" });
+            let what = if processes { format!("{ranks} ranks") } else { format!("one node (on {gpus} GPUs)") };
+            info!("cuda: {} cases have {what}", fit.len());
             if fit.is_empty() {
-                return Err(Error::InvalidArgument {
-                    arg: "conformance cases".into(),
-                    reason: format!("none has {ranks} ranks{}", if processes { "" } else { " in one node" }),
-                });
+                return Err(Error::InvalidArgument { arg: "conformance cases".into(), reason: format!("none has {what}") });
             }
             fit
         }
@@ -695,10 +695,11 @@ fn run_case_cuda_process(
     conformance::run_case_as_process(case, comm.as_mut().expect("made above").as_mut())
 }
 
-/// One conformance case on a fresh CUDA cluster of the case's ranks.
+/// One conformance case on a fresh CUDA cluster of the case's ranks (round robin over the GPUs).
 fn run_case_cuda(case: &conformance::Case) -> conformance::CaseReport {
-    let ranks = switchyard::backend::cuda::CudaCluster::new(case.spec.topology.ranks_per_node, case.config.clone())
-        .and_then(|c| c.into_ranks());
+    let gpus = probe::probe().gpus.len().max(1);
+    let on: Vec<usize> = (0..case.spec.topology.ranks_per_node).map(|r| r % gpus).collect();
+    let ranks = switchyard::backend::cuda::CudaCluster::on_gpus(&on, case.config.clone()).and_then(|c| c.into_ranks());
     match ranks {
         Ok(r) => {
             conformance::run_case_on(case, r.into_iter().map(|r| Box::new(r) as Box<dyn switchyard::Communicator>).collect())
