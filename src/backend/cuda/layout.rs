@@ -282,8 +282,15 @@ mod tests {
 
     #[test]
     fn params_are_packed_like_the_c_struct() {
-        // 8 peers + 27 scalar fields, all u64: no padding anywhere.
-        assert_eq!(std::mem::size_of::<SyParams>(), (MAX_WORLD + 27) * 8);
+        // The C struct's fields, read from the kernel source: the peers array plus scalar
+        // u64s; all 8 bytes wide, so no padding anywhere and the sizes must agree.
+        let src = super::super::compile::COMMON_CUH;
+        let body = &src[src.find("struct SyParams {").expect("C struct")..];
+        let body = &body[..body.find("};").expect("struct end")];
+        let decls = body.lines().filter_map(|l| l.trim_start().strip_prefix("u64 ")).map(|l| l.split(';').next().unwrap_or(""));
+        let scalars = decls.filter(|d| !d.contains('[')).count();
+        assert!(body.contains("u64 peers[SY_MAX_WORLD];"));
+        assert_eq!(std::mem::size_of::<SyParams>(), (MAX_WORLD + scalars) * 8);
         assert_eq!(std::mem::size_of::<SyDiag>(), 48);
         assert!(std::mem::size_of::<SyDiag>() <= meta::NUM_RECV);
         const { assert!(meta::SEND_BASE + 4 * MAX_WORLD <= meta::STAMPS) };
