@@ -309,3 +309,49 @@ __device__ __forceinline__ bool sy_wait(const u64* flag, u64 target, const SyWai
         }
     }
 }
+
+// ---------------------------------------------------------------- meeting points of a call
+
+// Start of a call's phase: channel 0 raises flag `slot + me` on every rank, then every block
+// waits for `slot + s` from every rank s (itself included). False (and a diagnostic) on timeout.
+__device__ __forceinline__ bool sy_meet_all(const SyParams& p, int slot, int ch, u32 role, u32 what) {
+    __shared__ i32 s_failed;
+    const int tid = threadIdx.x, me = (int)p.rank;
+    if (tid == 0) s_failed = 0;
+    __syncthreads();
+    if (ch == 0 && tid < SY_WORLD) st_release_sys(sig(p.peers[tid]) + slot + me, sy_call_seq(p));
+    if (tid < SY_WORLD) {
+        if (!sy_wait(sig(p.peers[me]) + slot + tid, sy_call_seq(p), sy_wait_ctx(p), ch, role, tid, what))
+            atomicExch(&s_failed, 1);
+    }
+    __syncthreads();
+    return s_failed == 0;
+}
+
+// End of this channel's share of a call: every thread fences its writes, the block meets, one
+// thread per peer raises this channel's flag `slot + me * SY_MAX_CHANNELS + ch` there; then block 0
+// (every block with `all_wait`) waits for every peer's channels. False (and a diagnostic) if a
+// wait timed out.
+__device__ __forceinline__ bool sy_channel_done(const SyParams& p, int slot, int ch, int nch, bool all_wait, u32 role,
+                                                u32 what) {
+    __shared__ i32 s_late;
+    const int me = (int)p.rank;
+    if (threadIdx.x == 0) s_late = 0;
+    fence_acq_rel_sys();
+    __syncthreads();
+    sy_stamp(p, 2);
+    if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
+        st_release_sys(sig(p.peers[threadIdx.x]) + slot + me * SY_MAX_CHANNELS + ch, sy_call_seq(p));
+    if (all_wait || ch == 0) {
+        for (int i = threadIdx.x; i < SY_WORLD * nch; i += SY_THREADS) {
+            const int s = i / nch, c = i % nch;
+            if (s == me) continue;
+            if (!sy_wait(sig(p.peers[me]) + slot + s * SY_MAX_CHANNELS + c, sy_call_seq(p), sy_wait_ctx(p), c, role, s, what)) {
+                atomicExch(&s_late, 1);
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    return s_late == 0;
+}

@@ -176,18 +176,8 @@ static_assert(!(SY_X_FP8 && !SY_WIRE_FP8), "FP8 input travels as FP8");
 
 // Signal that my receive area is free for this call, then wait until every destination's is.
 // Guards cached dispatch (no notify step before it) against overwriting rows a slow rank still reads.
-__device__ __forceinline__ bool dispatch_entry(const SyParams& p, int ch, int me) {
-    __shared__ i32 s_failed;
-    const int tid = threadIdx.x;
-    if (tid == 0) s_failed = 0;
-    __syncthreads();
-    if (ch == 0 && tid < SY_WORLD) st_release_sys(sig(p.peers[tid]) + SY_SIG_RECV_READY + me, sy_call_seq(p));
-    if (tid < SY_WORLD) {
-        if (!sy_wait(sig(p.peers[me]) + SY_SIG_RECV_READY + tid, sy_call_seq(p), sy_wait_ctx(p), ch, SY_ROLE_SENDER, tid, SY_WAIT_RECV_READY))
-            atomicExch(&s_failed, 1);
-    }
-    __syncthreads();
-    return s_failed == 0;
+__device__ __forceinline__ bool dispatch_entry(const SyParams& p, int ch) {
+    return sy_meet_all(p, SY_SIG_RECV_READY, ch, SY_ROLE_SENDER, SY_WAIT_RECV_READY);
 }
 
 // Whether a token goes to any rank but me.
@@ -205,7 +195,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
     const int T = (int)p.num_tokens;
 
     sy_stamp(p, 0);
-    if (!dispatch_entry(p, ch, me)) return;
+    if (!dispatch_entry(p, ch)) return;
     sy_stamp(p, 1);
 
     const i32* pos = reinterpret_cast<const i32*>(p.pos);
@@ -339,22 +329,8 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
         }
     }
 
-    // Completion: every thread fences its own writes, the block meets, one thread per peer raises
-    // this channel's arrival flag there; then block 0 waits for every peer's channels.
-    fence_acq_rel_sys();
-    __syncthreads();
-    sy_stamp(p, 2);
-    if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
-        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_DISPATCH_ARRIVE + me * SY_MAX_CHANNELS + ch, sy_call_seq(p));
-    if (ch == 0) {
-        for (int i = threadIdx.x; i < SY_WORLD * nch; i += SY_THREADS) {
-            const int s = i / nch, c = i % nch;
-            if (s == me) continue;
-            if (!sy_wait(sig(p.peers[me]) + SY_SIG_DISPATCH_ARRIVE + s * SY_MAX_CHANNELS + c, sy_call_seq(p), sy_wait_ctx(p), c,
-                         SY_ROLE_RECEIVER, s, SY_WAIT_DISPATCH_ARRIVE))
-                break;
-        }
-    }
+    // Completion: this channel's rows are out; block 0 waits for every peer's channels.
+    sy_channel_done(p, SY_SIG_DISPATCH_ARRIVE, ch, nch, false, SY_ROLE_RECEIVER, SY_WAIT_DISPATCH_ARRIVE);
 }
 
 // ----------------------------------------------------------------- combine
@@ -411,20 +387,10 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
     const int me = (int)p.rank;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int T = (int)p.num_tokens;
-    __shared__ i32 s_failed;
 
     // Before: my y rows were copied in (stream order); tell every rank, then wait for all of theirs.
-    if (threadIdx.x == 0) s_failed = 0;
-    __syncthreads();
     sy_stamp(p, 0);
-    if (ch == 0 && threadIdx.x < SY_WORLD) st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_READY + me, sy_call_seq(p));
-    if (threadIdx.x < SY_WORLD) {
-        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_READY + threadIdx.x, sy_call_seq(p), sy_wait_ctx(p), ch, SY_ROLE_RECEIVER,
-                     threadIdx.x, SY_WAIT_COMBINE_READY))
-            atomicExch(&s_failed, 1);
-    }
-    __syncthreads();
-    if (s_failed) return;
+    if (!sy_meet_all(p, SY_SIG_COMBINE_READY, ch, SY_ROLE_RECEIVER, SY_WAIT_COMBINE_READY)) return;
     sy_stamp(p, 1);
 
     const i32* pos = reinterpret_cast<const i32*>(p.pos);
@@ -461,20 +427,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
 
     // After: tell every rank this channel is done reading its y; block 0 waits for all channels of all
     // ranks before the kernel ends, so the host may overwrite y in the next call.
-    fence_acq_rel_sys();
-    __syncthreads();
-    sy_stamp(p, 2);
-    if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
-        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_DONE + me * SY_MAX_CHANNELS + ch, sy_call_seq(p));
-    if (ch == 0) {
-        for (int i = threadIdx.x; i < SY_WORLD * nch; i += SY_THREADS) {
-            const int s = i / nch, c = i % nch;
-            if (s == me) continue;
-            if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_DONE + s * SY_MAX_CHANNELS + c, sy_call_seq(p), sy_wait_ctx(p), c,
-                         SY_ROLE_NOTIFY, s, SY_WAIT_COMBINE_DONE))
-                break;
-        }
-    }
+    sy_channel_done(p, SY_SIG_COMBINE_DONE, ch, nch, false, SY_ROLE_NOTIFY, SY_WAIT_COMBINE_DONE);
 }
 
 // ------------------------------------------------------------ push combine
@@ -491,21 +444,11 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(cons
     const int me = (int)p.rank;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int T = (int)p.num_tokens, R = (int)p.num_recv;
-    __shared__ i32 s_failed;
 
     // Entry: my slots are free for this call (my previous combine ended: stream order); tell every
     // rank, then wait until every rank's slots are free.
     sy_stamp(p, 0);
-    if (threadIdx.x == 0) s_failed = 0;
-    __syncthreads();
-    if (ch == 0 && threadIdx.x < SY_WORLD) st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_READY + me, sy_call_seq(p));
-    if (threadIdx.x < SY_WORLD) {
-        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_READY + threadIdx.x, sy_call_seq(p), sy_wait_ctx(p), ch, SY_ROLE_SENDER,
-                     threadIdx.x, SY_WAIT_COMBINE_READY))
-            atomicExch(&s_failed, 1);
-    }
-    __syncthreads();
-    if (s_failed) return;
+    if (!sy_meet_all(p, SY_SIG_COMBINE_READY, ch, SY_ROLE_SENDER, SY_WAIT_COMBINE_READY)) return;
     sy_stamp(p, 1);
 
     // Push: this channel's share of my y rows, one warp per row; rows of my own tokens stay put.
@@ -533,22 +476,9 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(cons
         }
     }
 
-    // Arrival: this channel's pushes are out; raise its flag on every peer. Then wait for every
-    // peer's channels: the rows of my tokens may come from any of them.
-    fence_acq_rel_sys();
-    __syncthreads();
-    sy_stamp(p, 2);
-    if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
-        st_release_sys(sig(p.peers[threadIdx.x]) + SY_SIG_COMBINE_DONE + me * SY_MAX_CHANNELS + ch, sy_call_seq(p));
-    for (int i = threadIdx.x; i < SY_WORLD * nch; i += SY_THREADS) {
-        const int s = i / nch, c = i % nch;
-        if (s == me) continue;
-        if (!sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_DONE + s * SY_MAX_CHANNELS + c, sy_call_seq(p), sy_wait_ctx(p), ch,
-                     SY_ROLE_RECEIVER, s, SY_WAIT_COMBINE_PUSHED))
-            atomicExch(&s_failed, 1);
-    }
-    __syncthreads();
-    if (s_failed) return;
+    // Arrival: this channel's pushes are out; raise its flag on every peer. Then every channel waits
+    // for every peer's channels: the rows of my tokens may come from any of them.
+    if (!sy_channel_done(p, SY_SIG_COMBINE_DONE, ch, nch, true, SY_ROLE_RECEIVER, SY_WAIT_COMBINE_PUSHED)) return;
     fence_acq_rel_sys();
 
     // Reduce my tokens of this channel: f32 sums in rank order, BF16 out.

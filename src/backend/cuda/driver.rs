@@ -315,13 +315,19 @@ impl DeviceBuffer {
     /// Fill the buffer with copies of a 16-bit pattern (synchronously; odd trailing byte untouched).
     pub fn fill_u16(&self, value: u16) -> Result<()> {
         // SAFETY: in bounds.
-        unsafe { sys::cuMemsetD16_v2(self.ptr, value, self.bytes / 2) }.result().map_err(err("cuMemsetD16"))
+        unsafe { sys::cuMemsetD16_v2(self.ptr, value, self.bytes / 2) }.result().map_err(err("cuMemsetD16"))?;
+        // As in `zero`: the memset runs later on the legacy stream; wait for it.
+        result::ctx::synchronize().map_err(err("cuCtxSynchronize"))
     }
 
-    /// Zero the whole buffer (synchronously).
+    /// Zero the whole buffer, and wait until it is done. (`cuMemsetD8` on device memory
+    /// returns before the memset ran, on the legacy stream, which our non-blocking
+    /// streams do not wait for: without the wait, a first kernel could run before it
+    /// and have its writes zeroed.)
     pub fn zero(&self) -> Result<()> {
         // SAFETY: in bounds.
-        unsafe { result::memset_d8_sync(self.ptr, 0, self.bytes) }.map_err(err("cuMemsetD8"))
+        unsafe { result::memset_d8_sync(self.ptr, 0, self.bytes) }.map_err(err("cuMemsetD8"))?;
+        result::ctx::synchronize().map_err(err("cuCtxSynchronize"))
     }
 }
 

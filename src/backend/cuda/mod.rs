@@ -48,6 +48,12 @@ use crate::routing::Layout;
 use crate::tensor::{DType, Rows, RowsRef};
 use crate::topology::Topology;
 
+/// The driver's variable for hardware work queues per GPU (default 8, at most 32), read once
+/// at initialization. Ranks of one process that share a GPU each use a stream (and a side
+/// stream): with more streams than queues, one rank's kernel can wait behind another's
+/// spinning one. The CLI sets 32 unless it is set; programs that share GPUs should too.
+pub const MAX_CONNECTIONS_ENV: &str = "CUDA_DEVICE_MAX_CONNECTIONS";
+
 /// Environment variable: communication buffer size per GPU, in MiB (default 2048).
 pub const BUFFER_MB_ENV: &str = "SWITCHYARD_CUDA_BUFFER_MB";
 const DEFAULT_BUFFER_MB: usize = 2048;
@@ -121,6 +127,10 @@ impl CudaCluster {
         }
         let gpus: Vec<Gpu> = gpus.iter().map(|&g| Gpu::new(g)).collect::<Result<_>>()?;
         let most_on_one = gpus.iter().map(|g| gpus.iter().filter(|o| o.ordinal() == g.ordinal()).count()).max().unwrap_or(1);
+        let queues = std::env::var(MAX_CONNECTIONS_ENV).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(8);
+        if most_on_one > 1 && 2 * most_on_one > queues {
+            tracing::warn!(ranks_per_gpu = most_on_one, queues, "{MAX_CONNECTIONS_ENV}={queues} hardware queues for {} streams per GPU: kernels may queue behind each other and time out; set it to 32 before CUDA starts", 2 * most_on_one);
+        }
         check_channels(config.num_channels * most_on_one, &gpus[0]).map_err(|e| match (e, most_on_one) {
             (Error::InvalidArgument { reason, .. }, n) if n > 1 => Error::InvalidArgument {
                 arg: "num_channels".into(),

@@ -232,6 +232,12 @@ struct CheckArgs {
 }
 
 fn main() -> ExitCode {
+    // Before any CUDA call (the driver reads it once): with fewer hardware queues than the
+    // streams of the ranks sharing a GPU, a rank's kernel can queue behind another rank's
+    // spinning one until the deadline. 32 is the driver's maximum; a value set outside wins.
+    if std::env::var_os(switchyard::backend::cuda::MAX_CONNECTIONS_ENV).is_none() {
+        std::env::set_var(switchyard::backend::cuda::MAX_CONNECTIONS_ENV, "32");
+    }
     let cli = Cli::parse();
     init_logging();
     let result = match cli.cmd {
