@@ -426,3 +426,30 @@ impl<T> Handout<T> {
         self.0.lock().unwrap()[r].take().expect("each rank taken once")
     }
 }
+
+/// Two ranks (2 nodes x 1, 4 experts, made with a 1.5 s deadline); rank 1 stays in the
+/// group but never calls. Rank 0's dispatch must fail with `Timeout` after about the
+/// deadline, not hang.
+pub fn a_silent_peer_times_out(ranks: Vec<Box<dyn switchyard::Communicator>>) {
+    use switchyard::{DispatchOptions, Error, Layout};
+    assert_eq!(ranks.len(), 2);
+    let topo = ranks[0].topology();
+    let ranks = Handout::new(ranks);
+    let got = on_threads(2, move |r| {
+        let mut comm = ranks.take(r);
+        if r == 1 {
+            // Stays in the group (its connection open) but never calls; released once rank 0 gave up.
+            std::thread::sleep(Duration::from_secs(4));
+            return None;
+        }
+        let (x, idx, w) = small_input(0);
+        let idx: Vec<i64> = idx.iter().map(|&e| e % 4).collect();
+        let layout = Layout::new(&idx, 2, 4, topo).unwrap();
+        let start = std::time::Instant::now();
+        let got = comm.dispatch(x.as_ref(), &idx, &w, &layout, &DispatchOptions::default()).map(drop);
+        Some((got, start.elapsed()))
+    });
+    let (got, took) = got[0].as_ref().expect("rank 0 reports");
+    assert!(matches!(got, Err(Error::Timeout { .. })), "{got:?}");
+    assert!(*took >= Duration::from_millis(1_400) && *took < Duration::from_secs(4), "took {took:?}");
+}
