@@ -720,6 +720,22 @@ fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Run {
     Run { measurements, interference, nccl_seconds }
 }
 
+/// What a bench over launched processes checks before any process waits for another: the
+/// workload's ranks are the launched processes, and there is something to time. Its topology.
+fn check_launched(spec: &BenchSpec, env: &crate::bootstrap::LaunchEnv) -> Result<crate::topology::Topology> {
+    let topo = spec.workload.topology;
+    if topo.world() != env.world_size {
+        return Err(Error::InvalidArgument {
+            arg: "--nodes/--ranks-per-node".into(),
+            reason: format!("{} processes were launched; the bench asks for {topo}", env.world_size),
+        });
+    }
+    if spec.iters == 0 {
+        return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
+    }
+    Ok(topo)
+}
+
 /// Run the bench as one rank of a CPU group whose ranks are processes started by a
 /// launcher (mpirun, srun, torchrun): the group forms through MPI (with the `mpi`
 /// feature under an MPI launcher) or the TCP rendezvous, nodes are blocks of the
@@ -730,13 +746,7 @@ pub fn run_cpu_process(
     env: &crate::bootstrap::LaunchEnv,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Option<Run>> {
-    let topo = spec.workload.topology;
-    if topo.world() != env.world_size {
-        return Err(Error::InvalidArgument {
-            arg: "--nodes/--ranks-per-node".into(),
-            reason: format!("{} processes were launched; the bench asks for {topo}", env.world_size),
-        });
-    }
+    let topo = check_launched(spec, env)?;
     let config = spec.configs.dispatch.clone();
     let mut comm = crate::backend::cpu::CpuProcessRank::from_launch_env(env, Some(topo.ranks_per_node), config)?;
     run_as_process(spec, &mut comm, progress)
@@ -752,16 +762,7 @@ pub fn run_cuda_process(
     env: &crate::bootstrap::LaunchEnv,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Option<Run>> {
-    let topo = spec.workload.topology;
-    if topo.world() != env.world_size {
-        return Err(Error::InvalidArgument {
-            arg: "--ranks-per-node".into(),
-            reason: format!("{} processes were launched; the bench asks for {topo}", env.world_size),
-        });
-    }
-    if spec.iters == 0 {
-        return Err(Error::InvalidArgument { arg: "iters".into(), reason: "must be >= 1".into() });
-    }
+    let topo = check_launched(spec, env)?;
     let config = spec.configs.dispatch.clone();
     let group = crate::bootstrap::join_launched(env, std::time::Duration::from_millis(config.timeout_ms))?;
     let group = crate::bootstrap::SharedGroup::new(group);

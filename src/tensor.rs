@@ -234,6 +234,16 @@ impl<'a> RowsRef<'a> {
         }
     }
 
+    /// Rows `indices`, in that order, as new rows (scales included).
+    pub fn select(&self, indices: &[u32]) -> Rows {
+        let mut out = Rows::zeros(self.dtype(), indices.len(), self.hidden());
+        for (i, &r) in indices.iter().enumerate() {
+            out.row_payload_mut(i).copy_from_slice(self.row_payload(r as usize));
+            out.row_scales_mut(i).copy_from_slice(self.row_scales(r as usize));
+        }
+        out
+    }
+
     /// An owned copy.
     pub fn to_owned(&self) -> Rows {
         match *self {

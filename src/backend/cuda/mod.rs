@@ -612,10 +612,8 @@ impl CudaRank {
         }
         .transpose();
         // Every rank says whether it could capture before any launches.
-        let graph = match self.agree(graph.as_ref().map(|_| ()).map_err(|e| Error::Cuda(e.to_string()))) {
-            Ok(()) => graph?,
-            Err(e) => return Err(e),
-        };
+        self.agree(graph.as_ref().map(|_| ()).map_err(|e| Error::Cuda(e.to_string())))?;
+        let graph = graph?;
         self.start_together()?;
         let r = (|| {
             for (a, b) in events.iter() {
@@ -633,7 +631,7 @@ impl CudaRank {
             events.seconds()
         })();
         let times = r.inspect_err(|e| self.poisoned = Some(e.to_string()))?;
-        self.check_device_timeout(l.kernel)?;
+        self.check_device_timeout()?;
         let st = inp.handle.state::<CudaHandleState>("cuda")?;
         let (row_bytes, into) = match op {
             ResidentOp::DispatchCached => (spec_row_bytes(&l.spec), &mut self.traffic.dispatch),
@@ -778,8 +776,7 @@ impl CudaRank {
             })
         })();
         let out = r.inspect_err(|e| self.poisoned = Some(e.to_string()))?;
-        self.check_device_timeout(d.kernel)?;
-        self.check_device_timeout(c.kernel)?;
+        self.check_device_timeout()?;
         Ok(out)
     }
 
@@ -949,11 +946,11 @@ impl CudaRank {
             self.poisoned = Some(e.to_string());
             return Err(e);
         }
-        self.check_device_timeout(which)
+        self.check_device_timeout()
     }
 
     /// After the stream is synchronized: the call's error if a device wait timed out.
-    fn check_device_timeout(&mut self, which: Kernel) -> Result<()> {
+    fn check_device_timeout(&mut self) -> Result<()> {
         let d: SyDiag = self.meta.read(meta::DIAG);
         if d.timed_out != 0 {
             let role = match d.role {
@@ -970,7 +967,8 @@ impl CudaRank {
                     role,
                     head: d.head,
                     tail: d.tail,
-                    detail: format!("{:?} kernel, {} (peer {}, call {})", which, layout::wait_name(d.what), d.peer, d.seq),
+                    // The wait's name says which kernel and phase it was.
+                    detail: format!("{} (peer {}, call {})", layout::wait_name(d.what), d.peer, d.seq),
                 },
             };
             tracing::error!(error = %e, "device wait timed out");

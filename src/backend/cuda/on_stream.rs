@@ -167,7 +167,7 @@ impl CudaRank {
     /// wait that timed out since the last check, as [`Error::Timeout`] (and the
     /// communicator is unusable afterwards), or `Ok`.
     pub fn device_error(&mut self) -> Result<()> {
-        let r = self.check_device_timeout(Kernel::Dispatch);
+        let r = self.check_device_timeout();
         self.meta.write(meta::DIAG, SyDiag::default());
         r
     }

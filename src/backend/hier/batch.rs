@@ -58,13 +58,10 @@ impl TokenBatch {
         keep: impl Fn(i64) -> bool,
     ) -> Self {
         let k = fmt.topk;
-        let mut rows = Rows::zeros(fmt.dtype, tokens.len(), fmt.hidden);
         let (mut ids, mut weights) = (Vec::new(), Vec::new());
-        for (i, &t) in tokens.iter().enumerate() {
-            let t = t as usize;
-            rows.row_payload_mut(i).copy_from_slice(x.row_payload(t));
-            rows.row_scales_mut(i).copy_from_slice(x.row_scales(t));
-            if fmt.with_meta {
+        if fmt.with_meta {
+            for &t in tokens {
+                let t = t as usize;
                 for j in t * k..(t + 1) * k {
                     let hit = topk_idx[j] >= 0 && keep(topk_idx[j]);
                     ids.push(if hit { topk_idx[j] } else { -1 });
@@ -72,7 +69,7 @@ impl TokenBatch {
                 }
             }
         }
-        Self { tokens: tokens.to_vec(), ids, weights, x: rows }
+        Self { tokens: tokens.to_vec(), ids, weights, x: x.select(tokens) }
     }
 
     /// Number of tokens.

@@ -205,16 +205,11 @@ impl HierRank {
             })
             .collect()
     }
+}
 
-    /// Rows of the node-local output in this rank's order: output row `i` is `rows[perm[i]]`.
-    fn permute_rows(rows: &Rows, perm: &[u32]) -> Rows {
-        let mut out = Rows::zeros(rows.dtype(), perm.len(), rows.hidden());
-        for (i, &p) in perm.iter().enumerate() {
-            out.row_payload_mut(i).copy_from_slice(rows.as_ref().row_payload(p as usize));
-            out.row_scales_mut(i).copy_from_slice(rows.as_ref().row_scales(p as usize));
-        }
-        out
-    }
+/// The `[_, k]` rows `perm` of `v`, in that order.
+fn select_k<T: Copy>(v: &[T], perm: &[u32], k: usize) -> Vec<T> {
+    perm.iter().flat_map(|&i| &v[i as usize * k..(i as usize + 1) * k]).copied().collect()
 }
 
 impl Communicator for HierRank {
@@ -284,7 +279,7 @@ impl Communicator for HierRank {
             let opts = DispatchOptions { fp8_on_wire: false, ..*options };
             let rows = self.node.dispatch_cached(input.x.as_ref(), &st.node, &opts)?;
             self.take_node_traffic(true);
-            Ok(Self::permute_rows(&rows, &st.perm))
+            Ok(rows.as_ref().select(&st.perm))
         })();
         self.guard(r)
     }
@@ -392,11 +387,10 @@ impl HierRank {
         }
         named.sort_unstable();
         let perm: Vec<u32> = named.iter().map(|&(_, i)| i).collect();
-        let pick = |v: &[i64], i: u32| v[i as usize * k..(i as usize + 1) * k].to_vec();
         let output = DispatchOutput {
-            x: Self::permute_rows(&out.x, &perm),
-            topk_idx: perm.iter().flat_map(|&i| pick(&out.topk_idx, i)).collect(),
-            topk_weights: perm.iter().flat_map(|&i| out.topk_weights[i as usize * k..(i as usize + 1) * k].to_vec()).collect(),
+            x: out.x.as_ref().select(&perm),
+            topk_idx: select_k(&out.topk_idx, &perm, k),
+            topk_weights: select_k(&out.topk_weights, &perm, k),
             tokens_per_expert: out.tokens_per_expert,
             source_rank: named.iter().map(|&([s, _], _)| s).collect(),
             source_token: named.iter().map(|&([_, t], _)| t).collect(),
@@ -420,7 +414,7 @@ impl HierRank {
         let mut y_node = vec![bf16::ZERO; y.len()];
         let mut w_node = topk_weights.map(|w| vec![0f32; w.len()]);
         for (i, &p) in st.perm.iter().enumerate() {
-            let (i, p) = (i, p as usize);
+            let p = p as usize;
             y_node[p * hidden..(p + 1) * hidden].copy_from_slice(&y[i * hidden..(i + 1) * hidden]);
             if let (Some(wn), Some(w)) = (w_node.as_mut(), topk_weights) {
                 wn[p * k..(p + 1) * k].copy_from_slice(&w[i * k..(i + 1) * k]);
