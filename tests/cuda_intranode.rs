@@ -171,30 +171,38 @@ fn negated(rows: &Rows) -> Rows {
 /// Rows `x` into a fresh device buffer (payload, then scales); the buffer and the `DeviceRows` naming it.
 fn upload(x: &Rows, s: &Stream) -> Result<(DeviceBuffer, DeviceRows), String> {
     let e = |e: switchyard::Error| e.to_string();
-    let (payload, scales): (Vec<u8>, Vec<f32>) = match x {
-        Rows::Bf16 { data, .. } => (data.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(), Vec::new()),
-        Rows::Fp8 { data, scales, .. } => (data.clone(), scales.clone()),
-    };
-    let buf = DeviceBuffer::new(payload.len() + scales.len() * 4 + 16).map_err(e)?;
-    htod(buf.ptr(), &payload, s).map_err(e)?;
-    let scales_at = buf.ptr() + payload.len().next_multiple_of(16) as u64;
-    if !scales.is_empty() {
-        htod(scales_at, &scales, s).map_err(e)?;
-    }
-    let fp8 = x.dtype() == DType::Fp8;
+    let payload = x.num_rows() * x.dtype().row_bytes(x.hidden());
+    let scales = if x.dtype() == DType::Fp8 { x.num_rows() * x.hidden() / 128 * 4 } else { 0 };
+    let buf = DeviceBuffer::new(payload.next_multiple_of(16) + scales + 16).map_err(e)?;
     let rows = DeviceRows {
         data: buf.ptr(),
-        scales: if fp8 { scales_at } else { 0 },
+        scales: if scales > 0 { buf.ptr() + payload.next_multiple_of(16) as u64 } else { 0 },
         dtype: x.dtype(),
         hidden: x.hidden(),
         num_rows: x.num_rows(),
     };
+    write_rows(x, &rows, s)?;
     Ok((buf, rows))
+}
+
+/// Rows `x` over the device rows `at` (same shape). Host-to-device copies only: no device
+/// memory is allocated or freed, which would wait for the other rank's kernels on a shared
+/// GPU while they wait for this rank.
+fn write_rows(x: &Rows, at: &DeviceRows, s: &Stream) -> Result<(), String> {
+    let e = |e: switchyard::Error| e.to_string();
+    match x {
+        Rows::Bf16 { data, .. } => htod(at.data, data, s).map_err(e),
+        Rows::Fp8 { data, scales, .. } => {
+            htod(at.data, data, s).map_err(e)?;
+            htod(at.scales, scales, s).map_err(e)
+        }
+    }
 }
 
 /// The calls on device pointers, on a stream of the test's own, captured together in a
 /// CUDA graph, replayed with the input and then with its negation written in between:
 /// each replay's rows and sums must match the oracle's (negated for the second).
+#[allow(clippy::too_many_arguments)] // the rank, its inputs and what the oracle expects of each
 fn on_stream_in_a_graph(
     comm: &mut CudaRank,
     x: &Rows,
@@ -211,9 +219,9 @@ fn on_stream_in_a_graph(
     comm.calls_on_device().map_err(e)?; // binds the rank's GPU on this thread
     let s = Stream::new().map_err(e)?;
     let hidden = x.hidden();
-    let (x_buf, x_dev) = upload(x, &s)?;
+    let (_x_buf, x_dev) = upload(x, &s)?; // held until the end: the graph reads it
     let y_rows = Rows::Bf16 { hidden, data: y.to_vec() };
-    let (y_buf, _) = upload(&y_rows, &s)?;
+    let (y_buf, y_dev) = upload(&y_rows, &s)?;
     let out = DeviceBuffer::new((want_out.len() * 2).max(16)).map_err(e)?;
     let w_buf = DeviceBuffer::new((w.len() * 4).max(16)).map_err(e)?;
     htod(w_buf.ptr(), w, &s).map_err(e)?;
@@ -235,16 +243,9 @@ fn on_stream_in_a_graph(
     let graph = graph.map_err(e)?;
     for round in 0..2 {
         let (x_now, y_now) = if round == 0 { (x.clone(), y_rows.clone()) } else { (negated(x), negated(&y_rows)) };
-        let (_x_new_buf, x_new) = upload(&x_now, &s)?; // kept until the copies below ran (synchronized)
-                                                       // Same addresses as captured: write the new input over the old.
-        let bytes = |r: &Rows| r.num_rows() * r.dtype().row_bytes(r.hidden());
-        switchyard::backend::cuda::driver::dtod_async(x_buf.ptr(), x_new.data, bytes(&x_now), &s).map_err(e)?;
-        if x_now.dtype() == DType::Fp8 {
-            let n = x_now.num_rows() * x_now.hidden() / 128 * 4;
-            switchyard::backend::cuda::driver::dtod_async(x_dev.scales, x_new.scales, n, &s).map_err(e)?;
-        }
-        let (_y_new_buf, y_new) = upload(&y_now, &s)?;
-        switchyard::backend::cuda::driver::dtod_async(y_buf.ptr(), y_new.data, y.len() * 2, &s).map_err(e)?;
+        // Same addresses as captured: the new input goes over the old.
+        write_rows(&x_now, &x_dev, &s)?;
+        write_rows(&y_now, &y_dev, &s)?;
         graph.launch(&s).map_err(e)?;
         s.sync().map_err(e)?;
         comm.device_error().map_err(e)?;

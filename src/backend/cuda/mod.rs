@@ -108,7 +108,10 @@ impl CudaCluster {
     /// Rank `r` of one node on GPU `gpus[r]` (1..=8 ranks). A GPU may carry several
     /// ranks: their kernels run side by side on it (one context, a stream per rank), so
     /// one GPU can run the node-wide protocol for development and tests; every channel
-    /// of every rank on a GPU needs an SM of its own (checked).
+    /// of every rank on a GPU needs an SM of its own (checked). Freeing device memory
+    /// (`cuMemFree`) waits for every kernel on the GPU, so a rank that frees while a
+    /// co-located rank's kernel waits for it stalls both until the deadline: allocate
+    /// what the calls use up front (the calls' own workspaces are allocated on first use).
     pub fn on_gpus(gpus: &[usize], config: Config) -> Result<Self> {
         config.validate()?;
         let num_gpus = gpus.len();
