@@ -110,6 +110,19 @@ pub struct NcclResult {
     pub time_us: TimeStats,
     /// The op's logical bytes / median time (the same bytes as the op's row).
     pub logical_gbps: f64,
+    /// On several nodes: the baseline is the inter-node hop alone, on the rail's NCCL
+    /// communicator, with the bytes the rail carries in the op (not the whole op's bytes).
+    #[serde(default)]
+    pub inter_node_hop: bool,
+    /// On several nodes: this baseline's median / the median of the op's own rail transfer
+    /// (the hop efficiency; 1 = the hop inside the op moves as fast as NCCL alone).
+    #[serde(default)]
+    pub hop_efficiency: Option<f64>,
+    /// On several nodes: the op's median / the slower of the two hops measured alone (this
+    /// baseline for the network, the node-local op's kernels for NVLink): 1 = fully overlapped,
+    /// about 1 + faster/slower when the hops run one after the other.
+    #[serde(default)]
+    pub overlap: Option<f64>,
 }
 
 /// What [`Communicator::measure_interference`] runs in a bench.
@@ -211,6 +224,10 @@ pub struct Measurement {
     pub wrong: Option<u64>,
     /// Timed as back-to-back calls on device-resident inputs (see [`OpResult::device_resident`]).
     pub device_resident: bool,
+    /// `[inter-node transfer, node-local op]` per iteration, the slowest rank's device
+    /// seconds of each hop inside the op (two-hop communicators whose hops are timed).
+    #[serde(default)]
+    pub hop_seconds: Option<[Vec<f64>; 2]>,
 }
 
 /// Min, median and max over iterations, in microseconds.
@@ -282,6 +299,19 @@ pub struct Network {
     pub bytes_per_token: f64,
     /// `[nodes]` inter-node rows into each node, summed over the ranks that send them.
     pub rows_to_node: Vec<f64>,
+    /// The two hops inside the op, each timed on the device (per iteration the slowest
+    /// rank's); `null` where the communicator does not time them (the host rail).
+    #[serde(default)]
+    pub hops: Option<HopTimes>,
+}
+
+/// Device times of the two hops inside a two-hop op.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HopTimes {
+    /// The rail's transfer of the rows (NCCL, between rail peers), in microseconds.
+    pub network_us: TimeStats,
+    /// The node-local op's kernels (NVLink, inside each node), in microseconds.
+    pub node_us: TimeStats,
 }
 
 /// One op's row of the results (one line of the table, one element of `results`).
@@ -421,6 +451,8 @@ struct RankRun {
     interference: Vec<Interference>,
     /// `[dispatch, combine]` NCCL exchange seconds per iteration.
     nccl: Option<[Vec<f64>; 2]>,
+    /// `[op][iter]` the two hops' device seconds ([`Communicator::last_hop_seconds`]).
+    hops: [Vec<[f64; 2]>; 3],
 }
 
 /// What a timed call returned; received rows go back to the communicator for reuse.
@@ -432,7 +464,10 @@ enum CallOutput {
 /// Barrier, then time one call on this rank (host clock, or the device time of
 /// its kernels on a device backend). Its output is handed back
 /// ([`Communicator::recycle_rows`]) or dropped after the clock stops.
-fn time_call(comm: &mut dyn Communicator, f: &mut impl FnMut(&mut dyn Communicator) -> Result<CallOutput>) -> Result<f64> {
+fn time_call(
+    comm: &mut dyn Communicator,
+    f: &mut impl FnMut(&mut dyn Communicator) -> Result<CallOutput>,
+) -> Result<(f64, Option<[f64; 2]>)> {
     comm.barrier()?;
     let t0 = Instant::now();
     let out = f(comm)?;
@@ -442,7 +477,7 @@ fn time_call(comm: &mut dyn Communicator, f: &mut impl FnMut(&mut dyn Communicat
     if let CallOutput::Rows(rows) = out {
         comm.recycle_rows(rows);
     }
-    Ok(dt)
+    Ok((dt, comm.last_hop_seconds()))
 }
 
 fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, step: &dyn Fn()) -> Result<RankRun> {
@@ -455,6 +490,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     let mut physical = [(0u64, 0u64); 3];
     let mut network: [Vec<u64>; 3] = Default::default();
     let mut resident = [false; 3];
+    let mut hops: [Vec<[f64; 2]>; 3] = Default::default();
 
     // The dispatch whose output and handle the other ops use.
     use_config(comm, &spec.configs.dispatch)?;
@@ -504,7 +540,9 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
             comm.barrier()?;
             comm.reset_traffic();
             for _ in 0..spec.iters {
-                seconds[i].push(time_call(comm, &mut call)?);
+                let (dt, hop) = time_call(comm, &mut call)?;
+                seconds[i].push(dt);
+                hops[i].extend(hop);
                 step();
             }
         }
@@ -548,7 +586,7 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
     } else {
         None
     };
-    Ok(RankRun { seconds, logical, physical, network, checked, resident, interference, nccl })
+    Ok(RankRun { seconds, logical, physical, network, checked, resident, interference, nccl, hops })
 }
 
 /// Pick the most informative of several ranks' errors: a rank's own error over
@@ -655,6 +693,9 @@ struct RankSummary {
     /// NCCL baseline seconds.
     #[serde(default)]
     nccl: Option<[Vec<f64>; 2]>,
+    /// `[op][iter]` the two hops' device seconds.
+    #[serde(default)]
+    hops: [Vec<[f64; 2]>; 3],
 }
 
 impl RankSummary {
@@ -668,6 +709,7 @@ impl RankSummary {
             wrong: want.map(|w| wrong_of_rank(w, rank, run)),
             interference: run.interference.clone(),
             nccl: run.nccl.clone(),
+            hops: run.hops.clone(),
         }
     }
 }
@@ -709,6 +751,9 @@ fn measurements(spec: &BenchSpec, sums: &[RankSummary]) -> Run {
                 .collect(),
             wrong: sums.iter().map(|r| r.wrong.map(|w| w[i])).sum(),
             device_resident: sums.iter().all(|r| r.resident[i]),
+            hop_seconds: sums.iter().all(|r| r.hops[i].len() == iters).then(|| {
+                [0, 1].map(|h| (0..iters).map(|it| sums.iter().map(|r| r.hops[i][it][h]).fold(0.0, f64::max)).collect())
+            }),
         })
         .collect();
     let nccl_seconds = sums.iter().all(|r| r.nccl.is_some()).then(|| {
@@ -918,6 +963,10 @@ fn network_of(m: &Measurement, w: &WorkloadSpec) -> Option<Network> {
             rows_per_token: rows / tokens,
             bytes_per_token: m.inter_node_bytes / tokens,
             rows_to_node: m.inter_node_rows_to_node.clone(),
+            hops: m
+                .hop_seconds
+                .as_ref()
+                .map(|[net, node]| HopTimes { network_us: TimeStats::from_seconds(net), node_us: TimeStats::from_seconds(node) }),
         }
     })
 }
@@ -971,15 +1020,25 @@ pub fn format_network(results: &[OpResult]) -> String {
 }
 
 /// The NCCL baseline rows of a run: the bytes of cached dispatch (wire row type) and combine.
+/// On several nodes the baseline is the inter-node hop alone, and each row also
+/// carries the hop efficiency and the overlap of the op (where its hops were timed).
 pub fn nccl_results(spec: &BenchSpec, run: &Run) -> Vec<NcclResult> {
     let Some(secs) = &run.nccl_seconds else { return Vec::new() };
-    let logical = |op: Op| run.measurements.iter().find(|m| m.op == op).map_or(0, |m| m.logical_bytes);
+    let inter_node_hop = spec.workload.topology.num_nodes > 1;
+    let median = |s: &[f64]| TimeStats::from_seconds(s).median;
     [(Op::DispatchCached, spec.wire_dtype(), &secs[0]), (Op::Combine, DType::Bf16, &secs[1])]
         .into_iter()
         .map(|(op, dtype, s)| {
+            let m = run.measurements.iter().find(|m| m.op == op);
             let time_us = TimeStats::from_seconds(s);
-            let gbps = if time_us.median > 0.0 { logical(op) as f64 / (time_us.median * 1e-6) / 1e9 } else { 0.0 };
-            NcclResult { op, dtype, time_us, logical_gbps: gbps }
+            let logical = m.map_or(0, |m| m.logical_bytes) as f64;
+            let gbps = if time_us.median > 0.0 { logical / (time_us.median * 1e-6) / 1e9 } else { 0.0 };
+            let hops = m.and_then(|m| m.hop_seconds.as_ref().map(|h| (median(&m.iter_seconds), median(&h[0]), median(&h[1]))));
+            let (hop_efficiency, overlap) = match hops.filter(|_| inter_node_hop) {
+                Some((op_us, net_us, node_us)) => (Some(time_us.median / net_us), Some(op_us / time_us.median.max(node_us))),
+                None => (None, None),
+            };
+            NcclResult { op, dtype, time_us, logical_gbps: gbps, inter_node_hop, hop_efficiency, overlap }
         })
         .collect()
 }
@@ -989,6 +1048,9 @@ pub fn nccl_results(spec: &BenchSpec, run: &Run) -> Vec<NcclResult> {
 pub fn format_nccl(rows: &[NcclResult], results: &[OpResult]) -> String {
     if rows.is_empty() {
         return String::new();
+    }
+    if rows.iter().any(|r| r.inter_node_hop) {
+        return format_rail_baseline(rows, results);
     }
     let mut s = String::from("# NCCL grouped send/recv of the same bytes, same run (cudarc NCCL, every rank incl. itself):\n");
     for r in rows {
@@ -1002,6 +1064,31 @@ pub fn format_nccl(rows: &[NcclResult], results: &[OpResult]) -> String {
             r.time_us.max,
             r.logical_gbps,
             r.time_us.median / ours
+        );
+    }
+    s
+}
+
+/// [`format_nccl`] on several nodes: the rail's NCCL alone against the two hops inside the op.
+fn format_rail_baseline(rows: &[NcclResult], results: &[OpResult]) -> String {
+    let mut s = String::from(
+        "# inter-node hop alone: NCCL send/recv of the rail's bytes between rail peers, same run, vs the hops inside the op\n\
+         #                op  dtype  NCCL alone(us)  rail in op(us)  node op(us)  op(us)  hop efficiency  op / slower hop\n",
+    );
+    let fmt = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
+    for r in rows {
+        let op = results.iter().find(|o| o.op == r.op);
+        let hops = op.and_then(|o| o.network.as_ref()?.hops);
+        s += &format!(
+            "# {:>17}  {:>5}  {:>14.1}  {:>14}  {:>11}  {:>6.1}  {:>14}  {:>15}\n",
+            r.op.name(),
+            r.dtype.name(),
+            r.time_us.median,
+            hops.map_or_else(|| "-".to_string(), |h| format!("{:.1}", h.network_us.median)),
+            hops.map_or_else(|| "-".to_string(), |h| format!("{:.1}", h.node_us.median)),
+            op.map_or(f64::NAN, |o| o.time_us.median),
+            fmt(r.hop_efficiency),
+            fmt(r.overlap)
         );
     }
     s
@@ -1152,6 +1239,7 @@ mod tests {
                 inter_node_rows_to_node: vec![100.0, 28.0],
                 wrong: (op == Op::Combine).then_some(0),
                 device_resident: op == Op::Combine,
+                hop_seconds: None,
             })
             .collect();
         Report {
@@ -1201,6 +1289,7 @@ mod tests {
             inter_node_rows_to_node: vec![0.0],
             wrong: None,
             device_resident: true,
+            hop_seconds: None,
         };
         let run = Run {
             measurements: vec![m(Op::Dispatch, 1), m(Op::DispatchCached, 4000), m(Op::Combine, 8000)],
@@ -1215,7 +1304,36 @@ mod tests {
         let t = format_nccl(&rows, &report.results);
         assert_eq!(t.lines().count(), 3, "{t}");
         assert!(t.lines().all(|l| l.starts_with('#')));
-        assert!(nccl_results(&spec, &Run { nccl_seconds: None, ..run }).is_empty());
+        assert!(nccl_results(&spec, &Run { nccl_seconds: None, ..run.clone() }).is_empty());
+
+        // Two nodes: the baseline is the rail hop, set against the hops timed inside the op.
+        let two = BenchSpec {
+            workload: WorkloadSpec { topology: Topology { num_nodes: 2, ranks_per_node: 1 }, ..spec.workload.clone() },
+            ..spec
+        };
+        let mut run = run;
+        for m in &mut run.measurements {
+            m.iter_seconds = vec![10e-6, 10e-6];
+            m.hop_seconds = Some([vec![4e-6, 4e-6], vec![5e-6, 5e-6]]);
+        }
+        let rows = nccl_results(&two, &run);
+        // Dispatch: NCCL alone 3 us against 4 us inside; the op's 10 us against the slower hop (node: 5 us).
+        assert!(rows.iter().all(|r| r.inter_node_hop));
+        assert!((rows[0].hop_efficiency.unwrap() - 0.75).abs() < 1e-9);
+        assert!((rows[0].overlap.unwrap() - 2.0).abs() < 1e-9);
+        // Combine: NCCL alone 8 us is the slower hop.
+        assert!((rows[1].hop_efficiency.unwrap() - 2.0).abs() < 1e-9);
+        assert!((rows[1].overlap.unwrap() - 1.25).abs() < 1e-9);
+        let mut results = results(&two, "cuda", &run.measurements, 1.0);
+        let t = format_nccl(&rows, &results);
+        assert!(t.contains("inter-node hop alone") && t.lines().count() == 4, "{t}");
+        assert!(t.lines().nth(2).unwrap().contains("4.0") && t.lines().nth(2).unwrap().contains("0.75"), "{t}");
+        // Without hop times (the host rail) the figures are dashes, not numbers.
+        run.measurements.iter_mut().for_each(|m| m.hop_seconds = None);
+        results.iter_mut().for_each(|r| r.network.as_mut().unwrap().hops = None);
+        let rows = nccl_results(&two, &run);
+        assert!(rows.iter().all(|r| r.hop_efficiency.is_none() && r.overlap.is_none()));
+        assert!(format_nccl(&rows, &results).lines().nth(2).unwrap().contains(" -"));
     }
 
     #[test]

@@ -271,7 +271,8 @@ pub trait Communicator: Send {
     /// from every rank, itself included) of the bytes a cached dispatch along `handle`
     /// moves with `row_bytes[0]`-byte rows, then of the bytes the combine moves back with
     /// `row_bytes[1]`-byte rows; seconds per exchange, `[dispatch, combine]`. Collective.
-    /// `None`: the backend has no NCCL.
+    /// On several nodes: the inter-node hop alone, NCCL on the rail with the bytes the
+    /// rail carries. `None`: the backend (or its rail) has no NCCL.
     fn time_nccl_exchange(&mut self, _handle: &Handle, _row_bytes: [usize; 2], _iters: usize) -> Option<Result<[Vec<f64>; 2]>> {
         None
     }
@@ -298,6 +299,12 @@ pub trait Communicator: Send {
     /// events around each launch, host reads between them excluded); `None` on
     /// backends without a device.
     fn device_time_us(&self) -> Option<f64> {
+        None
+    }
+
+    /// `[inter-node transfer, node-local op]` device seconds of this rank's last call,
+    /// for communicators with two hops whose both parts are timed on the device.
+    fn last_hop_seconds(&self) -> Option<[f64; 2]> {
         None
     }
 

@@ -144,6 +144,21 @@ impl Stream {
         unsafe { result::stream::synchronize(self.raw) }.map_err(err("cuStreamSynchronize"))
     }
 
+    /// Wait for all work on the stream, polling, until `deadline`: `Ok(false)` when the
+    /// work is still running then (for work that waits on another process, such as NCCL's,
+    /// which a plain synchronize would wait for forever).
+    pub fn sync_until(&self, deadline: std::time::Instant) -> Result<bool> {
+        loop {
+            // SAFETY: valid stream.
+            match unsafe { sys::cuStreamQuery(self.raw) } {
+                sys::CUresult::CUDA_SUCCESS => return Ok(true),
+                sys::CUresult::CUDA_ERROR_NOT_READY if std::time::Instant::now() < deadline => std::thread::yield_now(),
+                sys::CUresult::CUDA_ERROR_NOT_READY => return Ok(false),
+                e => return Err(err("cuStreamQuery")(result::DriverError(e))),
+            }
+        }
+    }
+
     /// The driver handle, for libraries that enqueue on it (cuBLAS).
     pub fn raw(&self) -> sys::CUstream {
         self.raw

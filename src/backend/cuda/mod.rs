@@ -34,7 +34,7 @@ use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_W
 use self::local_copy::{CopyOp, LocalCopy, RowArrays};
 pub use self::on_stream::{CallerStream, DeviceRows};
 use self::peer::PeerMap;
-use crate::backend::hier::HierRank;
+use crate::backend::hier::{HierRank, Rail};
 use crate::backend::{
     checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Interference, ResidentInputs, ResidentOp,
     Traffic, TrafficLog,
@@ -54,6 +54,9 @@ use crate::topology::Topology;
 /// spinning one. The CLI sets 32 unless it is set; programs that share GPUs should too.
 pub const MAX_CONNECTIONS_ENV: &str = "CUDA_DEVICE_MAX_CONNECTIONS";
 
+/// Environment variable: the transport of the inter-node hop when several CUDA nodes
+/// run, `nccl` (default) or `host` (the process group: MPI or TCP, through host memory).
+pub const RAIL_ENV: &str = "SWITCHYARD_RAIL";
 /// Environment variable: communication buffer size per GPU, in MiB (default 2048).
 pub const BUFFER_MB_ENV: &str = "SWITCHYARD_CUDA_BUFFER_MB";
 const DEFAULT_BUFFER_MB: usize = 2048;
@@ -219,12 +222,46 @@ pub fn communicator_over(group: &SharedGroup, ranks_per_node: usize, config: Con
         let id = 0xC0DA_0000_0000 | rand::random::<u32>() as u64;
         return Ok(Box::new(CudaRank::from_process_group(group.whole(), slot, id, config)?));
     }
-    let hier = HierRank::new(group, Some(ranks_per_node), config, &mut |view, cfg| {
+    let rail = RailChoice::from_env()?;
+    if rail == RailChoice::Nccl {
+        nccl::emulate_hosts_if_needed(group.hostnames(), group.rank(), ranks_per_node);
+    }
+    let timeout = Duration::from_millis(config.timeout_ms);
+    let mut hier = HierRank::new(group, Some(ranks_per_node), config, &mut |view, cfg| {
         // Only the node's ranks see this id, in handles that stay inside the hierarchical rank.
         let id = 0xC0DA_0000_0000 ^ ((group.rank() / ranks_per_node) as u64) << 8;
         Ok(Box::new(CudaRank::from_process_group(view, slot, id, cfg.clone())?) as Box<dyn Communicator>)
     })?;
+    if rail == RailChoice::Nccl {
+        // The node's CudaRank made this thread's context current, where NCCL works.
+        hier.use_rail(|place, world| Ok(Box::new(nccl::join_rail(place, world, timeout)?) as Box<dyn Rail>))?;
+    }
     Ok(Box::new(hier))
+}
+
+/// Which transport the inter-node hop of a CUDA group takes ([`RAIL_ENV`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RailChoice {
+    /// NCCL between rail peers, on device buffers (the default).
+    Nccl,
+    /// The process group on the host (MPI or TCP).
+    Host,
+}
+
+impl RailChoice {
+    fn from_env() -> Result<Self> {
+        Self::parse(std::env::var(RAIL_ENV).ok().as_deref())
+    }
+
+    fn parse(value: Option<&str>) -> Result<Self> {
+        match value {
+            None | Some("nccl") => Ok(Self::Nccl),
+            Some("host") => Ok(Self::Host),
+            Some(other) => {
+                Err(Error::InvalidArgument { arg: RAIL_ENV.into(), reason: format!("`{other}`: expected `nccl` or `host`") })
+            }
+        }
+    }
 }
 
 /// The GPU's arch name for NVRTC, or why it cannot run the kernels.
@@ -1316,6 +1353,14 @@ mod tests {
         assert_eq!((0..8).map(|p| gpu_for_process(p, 8, 1)).collect::<Vec<_>>(), vec![0; 8]);
         let hosts: Vec<String> = ["a", "a", "b", "b", "b"].iter().map(|h| h.to_string()).collect();
         assert_eq!((0..5).map(|r| host_slot(&hosts, r)).collect::<Vec<_>>(), vec![(0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]);
+    }
+
+    #[test]
+    fn the_rail_choice_names_its_variable_when_it_is_wrong() {
+        assert_eq!(RailChoice::parse(None).unwrap(), RailChoice::Nccl);
+        assert_eq!(RailChoice::parse(Some("host")).unwrap(), RailChoice::Host);
+        let e = RailChoice::parse(Some("ib")).unwrap_err().to_string();
+        assert!(e.contains(RAIL_ENV) && e.contains("`ib`"), "{e}");
     }
 
     #[test]

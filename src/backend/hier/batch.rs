@@ -18,6 +18,9 @@ pub(super) struct BatchFormat {
 }
 
 impl BatchFormat {
+    /// Bytes of a token's index on its source rank, the first thing each token carries.
+    pub const TOKEN_INDEX_BYTES: usize = 4;
+
     fn scale_groups(&self) -> usize {
         if self.dtype == DType::Fp8 {
             self.hidden / crate::quant::SCALE_GROUP
@@ -29,7 +32,7 @@ impl BatchFormat {
     /// Bytes one token takes in a batch.
     fn token_bytes(&self) -> usize {
         let meta = if self.with_meta { self.topk * (8 + 4) } else { 0 };
-        4 + meta + self.dtype.row_bytes(self.hidden)
+        Self::TOKEN_INDEX_BYTES + meta + self.dtype.row_bytes(self.hidden)
     }
 }
 

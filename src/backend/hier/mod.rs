@@ -12,14 +12,16 @@
 //! token's rows in f32 and rounds once to BF16 (the partial sum), one row per token
 //! crosses back to its source, which sums its nodes' partials in f32 and rounds.
 //!
-//! The rail hop goes through the host: rows are gathered into one part per rail
-//! peer and moved by the process group's personalized exchange (MPI, or the TCP
-//! rendezvous). On a cluster that is the launcher's network (MPI's transport)
-//! rather than NCCL over the NICs; the NCCL rail on device buffers, chunked and
-//! overlapped with the NVLink step, is not built yet. Use this to check the route
-//! on any number of GPUs, not to time the network.
+//! Rows are gathered on the host into one part per rail peer, and the [`Rail`] moves
+//! them: by default the process group's personalized exchange (MPI, or the TCP
+//! rendezvous); the CUDA backend puts NCCL there ([`HierRank::use_rail`]), which
+//! stages each part through device memory. The two hops run one after the other:
+//! no chunk pipeline overlaps them yet.
 
 mod batch;
+mod rail;
+
+pub use self::rail::{GroupRail, Rail, RailPlace};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,11 +49,14 @@ pub type NodeMaker<'a> = dyn FnMut(Box<dyn ProcessGroup>, &Config) -> Result<Box
 pub struct HierRank {
     world: Box<dyn ProcessGroup>,
     node: Box<dyn Communicator>,
+    rail: Box<dyn Rail>,
     rank: usize,
     topology: Topology,
     config: Config,
     comm_id: u64,
     traffic: TrafficLog,
+    /// `[inter-node transfer, node-local op]` device seconds of the last call, where both were timed.
+    hops: Option<[f64; 2]>,
     /// Why a call failed once data moved; the ranks are out of step, so every later call fails with it.
     broken: Option<String>,
 }
@@ -98,7 +103,29 @@ impl HierRank {
         let node = node?;
         got.map_err(|(rank, reason)| Error::PeerFailed { rank, reason })?;
         tracing::info!(rank, topology = %topology, node_backend = node.backend_name(), transport = world.transport(), "hierarchical rank ready");
-        Ok(Self { world, node, rank, topology, config, comm_id, traffic: TrafficLog::default(), broken: None })
+        let rail = Box::new(GroupRail::new(RailPlace { topology, rank }));
+        Ok(Self { world, node, rail, rank, topology, config, comm_id, traffic: TrafficLog::default(), hops: None, broken: None })
+    }
+
+    /// Move the inter-node hop onto the rail `make` builds for this rank's place (given
+    /// the whole group, to agree on what the rail needs). Collective: when any rank
+    /// cannot make its rail, every rank fails and keeps the rail it had.
+    pub fn use_rail(&mut self, make: impl FnOnce(RailPlace, &mut dyn ProcessGroup) -> Result<Box<dyn Rail>>) -> Result<()> {
+        let place = RailPlace { topology: self.topology, rank: self.rank };
+        let rail = make(place, self.world.as_mut());
+        let (me, timeout) = (self.rank, self.timeout());
+        let outcome = rail.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        let got = gather_outcomes_by(me, |b| self.world.all_gather(b, timeout), outcome.as_ref().map_err(Clone::clone))?;
+        let rail = rail?;
+        got.map_err(|(rank, reason)| Error::PeerFailed { rank, reason })?;
+        tracing::info!(rank = me, rail = rail.name(), "inter-node hop");
+        self.rail = rail;
+        Ok(())
+    }
+
+    /// The rail the inter-node hop takes.
+    pub fn rail_name(&self) -> &'static str {
+        self.rail.name()
     }
 
     fn timeout(&self) -> Duration {
@@ -112,6 +139,7 @@ impl HierRank {
     /// Agree that every rank makes this call with good input: its own error here,
     /// `PeerFailed` for another rank's, a mismatch error if the calls differ.
     fn agree_call(&mut self, call: String, local: Result<()>) -> Result<()> {
+        self.hops = None;
         if let Some(reason) = &self.broken {
             return Err(Error::PeerFailed { rank: self.rank, reason: format!("an earlier call failed: {reason}") });
         }
@@ -141,18 +169,21 @@ impl HierRank {
     /// return what each rail peer sent, by node; counts the bytes as inter-node traffic.
     fn rail_exchange(&mut self, parts: Vec<Vec<u8>>, rows: &[usize], dispatch: bool) -> Result<Vec<Vec<u8>>> {
         let topo = self.topology;
-        let local = topo.local_of(self.rank);
-        let mut full = vec![Vec::new(); topo.world()];
         let into = if dispatch { &mut self.traffic.dispatch } else { &mut self.traffic.combine };
         into.inter_node_rows_to_node.resize(topo.num_nodes, 0);
-        for (n, p) in parts.into_iter().enumerate().filter(|(n, _)| *n != topo.node_of(self.rank)) {
+        for (n, p) in parts.iter().enumerate().filter(|(n, _)| *n != topo.node_of(self.rank)) {
             into.inter_node += HopCount { rows: rows[n] as u64, bytes: p.len() as u64 };
             into.inter_node_rows_to_node[n] += rows[n] as u64;
-            full[topo.rank_of(n, local)] = p;
         }
         let timeout = self.timeout();
-        let mut got = self.world.all_to_all(&full, timeout)?;
-        Ok((0..topo.num_nodes).map(|n| std::mem::take(&mut got[topo.rank_of(n, local)])).collect())
+        self.rail.exchange(self.world.as_mut(), parts, timeout)
+    }
+
+    /// Note the two hops' device times of the call that just ended (the rail's transfer
+    /// and the node communicator's last op), when both were timed.
+    fn note_hops(&mut self) {
+        let node = self.node.device_time_us().map(|us| us * 1e-6);
+        self.hops = self.rail.last_transfer_seconds().zip(node).map(|(r, n)| [r, n]);
     }
 
     /// Move the node communicator's traffic since its last reset into this rank's log.
@@ -245,6 +276,7 @@ impl Communicator for HierRank {
         self.agree_call(call_name("dispatch", x.hidden(), Some(&wire), k, e, true), checked)?;
         let r = self.dispatch_agreed(wire, topk_idx, topk_weights, layout, options);
         let (out, state) = self.guard(r)?;
+        self.note_hops();
         let handle = Handle {
             comm_id: self.comm_id,
             rank: self.rank,
@@ -279,6 +311,7 @@ impl Communicator for HierRank {
             let opts = DispatchOptions { fp8_on_wire: false, ..*options };
             let rows = self.node.dispatch_cached(input.x.as_ref(), &st.node, &opts)?;
             self.take_node_traffic(true);
+            self.note_hops();
             Ok(rows.as_ref().select(&st.perm))
         })();
         self.guard(r)
@@ -291,6 +324,7 @@ impl Communicator for HierRank {
         self.agree_call(call, checked)?;
         let st = handle.state::<HierState>("hierarchical")?;
         let r = self.combine_agreed(y, hidden, handle, st, topk_weights);
+        self.note_hops();
         self.guard(r)
     }
 
@@ -330,6 +364,33 @@ impl Communicator for HierRank {
     fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         let timeout = self.timeout();
         self.world.all_gather(bytes, timeout)
+    }
+
+    fn last_hop_seconds(&self) -> Option<[f64; 2]> {
+        self.hops
+    }
+
+    /// The baseline of the inter-node hop: plain transfers on the rail of the bytes the
+    /// rail carries in a cached dispatch (token index and row per token) and in a combine
+    /// without weights (one partial row per token).
+    fn time_nccl_exchange(&mut self, handle: &Handle, row_bytes: [usize; 2], iters: usize) -> Option<Result<[Vec<f64>; 2]>> {
+        let st = match handle.state::<HierState>("hierarchical") {
+            Ok(st) => st,
+            Err(e) => return Some(Err(e)),
+        };
+        let me = self.my_node();
+        let bytes = |rows: &[usize], per: usize| -> Vec<usize> {
+            rows.iter().enumerate().map(|(n, &r)| if n == me { 0 } else { r * per }).collect()
+        };
+        let sent: Vec<usize> = st.sent.iter().map(Vec::len).collect();
+        let token = BatchFormat::TOKEN_INDEX_BYTES;
+        let dispatch =
+            self.rail.time_raw(&bytes(&sent, token + row_bytes[0]), &bytes(&st.forwarded, token + row_bytes[0]), iters)?;
+        let combine = dispatch.and_then(|d| {
+            let c = self.rail.time_raw(&bytes(&st.forwarded, row_bytes[1]), &bytes(&sent, row_bytes[1]), iters);
+            c.expect("the rail timed the dispatch bytes").map(|c| [d, c])
+        });
+        Some(combine)
     }
 }
 
