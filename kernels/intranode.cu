@@ -515,3 +515,80 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(cons
         }
     }
 }
+
+// ---- Row moves of the two-hop route on one GPU (not specialized on the spec) ----
+
+// Gather: row i of `dst` = row idx[i] of `src`, for i < n; rows of `row_bytes` bytes (a
+// multiple of 4; 16-byte moves when it is a multiple of 16 and both bases are aligned).
+// One warp per row. Packs the rail's send buffer and puts rows into (source, token) order.
+extern "C" __global__ void sy_gather_rows(u64 dst, u64 src, u64 idx, u32 n, u32 row_bytes) {
+    const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    const i32* index = reinterpret_cast<const i32*>(idx);
+    const bool wide = row_bytes % 16 == 0 && (dst | src) % 16 == 0;
+    for (u32 i = blockIdx.x * warps + threadIdx.x / 32; i < n; i += gridDim.x * warps) {
+        const u8* from = reinterpret_cast<const u8*>(src) + (u64)index[i] * row_bytes;
+        u8* to = reinterpret_cast<u8*>(dst) + (u64)i * row_bytes;
+        if (wide) {
+            for (u32 b = lane * 16; b < row_bytes; b += 32 * 16)
+                st_v4(reinterpret_cast<v4u32*>(to + b), ld_nc_v4(reinterpret_cast<const v4u32*>(from + b)));
+        } else {
+            for (u32 b = lane * 4; b < row_bytes; b += 32 * 4)
+                *reinterpret_cast<u32*>(to + b) = *reinterpret_cast<const u32*>(from + b);
+        }
+    }
+}
+
+// Sum of partial rows: row t of `out` (BF16, `hidden` a multiple of 8) = the f32 sum of the
+// BF16 rows src[t * n_src + j] (j < n_src; -1: none), rounded once; zero without any. A source
+// s < split is row s of `a`, otherwise row s - split of `b`. One warp per token. Sums each
+// token's per-node partial sums after the rail brought them back.
+extern "C" __global__ void sy_sum_rows(u64 out, u64 a, u64 b, u64 src, u32 split, u32 n_tokens, u32 n_src, u32 hidden) {
+    const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    const i32* sources = reinterpret_cast<const i32*>(src);
+    const u32 v4_per_row = hidden / 8;
+    for (u32 t = blockIdx.x * warps + threadIdx.x / 32; t < n_tokens; t += gridDim.x * warps) {
+        v4u32* to = reinterpret_cast<v4u32*>(out) + (u64)t * v4_per_row;
+        for (u32 i = lane; i < v4_per_row; i += 32) {
+            float acc[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+            for (u32 j = 0; j < n_src; ++j) {
+                const i32 s = sources[(u64)t * n_src + j];
+                if (s < 0) continue;
+                const u64 base = (u32)s < split ? a + (u64)s * hidden * 2 : b + (u64)(s - split) * hidden * 2;
+                const v4u32 v = ld_nc_v4(reinterpret_cast<const v4u32*>(base) + i);
+                const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    acc[2 * k] += bf16_lo(w[k]);
+                    acc[2 * k + 1] += bf16_hi(w[k]);
+                }
+            }
+            v4u32 o;
+            o.x = f32x2_to_bf16x2(acc[0], acc[1]);
+            o.y = f32x2_to_bf16x2(acc[2], acc[3]);
+            o.z = f32x2_to_bf16x2(acc[4], acc[5]);
+            o.w = f32x2_to_bf16x2(acc[6], acc[7]);
+            st_v4(to + i, o);
+        }
+    }
+}
+
+// Sum of partial weights: row t of `out` (`k` f32) = the sum of the f32 rows src[t * n_src + j]
+// (j < n_src; -1: none), in j order; zero without any. Sources as in sy_sum_rows. One thread
+// per (token, slot).
+extern "C" __global__ void sy_sum_weights(u64 out, u64 a, u64 b, u64 src, u32 split, u32 n_tokens, u32 n_src, u32 k) {
+    const i32* sources = reinterpret_cast<const i32*>(src);
+    for (u64 e = (u64)blockIdx.x * blockDim.x + threadIdx.x; e < (u64)n_tokens * k; e += (u64)gridDim.x * blockDim.x) {
+        const u64 t = e / k, j = e % k;
+        float acc = 0.f;
+        for (u32 n = 0; n < n_src; ++n) {
+            const i32 s = sources[t * n_src + n];
+            if (s < 0) continue;
+            const float* row = (u32)s < split ? reinterpret_cast<const float*>(a) + (u64)s * k
+                                              : reinterpret_cast<const float*>(b) + (u64)(s - split) * k;
+            acc += row[j];
+        }
+        reinterpret_cast<float*>(out)[e] = acc;
+    }
+}

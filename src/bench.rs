@@ -451,7 +451,7 @@ struct RankRun {
     interference: Vec<Interference>,
     /// `[dispatch, combine]` NCCL exchange seconds per iteration.
     nccl: Option<[Vec<f64>; 2]>,
-    /// `[op][iter]` the two hops' device seconds ([`Communicator::last_hop_seconds`]).
+    /// `[op][iter]` the two hops' device seconds ([`Communicator::take_hop_seconds`]).
     hops: [Vec<[f64; 2]>; 3],
 }
 
@@ -477,7 +477,7 @@ fn time_call(
     if let CallOutput::Rows(rows) = out {
         comm.recycle_rows(rows);
     }
-    Ok((dt, comm.last_hop_seconds()))
+    Ok((dt, comm.take_hop_seconds().pop()))
 }
 
 fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, step: &dyn Fn()) -> Result<RankRun> {
@@ -528,7 +528,9 @@ fn run_rank(comm: &mut dyn Communicator, input: &RankInput, spec: &BenchSpec, st
             (0..spec.warmup).for_each(|_| step());
             comm.barrier()?;
             comm.reset_traffic();
+            comm.take_hop_seconds();
             let times = comm.time_device_resident(r, &resident_inputs, spec.iters).expect("the backend answered above")?;
+            hops[i] = comm.take_hop_seconds();
             (0..spec.iters).for_each(|_| step());
             seconds[i] = times;
             resident[i] = true;

@@ -302,9 +302,16 @@ pub trait Communicator: Send {
         None
     }
 
-    /// `[inter-node transfer, node-local op]` device seconds of this rank's last call,
-    /// for communicators with two hops whose both parts are timed on the device.
-    fn last_hop_seconds(&self) -> Option<[f64; 2]> {
+    /// `[inter-node transfer, node-local op]` device seconds of each call since the last
+    /// take (host calls and device-resident ones), for communicators with two hops whose
+    /// both parts are timed on the device; empty otherwise.
+    fn take_hop_seconds(&mut self) -> Vec<[f64; 2]> {
+        Vec::new()
+    }
+
+    /// This communicator as `Any`, for a backend to reach its own type inside a
+    /// composite one (the CUDA backend's node ranks inside a hierarchical rank).
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         None
     }
 

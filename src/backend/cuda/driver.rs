@@ -433,6 +433,9 @@ pub struct Kernels {
     dispatch: sys::CUfunction,
     combine: sys::CUfunction,
     combine_push: sys::CUfunction,
+    gather_rows: sys::CUfunction,
+    sum_rows: sys::CUfunction,
+    sum_weights: sys::CUfunction,
 }
 
 // SAFETY: module handles are usable from any thread with the context current.
@@ -469,6 +472,9 @@ impl Kernels {
             dispatch: get("sy_dispatch")?,
             combine: get("sy_combine")?,
             combine_push: get("sy_combine_push")?,
+            gather_rows: get("sy_gather_rows")?,
+            sum_rows: get("sy_sum_rows")?,
+            sum_weights: get("sy_sum_weights")?,
             module,
         })
     }
@@ -486,6 +492,80 @@ impl Kernels {
         let mut args = [&mut p as *mut SyParams as *mut c_void];
         // SAFETY: the kernel takes exactly one `SyParams` by value; the driver copies it before returning.
         unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }.map_err(err("cuLaunchKernel"))
+    }
+}
+
+/// Blocks of the row-move kernels (`sy_gather_rows`, `sy_sum_rows`): a warp per row,
+/// enough blocks to cover `rows`, at most a few per SM's worth.
+fn row_grid(rows: usize) -> (u32, u32) {
+    const BLOCK: u32 = 256;
+    let blocks = rows.div_ceil((BLOCK / 32) as usize).clamp(1, 1024);
+    (blocks as u32, BLOCK)
+}
+
+impl Kernels {
+    /// Enqueue `sy_gather_rows`: row `i` of `dst` = row `idx[i]` (device `i32`s) of `src`, for
+    /// `i < n`, rows of `row_bytes` (a multiple of 4) bytes.
+    pub fn gather_rows(&self, dst: u64, src: u64, idx: u64, n: usize, row_bytes: usize, stream: &Stream) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        assert!(row_bytes % 4 == 0, "rows of whole words");
+        let (mut d, mut s, mut i, mut n32, mut rb) = (dst, src, idx, n as u32, row_bytes as u32);
+        let mut args: [*mut c_void; 5] = [
+            &mut d as *mut u64 as _,
+            &mut s as *mut u64 as _,
+            &mut i as *mut u64 as _,
+            &mut n32 as *mut u32 as _,
+            &mut rb as *mut u32 as _,
+        ];
+        let (grid, block) = row_grid(n);
+        // SAFETY: the argument list matches the kernel's signature; the caller guarantees the ranges.
+        unsafe { result::launch_kernel(self.gather_rows, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
+            .map_err(err("cuLaunchKernel(sy_gather_rows)"))
+    }
+
+    /// Enqueue `sy_sum_rows` (`weights` false: BF16 row `t` of `out`, `t < n_tokens`, `width`
+    /// = hidden, a multiple of 8) or `sy_sum_weights` (`weights` true: `width` f32 per row):
+    /// the f32 sum of the rows `src[t * n_src + j]` (device `i32`s, -1: none), a source
+    /// `s < split` being row `s` of `a`, others row `s - split` of `b`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sum_rows(
+        &self,
+        weights: bool,
+        out: u64,
+        [a, b]: [u64; 2],
+        src: u64,
+        split: usize,
+        n_tokens: usize,
+        n_src: usize,
+        width: usize,
+        stream: &Stream,
+    ) -> Result<()> {
+        if n_tokens == 0 || width == 0 {
+            return Ok(());
+        }
+        assert!(weights || width % 8 == 0, "whole 16-byte pieces of BF16 rows");
+        let (mut o, mut a, mut b, mut s) = (out, a, b, src);
+        let (mut split, mut t, mut j, mut w) = (split as u32, n_tokens as u32, n_src as u32, width as u32);
+        let mut args: [*mut c_void; 8] = [
+            &mut o as *mut u64 as _,
+            &mut a as *mut u64 as _,
+            &mut b as *mut u64 as _,
+            &mut s as *mut u64 as _,
+            &mut split as *mut u32 as _,
+            &mut t as *mut u32 as _,
+            &mut j as *mut u32 as _,
+            &mut w as *mut u32 as _,
+        ];
+        // Rows: a warp per token; weights: a thread per (token, slot).
+        let (f, (grid, block)) = match weights {
+            false => (self.sum_rows, row_grid(n_tokens)),
+            true => (self.sum_weights, row_grid((n_tokens * width).div_ceil(32))),
+        };
+        // SAFETY: the argument list matches both kernels' signature; the caller guarantees the ranges.
+        unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
+            .map_err(err("cuLaunchKernel(sy_sum_rows)"))
     }
 }
 

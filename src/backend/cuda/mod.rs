@@ -12,6 +12,7 @@ pub mod compile;
 pub mod driver;
 pub mod gemm;
 mod group;
+mod hier_hops;
 pub mod layout;
 pub mod local_copy;
 pub mod nccl;
@@ -235,6 +236,7 @@ pub fn communicator_over(group: &SharedGroup, ranks_per_node: usize, config: Con
     if rail == RailChoice::Nccl {
         // The node's CudaRank made this thread's context current, where NCCL works.
         hier.use_rail(|place, world| Ok(Box::new(nccl::join_rail(place, world, timeout)?) as Box<dyn Rail>))?;
+        hier.use_device_hops(Box::new(hier_hops::CudaHops::new()?));
     }
     Ok(Box::new(hier))
 }
@@ -1246,6 +1248,10 @@ impl Communicator for CudaRank {
         let st = handle.state::<CudaHandleState>("cuda")?;
         count_traffic(self.rank, &rows_per_destination(self.world, &st.pos), hidden * 2, 1, &mut self.traffic.combine);
         Ok(CombineOutput { x, topk_weights: weights })
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 
     fn device_time_us(&self) -> Option<f64> {

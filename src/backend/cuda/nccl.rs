@@ -127,27 +127,49 @@ impl NcclExchange {
     /// Enqueue one grouped transfer: `send_bytes[d]` bytes from `send` (peers' parts one
     /// after another) to each rank `d`, `recv_bytes[s]` bytes from each rank `s` into `recv`.
     fn enqueue(&self, send: u64, send_bytes: &[usize], recv: u64, recv_bytes: &[usize]) -> Result<()> {
-        let stream = self.stream.raw() as sys::cudaStream_t;
+        let parts = |base: u64, bytes: &[usize]| -> Vec<Piece> {
+            let mut at = base;
+            bytes
+                .iter()
+                .enumerate()
+                .map(|(peer, &n)| {
+                    at += n as u64;
+                    Piece { peer, ptr: at - n as u64, bytes: n }
+                })
+                .collect()
+        };
+        self.enqueue_pieces(&parts(send, send_bytes), &parts(recv, recv_bytes), &self.stream)
+    }
+
+    /// Enqueue one grouped transfer of `sends` and `recvs` (empty pieces skipped) on
+    /// `stream`. The caller keeps the ranges valid until the stream passes it.
+    pub fn enqueue_pieces(&self, sends: &[Piece], recvs: &[Piece], stream: &Stream) -> Result<()> {
+        self.usable()?;
+        let stream = stream.raw() as sys::cudaStream_t;
         result::group_start().map_err(err("ncclGroupStart"))?;
-        let (mut so, mut ro) = (0usize, 0usize);
-        for peer in 0..self.world {
-            // SAFETY: the ranges lie in the caller's buffers; the stream and comm are valid.
-            unsafe {
-                if send_bytes[peer] > 0 {
-                    let at = (send + so as u64) as *const _;
-                    result::send(at, send_bytes[peer], sys::ncclDataType_t::ncclUint8, peer as i32, self.comm, stream)
-                        .map_err(err("ncclSend"))?;
-                }
-                if recv_bytes[peer] > 0 {
-                    let at = (recv + ro as u64) as *mut _;
-                    result::recv(at, recv_bytes[peer], sys::ncclDataType_t::ncclUint8, peer as i32, self.comm, stream)
-                        .map_err(err("ncclRecv"))?;
-                }
-            }
-            so += send_bytes[peer];
-            ro += recv_bytes[peer];
+        let u8s = sys::ncclDataType_t::ncclUint8;
+        for p in sends.iter().filter(|p| p.bytes > 0) {
+            // SAFETY: the caller guarantees the range; the stream and comm are valid.
+            unsafe { result::send(p.ptr as *const _, p.bytes, u8s, p.peer as i32, self.comm, stream) }
+                .map_err(err("ncclSend"))?;
+        }
+        for p in recvs.iter().filter(|p| p.bytes > 0) {
+            // SAFETY: as above.
+            unsafe { result::recv(p.ptr as *mut _, p.bytes, u8s, p.peer as i32, self.comm, stream) }.map_err(err("ncclRecv"))?;
         }
         result::group_end().map_err(err("ncclGroupEnd")).map(|_| ())
+    }
+
+    /// After a wait on another stream passed its deadline: abort the communicator (its
+    /// peers' transfers then fail or time out too); every later use fails.
+    pub fn abort(&mut self) {
+        if !self.aborted {
+            self.aborted = true;
+            // SAFETY: the communicator is valid; after the abort it is not used again.
+            unsafe {
+                let _ = result::comm_abort(self.comm);
+            }
+        }
     }
 
     /// Wait for the stream until `timeout`; past it, abort the communicator (its peers'
@@ -156,11 +178,7 @@ impl NcclExchange {
         if self.stream.sync_until(Instant::now() + timeout)? {
             return Ok(());
         }
-        self.aborted = true;
-        // SAFETY: the communicator is valid; after the abort it is not used again.
-        unsafe {
-            let _ = result::comm_abort(self.comm);
-        }
+        self.abort();
         Err(Error::Timeout {
             timeout_ms: timeout.as_millis() as u64,
             diag: WaitDiagnostic {
@@ -172,6 +190,11 @@ impl NcclExchange {
                 detail: format!("NCCL {what} with the other {} ranks of the communicator", self.world - 1),
             },
         })
+    }
+
+    /// This rank in the communicator.
+    pub fn rank(&self) -> usize {
+        self.rank
     }
 
     fn usable(&self) -> Result<()> {
@@ -199,6 +222,17 @@ impl NcclExchange {
         self.wait(RAW_TIMEOUT, "baseline exchange")?;
         events.seconds()
     }
+}
+
+/// Part of a grouped transfer: `bytes` at device address `ptr`, to or from rail rank `peer`.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece {
+    /// The peer's rank in the communicator.
+    pub peer: usize,
+    /// Device address.
+    pub ptr: u64,
+    /// Length.
+    pub bytes: usize,
 }
 
 /// How long the baseline's timed loop may take.
@@ -252,6 +286,10 @@ impl Rail for NcclExchange {
                 all[at - n..at].to_vec()
             })
             .collect())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn last_transfer_seconds(&self) -> Option<f64> {

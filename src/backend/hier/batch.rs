@@ -19,7 +19,7 @@ pub(super) struct BatchFormat {
 
 impl BatchFormat {
     /// Bytes of a token's index on its source rank, the first thing each token carries.
-    pub const TOKEN_INDEX_BYTES: usize = 4;
+    const TOKEN_INDEX_BYTES: usize = 4;
 
     fn scale_groups(&self) -> usize {
         if self.dtype == DType::Fp8 {

@@ -32,7 +32,10 @@ use serde::{Deserialize, Serialize};
 use self::batch::{partials_from_bytes, partials_to_bytes, BatchFormat, TokenBatch};
 use super::checks::{agree_on_nodes, call_name};
 use super::cpu::wire_rows;
-use super::{checks, gather_outcomes_by, CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, TrafficLog};
+use super::{
+    checks, gather_outcomes_by, CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, ResidentInputs,
+    ResidentOp, TrafficLog,
+};
 use crate::bootstrap::{ProcessGroup, SharedGroup};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -55,24 +58,78 @@ pub struct HierRank {
     config: Config,
     comm_id: u64,
     traffic: TrafficLog,
-    /// `[inter-node transfer, node-local op]` device seconds of the last call, where both were timed.
-    hops: Option<[f64; 2]>,
+    /// `[inter-node transfer, node-local op]` device seconds of each call since the last
+    /// [`Communicator::take_hop_seconds`], where both were timed.
+    hop_log: Vec<[f64; 2]>,
+    /// The device path of cached dispatch and combine, where the backend has one.
+    device: Option<Box<dyn DeviceHops>>,
     /// Why a call failed once data moved; the ranks are out of step, so every later call fails with it.
     broken: Option<String>,
 }
 
-/// What a [`HierRank`] keeps in a [`Handle`].
-struct HierState {
+/// What a [`HierRank`] keeps in a [`Handle`]: the route of its tokens.
+pub(crate) struct RouteState {
+    /// Names this route in a device path's cache of plans (unique per process).
+    pub id: u64,
     /// The node-local dispatch's handle.
-    node: Handle,
+    pub node: Handle,
     /// Row `i` of this rank's output is row `perm[i]` of the node-local output.
-    perm: Vec<u32>,
+    pub perm: Vec<u32>,
     /// `[nodes]` this rank's tokens that went to each node (its own node's: those
     /// it dispatched inside the node itself), ascending.
-    sent: Vec<Vec<u32>>,
+    pub sent: Vec<Vec<u32>>,
     /// `[nodes]` tokens this rank forwarded for its rail peer on each node (its own
     /// node: its own tokens), in the order of the node-local dispatch's input.
-    forwarded: Vec<usize>,
+    pub forwarded: Vec<usize>,
+}
+
+/// A fresh [`RouteState::id`].
+fn next_route_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// What a device path of the two hops works with, for one call.
+pub(crate) struct HopsAt<'a> {
+    /// The node-local communicator.
+    pub node: &'a mut dyn Communicator,
+    /// This rank's rail.
+    pub rail: &'a mut dyn Rail,
+    /// The call's route.
+    pub route: &'a RouteState,
+    /// This rank's tokens in the call.
+    pub tokens: usize,
+    /// Nodes and ranks per node.
+    pub topology: Topology,
+    /// This rank.
+    pub rank: usize,
+    /// Deadline of each wait.
+    pub timeout: Duration,
+}
+
+/// A device path for cached dispatch and combine (the CUDA backend's: rows packed, sent
+/// and reordered on the GPU, NCCL between rail peers), in place of the host path. Every
+/// method answers `None` for a call it does not take; the host path runs it then.
+pub(crate) trait DeviceHops: Send {
+    /// Cached dispatch of the wire rows `x`; the rows and `[rail transfer, node op]` seconds.
+    fn dispatch_cached(&mut self, at: HopsAt<'_>, x: RowsRef<'_>) -> Option<Result<(Rows, [f64; 2])>>;
+    /// Combine of `y` (and `weights`); the sums, the summed weights and `[rail transfer, node op]` seconds.
+    #[allow(clippy::type_complexity)]
+    fn combine(
+        &mut self,
+        at: HopsAt<'_>,
+        y: &[bf16],
+        hidden: usize,
+        weights: Option<&[f32]>,
+    ) -> Option<Result<(Vec<bf16>, Option<Vec<f32>>, [f64; 2])>>;
+    /// [`Communicator::time_device_resident`], with each call's `[rail transfer, node op]` seconds.
+    fn time_resident(
+        &mut self,
+        at: HopsAt<'_>,
+        op: ResidentOp,
+        inputs: &ResidentInputs<'_>,
+        iters: usize,
+    ) -> Option<Result<(Vec<f64>, Vec<[f64; 2]>)>>;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -104,7 +161,8 @@ impl HierRank {
         got.map_err(|(rank, reason)| Error::PeerFailed { rank, reason })?;
         tracing::info!(rank, topology = %topology, node_backend = node.backend_name(), transport = world.transport(), "hierarchical rank ready");
         let rail = Box::new(GroupRail::new(RailPlace { topology, rank }));
-        Ok(Self { world, node, rail, rank, topology, config, comm_id, traffic: TrafficLog::default(), hops: None, broken: None })
+        let traffic = TrafficLog::default();
+        Ok(Self { world, node, rail, rank, topology, config, comm_id, traffic, hop_log: Vec::new(), device: None, broken: None })
     }
 
     /// Move the inter-node hop onto the rail `make` builds for this rank's place (given
@@ -128,6 +186,44 @@ impl HierRank {
         self.rail.name()
     }
 
+    /// Run cached dispatch and combine through `device` where it takes them.
+    pub(crate) fn use_device_hops(&mut self, device: Box<dyn DeviceHops>) {
+        self.device = Some(device);
+    }
+
+    /// Run `f` with the device path and what it works with, if there is a device path.
+    fn with_device<T>(
+        &mut self,
+        route: &RouteState,
+        tokens: usize,
+        f: impl FnOnce(&mut dyn DeviceHops, HopsAt<'_>) -> Option<T>,
+    ) -> Option<T> {
+        let timeout = self.timeout();
+        let device = self.device.as_mut()?;
+        let at = HopsAt {
+            node: self.node.as_mut(),
+            rail: self.rail.as_mut(),
+            route,
+            tokens,
+            topology: self.topology,
+            rank: self.rank,
+            timeout,
+        };
+        f(device.as_mut(), at)
+    }
+
+    /// Count what a call on the device path put on the rail (as [`HierRank::rail_exchange`] does).
+    fn count_rail(&mut self, route: &RouteState, row_bytes: usize, dispatch: bool) {
+        let me = self.my_node();
+        let into = if dispatch { &mut self.traffic.dispatch } else { &mut self.traffic.combine };
+        into.inter_node_rows_to_node.resize(self.topology.num_nodes, 0);
+        for n in (0..self.topology.num_nodes).filter(|&n| n != me) {
+            let rows = if dispatch { route.sent[n].len() } else { route.forwarded[n] } as u64;
+            into.inter_node += HopCount { rows, bytes: rows * row_bytes as u64 };
+            into.inter_node_rows_to_node[n] += rows;
+        }
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.config.timeout_ms)
     }
@@ -139,7 +235,6 @@ impl HierRank {
     /// Agree that every rank makes this call with good input: its own error here,
     /// `PeerFailed` for another rank's, a mismatch error if the calls differ.
     fn agree_call(&mut self, call: String, local: Result<()>) -> Result<()> {
-        self.hops = None;
         if let Some(reason) = &self.broken {
             return Err(Error::PeerFailed { rank: self.rank, reason: format!("an earlier call failed: {reason}") });
         }
@@ -183,7 +278,18 @@ impl HierRank {
     /// and the node communicator's last op), when both were timed.
     fn note_hops(&mut self) {
         let node = self.node.device_time_us().map(|us| us * 1e-6);
-        self.hops = self.rail.last_transfer_seconds().zip(node).map(|(r, n)| [r, n]);
+        let hops = self.rail.last_transfer_seconds().zip(node).map(|(r, n)| [r, n]);
+        self.log_hops(hops);
+    }
+
+    /// Keep calls' hop times for [`Communicator::take_hop_seconds`] (the last few thousand
+    /// when nobody takes them).
+    fn log_hops(&mut self, hops: impl IntoIterator<Item = [f64; 2]>) {
+        const KEPT: usize = 4096;
+        self.hop_log.extend(hops);
+        if self.hop_log.len() > KEPT {
+            self.hop_log.drain(..self.hop_log.len() - KEPT);
+        }
     }
 
     /// Move the node communicator's traffic since its last reset into this rank's log.
@@ -293,13 +399,22 @@ impl Communicator for HierRank {
 
     fn dispatch_cached(&mut self, x: RowsRef<'_>, handle: &Handle, options: &DispatchOptions) -> Result<Rows> {
         let checked = checks::dispatch_cached(self.comm_id, self.rank, &x, handle, options);
-        let state = handle.state::<HierState>("hierarchical");
+        let state = handle.state::<RouteState>("hierarchical");
         let checked = checked.and(state.map(|_| ()));
         let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
         let call = call_name("dispatch_cached", x.hidden(), Some(&wire), handle.topk, handle.num_experts, false);
         self.agree_call(call, checked)?;
-        let st = handle.state::<HierState>("hierarchical")?;
+        let st = handle.state::<RouteState>("hierarchical")?;
+        if let Some(got) = self.with_device(st, handle.num_tokens, |d, at| d.dispatch_cached(at, wire)) {
+            let r = got.map(|(rows, hops)| {
+                self.count_rail(st, wire.dtype().row_bytes(wire.hidden()), true);
+                self.take_node_traffic(true);
+                self.log_hops([hops]);
+                rows
+            });
+            return self.guard(r);
+        }
         let r = (|| {
             let fmt = BatchFormat { dtype: wire.dtype(), hidden: wire.hidden(), topk: handle.topk, with_meta: false };
             let per_node = handle.num_experts / self.topology.num_nodes;
@@ -319,10 +434,19 @@ impl Communicator for HierRank {
 
     fn combine(&mut self, y: &[bf16], hidden: usize, handle: &Handle, topk_weights: Option<&[f32]>) -> Result<CombineOutput> {
         let checked = checks::combine(self.comm_id, self.rank, y, hidden, handle, topk_weights);
-        let checked = checked.and(handle.state::<HierState>("hierarchical").map(|_| ()));
+        let checked = checked.and(handle.state::<RouteState>("hierarchical").map(|_| ()));
         let call = call_name("combine", hidden, None, handle.topk, handle.num_experts, topk_weights.is_some());
         self.agree_call(call, checked)?;
-        let st = handle.state::<HierState>("hierarchical")?;
+        let st = handle.state::<RouteState>("hierarchical")?;
+        if let Some(got) = self.with_device(st, handle.num_tokens, |d, at| d.combine(at, y, hidden, topk_weights)) {
+            let r = got.map(|(x, topk_weights, hops)| {
+                self.count_rail(st, hidden * 2 + topk_weights.as_ref().map_or(0, |_| handle.topk * 4), false);
+                self.take_node_traffic(false);
+                self.log_hops([hops]);
+                CombineOutput { x, topk_weights }
+            });
+            return self.guard(r);
+        }
         let r = self.combine_agreed(y, hidden, handle, st, topk_weights);
         self.note_hops();
         self.guard(r)
@@ -366,15 +490,33 @@ impl Communicator for HierRank {
         self.world.all_gather(bytes, timeout)
     }
 
-    fn last_hop_seconds(&self) -> Option<[f64; 2]> {
-        self.hops
+    fn take_hop_seconds(&mut self) -> Vec<[f64; 2]> {
+        std::mem::take(&mut self.hop_log)
+    }
+
+    fn time_device_resident(&mut self, op: ResidentOp, inputs: &ResidentInputs<'_>, iters: usize) -> Option<Result<Vec<f64>>> {
+        let route = match inputs.handle.state::<RouteState>("hierarchical") {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        let got = self.with_device(route, inputs.handle.num_tokens, |d, at| d.time_resident(at, op, inputs, iters))?;
+        Some(got.map(|(times, hops)| {
+            let dispatch = op == ResidentOp::DispatchCached;
+            let row_bytes = if dispatch { inputs.x.dtype().row_bytes(inputs.hidden) } else { inputs.hidden * 2 };
+            for _ in 0..iters {
+                self.count_rail(route, row_bytes, dispatch);
+            }
+            self.take_node_traffic(dispatch);
+            self.log_hops(hops);
+            times
+        }))
     }
 
     /// The baseline of the inter-node hop: plain transfers on the rail of the bytes the
-    /// rail carries in a cached dispatch (token index and row per token) and in a combine
-    /// without weights (one partial row per token).
+    /// rail carries in a cached dispatch on the device path (one row per token) and in a
+    /// combine without weights (one partial row per token).
     fn time_nccl_exchange(&mut self, handle: &Handle, row_bytes: [usize; 2], iters: usize) -> Option<Result<[Vec<f64>; 2]>> {
-        let st = match handle.state::<HierState>("hierarchical") {
+        let st = match handle.state::<RouteState>("hierarchical") {
             Ok(st) => st,
             Err(e) => return Some(Err(e)),
         };
@@ -383,9 +525,7 @@ impl Communicator for HierRank {
             rows.iter().enumerate().map(|(n, &r)| if n == me { 0 } else { r * per }).collect()
         };
         let sent: Vec<usize> = st.sent.iter().map(Vec::len).collect();
-        let token = BatchFormat::TOKEN_INDEX_BYTES;
-        let dispatch =
-            self.rail.time_raw(&bytes(&sent, token + row_bytes[0]), &bytes(&st.forwarded, token + row_bytes[0]), iters)?;
+        let dispatch = self.rail.time_raw(&bytes(&sent, row_bytes[0]), &bytes(&st.forwarded, row_bytes[0]), iters)?;
         let combine = dispatch.and_then(|d| {
             let c = self.rail.time_raw(&bytes(&st.forwarded, row_bytes[1]), &bytes(&sent, row_bytes[1]), iters);
             c.expect("the rail timed the dispatch bytes").map(|c| [d, c])
@@ -403,7 +543,7 @@ impl HierRank {
         topk_weights: &[f32],
         layout: &Layout,
         options: &DispatchOptions,
-    ) -> Result<(DispatchOutput, HierState)> {
+    ) -> Result<(DispatchOutput, RouteState)> {
         let topo = self.topology;
         let (me, my_node, rpn) = (self.rank, self.my_node(), topo.ranks_per_node);
         let (k, e) = (layout.topk, layout.num_experts);
@@ -456,7 +596,7 @@ impl HierRank {
             source_rank: named.iter().map(|&([s, _], _)| s).collect(),
             source_token: named.iter().map(|&([_, t], _)| t).collect(),
         };
-        Ok((output, HierState { node: node_handle, perm, sent, forwarded }))
+        Ok((output, RouteState { id: next_route_id(), node: node_handle, perm, sent, forwarded }))
     }
 
     /// Combine once every rank agreed: node-local combine into partial sums, rail hop
@@ -466,7 +606,7 @@ impl HierRank {
         y: &[bf16],
         hidden: usize,
         handle: &Handle,
-        st: &HierState,
+        st: &RouteState,
         topk_weights: Option<&[f32]>,
     ) -> Result<CombineOutput> {
         let topo = self.topology;

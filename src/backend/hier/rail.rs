@@ -41,6 +41,9 @@ pub trait Rail: Send {
     /// ranks of the group; waits at most `timeout`.
     fn exchange(&mut self, world: &mut dyn ProcessGroup, parts: Vec<Vec<u8>>, timeout: Duration) -> Result<Vec<Vec<u8>>>;
 
+    /// This rail as `Any`, for a backend's device path to reach its own rail type.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+
     /// Seconds the network transfer of the last [`Rail::exchange`] took on the device
     /// (the rows only, not the count exchange or any staging), when the rail can time it.
     fn last_transfer_seconds(&self) -> Option<f64> {
@@ -72,6 +75,10 @@ impl GroupRail {
 impl Rail for GroupRail {
     fn name(&self) -> &'static str {
         "host"
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn exchange(&mut self, world: &mut dyn ProcessGroup, parts: Vec<Vec<u8>>, timeout: Duration) -> Result<Vec<Vec<u8>>> {
