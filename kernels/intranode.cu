@@ -518,16 +518,20 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(cons
 
 // ---- Row moves of the two-hop route on one GPU (not specialized on the spec) ----
 
-// Gather: row i of `dst` = row idx[i] of `src`, for i < n; rows of `row_bytes` bytes (a
-// multiple of 4; 16-byte moves when it is a multiple of 16 and both bases are aligned).
-// One warp per row. Packs the rail's send buffer and puts rows into (source, token) order.
-extern "C" __global__ void sy_gather_rows(u64 dst, u64 src, u64 idx, u32 n, u32 row_bytes) {
+// Row moves: row dst_idx[i] of `dst` = row src_idx[i] of `src`, for i < n (an index array
+// of 0 means the identity); rows of `row_bytes` bytes (a multiple of 4; 16-byte moves when it
+// is a multiple of 16 and both bases are aligned). One warp per row. Packs the rail's send
+// buffer, and puts each part's rows into (source rank, source token) order.
+extern "C" __global__ void sy_gather_rows(u64 dst, u64 dst_idx, u64 src, u64 src_idx, u32 n, u32 row_bytes) {
     const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
-    const i32* index = reinterpret_cast<const i32*>(idx);
+    const i32* to_index = reinterpret_cast<const i32*>(dst_idx);
+    const i32* from_index = reinterpret_cast<const i32*>(src_idx);
     const bool wide = row_bytes % 16 == 0 && (dst | src) % 16 == 0;
     for (u32 i = blockIdx.x * warps + threadIdx.x / 32; i < n; i += gridDim.x * warps) {
-        const u8* from = reinterpret_cast<const u8*>(src) + (u64)index[i] * row_bytes;
-        u8* to = reinterpret_cast<u8*>(dst) + (u64)i * row_bytes;
+        const u64 from_row = from_index != nullptr ? (u64)from_index[i] : i;
+        const u64 to_row = to_index != nullptr ? (u64)to_index[i] : i;
+        const u8* from = reinterpret_cast<const u8*>(src) + from_row * row_bytes;
+        u8* to = reinterpret_cast<u8*>(dst) + to_row * row_bytes;
         if (wide) {
             for (u32 b = lane * 16; b < row_bytes; b += 32 * 16)
                 st_v4(reinterpret_cast<v4u32*>(to + b), ld_nc_v4(reinterpret_cast<const v4u32*>(from + b)));

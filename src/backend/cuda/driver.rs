@@ -504,18 +504,28 @@ fn row_grid(rows: usize) -> (u32, u32) {
 }
 
 impl Kernels {
-    /// Enqueue `sy_gather_rows`: row `i` of `dst` = row `idx[i]` (device `i32`s) of `src`, for
-    /// `i < n`, rows of `row_bytes` (a multiple of 4) bytes.
-    pub fn gather_rows(&self, dst: u64, src: u64, idx: u64, n: usize, row_bytes: usize, stream: &Stream) -> Result<()> {
+    /// Enqueue `sy_gather_rows`: row `to[i]` of `dst` = row `from[i]` of `src`, for `i < n`
+    /// (`to`, `from`: device `i32` index arrays, 0 for the identity), rows of `row_bytes`
+    /// (a multiple of 4) bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather_rows(
+        &self,
+        [dst, to]: [u64; 2],
+        [src, from]: [u64; 2],
+        n: usize,
+        row_bytes: usize,
+        stream: &Stream,
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
         assert!(row_bytes % 4 == 0, "rows of whole words");
-        let (mut d, mut s, mut i, mut n32, mut rb) = (dst, src, idx, n as u32, row_bytes as u32);
-        let mut args: [*mut c_void; 5] = [
+        let (mut d, mut di, mut s, mut si, mut n32, mut rb) = (dst, to, src, from, n as u32, row_bytes as u32);
+        let mut args: [*mut c_void; 6] = [
             &mut d as *mut u64 as _,
+            &mut di as *mut u64 as _,
             &mut s as *mut u64 as _,
-            &mut i as *mut u64 as _,
+            &mut si as *mut u64 as _,
             &mut n32 as *mut u32 as _,
             &mut rb as *mut u32 as _,
         ];

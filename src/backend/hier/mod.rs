@@ -81,6 +81,10 @@ pub(crate) struct RouteState {
     /// `[nodes]` tokens this rank forwarded for its rail peer on each node (its own
     /// node: its own tokens), in the order of the node-local dispatch's input.
     pub forwarded: Vec<usize>,
+    /// `[F, k]` expert ids of the node-local dispatch's input, node-local (-1: elsewhere).
+    pub node_ids: Vec<i64>,
+    /// `[F]` (source rank, source token) of each row of the node-local dispatch's input.
+    pub sources: Vec<[u32; 2]>,
 }
 
 /// A fresh [`RouteState::id`].
@@ -99,6 +103,10 @@ pub(crate) struct HopsAt<'a> {
     pub route: &'a RouteState,
     /// This rank's tokens in the call.
     pub tokens: usize,
+    /// `[R]` source rank of each row this rank receives, in output order.
+    pub source_rank: &'a [u32],
+    /// `[R]` token index on its source rank of each row this rank receives.
+    pub source_token: &'a [u32],
     /// Nodes and ranks per node.
     pub topology: Topology,
     /// This rank.
@@ -195,7 +203,7 @@ impl HierRank {
     fn with_device<T>(
         &mut self,
         route: &RouteState,
-        tokens: usize,
+        handle: &Handle,
         f: impl FnOnce(&mut dyn DeviceHops, HopsAt<'_>) -> Option<T>,
     ) -> Option<T> {
         let timeout = self.timeout();
@@ -204,7 +212,9 @@ impl HierRank {
             node: self.node.as_mut(),
             rail: self.rail.as_mut(),
             route,
-            tokens,
+            tokens: handle.num_tokens,
+            source_rank: &handle.source_rank,
+            source_token: &handle.source_token,
             topology: self.topology,
             rank: self.rank,
             timeout,
@@ -406,7 +416,7 @@ impl Communicator for HierRank {
         let call = call_name("dispatch_cached", x.hidden(), Some(&wire), handle.topk, handle.num_experts, false);
         self.agree_call(call, checked)?;
         let st = handle.state::<RouteState>("hierarchical")?;
-        if let Some(got) = self.with_device(st, handle.num_tokens, |d, at| d.dispatch_cached(at, wire)) {
+        if let Some(got) = self.with_device(st, handle, |d, at| d.dispatch_cached(at, wire)) {
             let r = got.map(|(rows, hops)| {
                 self.count_rail(st, wire.dtype().row_bytes(wire.hidden()), true);
                 self.take_node_traffic(true);
@@ -438,7 +448,7 @@ impl Communicator for HierRank {
         let call = call_name("combine", hidden, None, handle.topk, handle.num_experts, topk_weights.is_some());
         self.agree_call(call, checked)?;
         let st = handle.state::<RouteState>("hierarchical")?;
-        if let Some(got) = self.with_device(st, handle.num_tokens, |d, at| d.combine(at, y, hidden, topk_weights)) {
+        if let Some(got) = self.with_device(st, handle, |d, at| d.combine(at, y, hidden, topk_weights)) {
             let r = got.map(|(x, topk_weights, hops)| {
                 self.count_rail(st, hidden * 2 + topk_weights.as_ref().map_or(0, |_| handle.topk * 4), false);
                 self.take_node_traffic(false);
@@ -499,7 +509,7 @@ impl Communicator for HierRank {
             Ok(r) => r,
             Err(e) => return Some(Err(e)),
         };
-        let got = self.with_device(route, inputs.handle.num_tokens, |d, at| d.time_resident(at, op, inputs, iters))?;
+        let got = self.with_device(route, inputs.handle, |d, at| d.time_resident(at, op, inputs, iters))?;
         Some(got.map(|(times, hops)| {
             let dispatch = op == ResidentOp::DispatchCached;
             let row_bytes = if dispatch { inputs.x.dtype().row_bytes(inputs.hidden) } else { inputs.hidden * 2 };
@@ -596,7 +606,8 @@ impl HierRank {
             source_rank: named.iter().map(|&([s, _], _)| s).collect(),
             source_token: named.iter().map(|&([_, t], _)| t).collect(),
         };
-        Ok((output, RouteState { id: next_route_id(), node: node_handle, perm, sent, forwarded }))
+        let route = RouteState { id: next_route_id(), node: node_handle, perm, sent, forwarded, node_ids: input.ids, sources };
+        Ok((output, route))
     }
 
     /// Combine once every rank agreed: node-local combine into partial sums, rail hop
