@@ -234,6 +234,49 @@ __device__ __forceinline__ u32 f32x2_to_e4m3x2(float lo, float hi) {
     return (u32)r;
 }
 
+// One lane's 16 elements of a 1x128 group of a BF16 row, quantized to E4M3: lanes 8j..8j+7 of
+// the warp hold group `g` (sub = lane % 8 picks the 16 elements), every lane of the warp must
+// call (the group's amax is a shuffle over its 8 lanes). Lanes whose g >= groups contribute
+// zeros and write nothing. Returns the group's scale; `q` gets the lane's 16 E4M3 bytes.
+// The reference rule (src/quant.rs), operation for operation, in IEEE f32.
+__device__ __forceinline__ float quantize_piece(const u8* xrow, int g, int groups, int sub, v4u32& q) {
+    float v[16];
+    float amax = 0.f;
+    if (g < groups) {
+        const v4u32* src = reinterpret_cast<const v4u32*>(xrow + g * 256 + sub * 32);
+        const v4u32 a = ld_nc_v4(src), b = ld_nc_v4(src + 1);
+        const u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            v[2 * i] = bf16_lo(w[i]);
+            v[2 * i + 1] = bf16_hi(w[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) v[i] = 0.f;
+    }
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float scale, inv;
+    if (amax == 0.f) {
+        scale = 1.f;
+        inv = 1.f;
+    } else if (!(amax <= 3.402823466e+38f)) {
+        scale = 3.402823466e+38f / 448.f;
+        inv = 448.f / 3.402823466e+38f;
+    } else {
+        scale = amax / 448.f;
+        inv = 448.f / amax;
+    }
+    q.x = f32x2_to_e4m3x2(v[0] * inv, v[1] * inv) | (f32x2_to_e4m3x2(v[2] * inv, v[3] * inv) << 16);
+    q.y = f32x2_to_e4m3x2(v[4] * inv, v[5] * inv) | (f32x2_to_e4m3x2(v[6] * inv, v[7] * inv) << 16);
+    q.z = f32x2_to_e4m3x2(v[8] * inv, v[9] * inv) | (f32x2_to_e4m3x2(v[10] * inv, v[11] * inv) << 16);
+    q.w = f32x2_to_e4m3x2(v[12] * inv, v[13] * inv) | (f32x2_to_e4m3x2(v[14] * inv, v[15] * inv) << 16);
+    return scale;
+}
+
 // --------------------------------------------------------------- diagnostics
 
 // Block 0 thread 0 stamps the global timer into host meta (SY_META_STAMPS + 8 * which): where the

@@ -224,43 +224,9 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
         const int sub = lane % 8;
         for (int g0 = 0; g0 < SY_GROUPS; g0 += 4) {
             const int g = g0 + lane / 8;
-            float v[16];
-            float amax = 0.f;
+            v4u32 q;
+            const float scale = quantize_piece(xrow, g, SY_GROUPS, sub, q);
             if (g < SY_GROUPS) {
-                const v4u32* src = reinterpret_cast<const v4u32*>(xrow + g * 256 + sub * 32);
-                const v4u32 a = ld_nc_v4(src), b = ld_nc_v4(src + 1);
-                const u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    v[2 * i] = bf16_lo(w[i]);
-                    v[2 * i + 1] = bf16_hi(w[i]);
-                }
-#pragma unroll
-                for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
-            } else {
-#pragma unroll
-                for (int i = 0; i < 16; ++i) v[i] = 0.f;
-            }
-#pragma unroll
-            for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            // The reference rule (src/quant.rs), operation for operation, in IEEE f32.
-            float scale, inv;
-            if (amax == 0.f) {
-                scale = 1.f;
-                inv = 1.f;
-            } else if (!(amax <= 3.402823466e+38f)) {
-                scale = 3.402823466e+38f / 448.f;
-                inv = 448.f / 3.402823466e+38f;
-            } else {
-                scale = amax / 448.f;
-                inv = 448.f / amax;
-            }
-            if (g < SY_GROUPS) {
-                v4u32 q;
-                q.x = f32x2_to_e4m3x2(v[0] * inv, v[1] * inv) | (f32x2_to_e4m3x2(v[2] * inv, v[3] * inv) << 16);
-                q.y = f32x2_to_e4m3x2(v[4] * inv, v[5] * inv) | (f32x2_to_e4m3x2(v[6] * inv, v[7] * inv) << 16);
-                q.z = f32x2_to_e4m3x2(v[8] * inv, v[9] * inv) | (f32x2_to_e4m3x2(v[10] * inv, v[11] * inv) << 16);
-                q.w = f32x2_to_e4m3x2(v[12] * inv, v[13] * inv) | (f32x2_to_e4m3x2(v[14] * inv, v[15] * inv) << 16);
 #pragma unroll
                 for (int d = 0; d < SY_WORLD; ++d) {
                     if (row[d] < 0) continue;
@@ -538,6 +504,27 @@ extern "C" __global__ void sy_gather_rows(u64 dst, u64 dst_idx, u64 src, u64 src
         } else {
             for (u32 b = lane * 4; b < row_bytes; b += 32 * 4)
                 *reinterpret_cast<u32*>(to + b) = *reinterpret_cast<const u32*>(from + b);
+        }
+    }
+}
+
+// Quantizing gather: BF16 row src_idx[i] of `src` (`hidden` a multiple of 128) as E4M3 row i
+// of `dst` with its 1x128 scales as row i of `dst_scales`, for i < n: the rule of sy_dispatch
+// (src/quant.rs). One warp per row, 8 lanes per group. Packs BF16 rows as FP8 for the rail.
+extern "C" __global__ void sy_gather_quantize(u64 dst, u64 dst_scales, u64 src, u64 src_idx, u32 n, u32 hidden) {
+    const int warps = blockDim.x / 32, lane = threadIdx.x % 32, sub = lane % 8;
+    const i32* from_index = reinterpret_cast<const i32*>(src_idx);
+    const int groups = (int)(hidden / 128);
+    for (u32 i = blockIdx.x * warps + threadIdx.x / 32; i < n; i += gridDim.x * warps) {
+        const u8* xrow = reinterpret_cast<const u8*>(src) + (u64)from_index[i] * hidden * 2;
+        for (int g0 = 0; g0 < groups; g0 += 4) {
+            const int g = g0 + lane / 8;
+            v4u32 q;
+            const float scale = quantize_piece(xrow, g, groups, sub, q);
+            if (g < groups) {
+                st_v4(reinterpret_cast<v4u32*>(reinterpret_cast<u8*>(dst) + (u64)i * hidden + g * 128 + sub * 16), q);
+                if (sub == 0) reinterpret_cast<float*>(dst_scales)[(u64)i * groups + g] = scale;
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::quant;
 use crate::routing::{self, Layout};
-use crate::tensor::{check_len, RowsRef};
+use crate::tensor::{check_len, DType, RowsRef};
 use crate::topology::Topology;
 
 /// FP8 on the wire needs whole 1x128 scale groups.
@@ -150,14 +150,7 @@ pub(crate) fn agree_on_nodes(
 }
 
 /// The call signature every rank must share.
-pub(crate) fn call_name(
-    op: &str,
-    hidden: usize,
-    wire: Option<&RowsRef<'_>>,
-    topk: usize,
-    experts: usize,
-    weights: bool,
-) -> String {
-    let dtype = wire.map_or(String::new(), |x| format!(" {:?}", x.dtype()));
+pub(crate) fn call_name(op: &str, hidden: usize, wire: Option<DType>, topk: usize, experts: usize, weights: bool) -> String {
+    let dtype = wire.map_or(String::new(), |d| format!(" {d:?}"));
     format!("{op}(hidden {hidden}{dtype}, top-{topk} of {experts}, weights {weights})")
 }

@@ -434,6 +434,7 @@ pub struct Kernels {
     combine: sys::CUfunction,
     combine_push: sys::CUfunction,
     gather_rows: sys::CUfunction,
+    gather_quantize: sys::CUfunction,
     sum_rows: sys::CUfunction,
     sum_weights: sys::CUfunction,
 }
@@ -473,6 +474,7 @@ impl Kernels {
             combine: get("sy_combine")?,
             combine_push: get("sy_combine_push")?,
             gather_rows: get("sy_gather_rows")?,
+            gather_quantize: get("sy_gather_quantize")?,
             sum_rows: get("sy_sum_rows")?,
             sum_weights: get("sy_sum_weights")?,
             module,
@@ -533,6 +535,35 @@ impl Kernels {
         // SAFETY: the argument list matches the kernel's signature; the caller guarantees the ranges.
         unsafe { result::launch_kernel(self.gather_rows, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
             .map_err(err("cuLaunchKernel(sy_gather_rows)"))
+    }
+
+    /// Enqueue `sy_gather_quantize`: BF16 row `from[i]` of `src` (`hidden` a multiple of 128)
+    /// as E4M3 row `i` of `dst` with its 1x128 scales as row `i` of `dst_scales`, for `i < n`.
+    pub fn gather_quantize(
+        &self,
+        [dst, dst_scales]: [u64; 2],
+        [src, from]: [u64; 2],
+        n: usize,
+        hidden: usize,
+        stream: &Stream,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        assert!(hidden % 128 == 0, "whole 1x128 groups");
+        let (mut d, mut ds, mut s, mut si, mut n32, mut h) = (dst, dst_scales, src, from, n as u32, hidden as u32);
+        let mut args: [*mut c_void; 6] = [
+            &mut d as *mut u64 as _,
+            &mut ds as *mut u64 as _,
+            &mut s as *mut u64 as _,
+            &mut si as *mut u64 as _,
+            &mut n32 as *mut u32 as _,
+            &mut h as *mut u32 as _,
+        ];
+        let (grid, block) = row_grid(n);
+        // SAFETY: the argument list matches the kernel's signature; the caller guarantees the ranges.
+        unsafe { result::launch_kernel(self.gather_quantize, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
+            .map_err(err("cuLaunchKernel(sy_gather_quantize)"))
     }
 
     /// Enqueue `sy_sum_rows` (`weights` false: BF16 row `t` of `out`, `t < n_tokens`, `width`

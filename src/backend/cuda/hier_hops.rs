@@ -10,9 +10,9 @@
 //! no host collective, only NCCL and stream order.
 //!
 //! The split parts are node-local dispatches of their own, made once per route (on
-//! its first call here: collective over the node). The first dispatch, FP8
-//! quantization on the way and graph capture stay on the host path of
-//! [`crate::backend::hier::HierRank`].
+//! its first call here: collective over the node). With FP8 on the wire, BF16 rows are
+//! quantized as they are packed, so the rail and the node carry FP8. The first
+//! dispatch and graph capture stay on the host path of [`crate::backend::hier::HierRank`].
 
 use std::time::Instant;
 
@@ -398,30 +398,39 @@ impl CudaHops {
         Ok(self.plans.len() - 1)
     }
 
-    /// Enqueue a cached dispatch of `x` (`[tokens, hidden]` rows on the device); the rows
-    /// land in `self.out`.
+    /// Enqueue a cached dispatch of `x` (`[tokens, hidden]` rows on the device; BF16 rows
+    /// are quantized to FP8 as they are packed with `fp8_on_wire`); the rows land in `self.out`.
     fn enqueue_dispatch(
         &mut self,
         node: &mut CudaRank,
         rail: &NcclExchange,
         plan: usize,
         x: DeviceRows,
+        fp8_on_wire: bool,
         ev: &CallEvents,
     ) -> Result<DeviceRows> {
-        let fmt = RowFormat::of(x.dtype, x.hidden);
+        let quantize = fp8_on_wire && x.dtype == DType::Bf16;
+        let fmt = RowFormat::of(if quantize { DType::Fp8 } else { x.dtype }, x.hidden);
         let g = &self.plans[plan].geo;
         let send = self.rail.rows(fmt, g.rail_rows)?;
         let (own_in, fwd_in) = (self.own_in.rows(fmt, g.own_rows)?, self.fwd_in.rows(fmt, g.fwd_rows)?);
         let out = self.out.rows(fmt, g.out_rows)?;
         let p = &self.plans[plan];
-        let spec = node_spec(node, &p.own_part.handle, x.dtype, x.hidden);
+        let spec = node_spec(node, &p.own_part.handle, fmt.dtype, x.hidden);
         let (s, c) = (&self.stream, &self.rail_stream);
         ev.start.record(s)?;
         {
             let k = node.kernels_for(&spec)?;
-            for (((dst, rb), (src, _)), (own, _)) in fmt.arrays(&send).into_iter().zip(fmt.arrays(&x)).zip(fmt.arrays(&own_in)) {
-                k.gather_rows([dst, 0], [src, p.pack.ptr()], g.rail_rows, rb, s)?;
-                k.gather_rows([own, 0], [src, p.own.ptr()], g.own_rows, rb, s)?;
+            if quantize {
+                k.gather_quantize([send.data, send.scales], [x.data, p.pack.ptr()], g.rail_rows, x.hidden, s)?;
+                k.gather_quantize([own_in.data, own_in.scales], [x.data, p.own.ptr()], g.own_rows, x.hidden, s)?;
+            } else {
+                for (((dst, rb), (src, _)), (own, _)) in
+                    fmt.arrays(&send).into_iter().zip(fmt.arrays(&x)).zip(fmt.arrays(&own_in))
+                {
+                    k.gather_rows([dst, 0], [src, p.pack.ptr()], g.rail_rows, rb, s)?;
+                    k.gather_rows([own, 0], [src, p.own.ptr()], g.own_rows, rb, s)?;
+                }
             }
         }
         // The rail: on its own stream, once the rows are packed.
@@ -633,7 +642,7 @@ fn cuda_call(at: HopsAt<'_>) -> Option<(&mut CudaRank, &mut NcclExchange, Call<'
 }
 
 impl DeviceHops for CudaHops {
-    fn dispatch_cached(&mut self, at: HopsAt<'_>, x: RowsRef<'_>) -> Option<Result<(Rows, [f64; 2])>> {
+    fn dispatch_cached(&mut self, at: HopsAt<'_>, x: RowsRef<'_>, fp8_on_wire: bool) -> Option<Result<(Rows, [f64; 2])>> {
         let (node, rail, at) = cuda_call(at)?;
         Some((|| {
             node.gpu().bind()?;
@@ -643,11 +652,11 @@ impl DeviceHops for CudaHops {
             upload_rows(x, &dev, &self.stream)?;
             let ev = CallEvents::new()?;
             let deadline = Instant::now() + at.timeout;
-            let out = self.enqueue_dispatch(node, rail, plan, dev, &ev)?;
+            let out = self.enqueue_dispatch(node, rail, plan, dev, fp8_on_wire, &ev)?;
             self.finish(node, rail, deadline, at.timeout.as_millis() as u64, at.rank)?;
             let p = &self.plans[plan];
             for part in [&p.own_part, &p.fwd_part] {
-                node.count_on_stream(&part.handle, fmt.dtype.row_bytes(fmt.hidden), 1, true)?;
+                node.count_on_stream(&part.handle, out.dtype.row_bytes(fmt.hidden), 1, true)?;
             }
             Ok((download_rows(&out, &self.stream)?, ev.seconds()?.1))
         })())
@@ -704,10 +713,10 @@ impl DeviceHops for CudaHops {
         inputs: &ResidentInputs<'_>,
         iters: usize,
     ) -> Option<Result<(Vec<f64>, Vec<[f64; 2]>)>> {
-        let bf16_with_fp8_wire = inputs.options.fp8_on_wire && inputs.x.dtype() == DType::Bf16;
-        if inputs.graph || (op == ResidentOp::DispatchCached && bf16_with_fp8_wire) {
+        if inputs.graph {
             return None;
         }
+        let fp8_on_wire = inputs.options.fp8_on_wire;
         let (node, rail, at) = cuda_call(at)?;
         Some((|| {
             node.gpu().bind()?;
@@ -729,15 +738,16 @@ impl DeviceHops for CudaHops {
             let deadline = Instant::now() + limit;
             for ev in &events {
                 match op {
-                    ResidentOp::DispatchCached => self.enqueue_dispatch(node, rail, plan, input, ev).map(|_| ())?,
+                    ResidentOp::DispatchCached => self.enqueue_dispatch(node, rail, plan, input, fp8_on_wire, ev).map(|_| ())?,
                     ResidentOp::Combine => {
                         self.enqueue_combine(node, rail, plan, input.data, None, inputs.hidden, ev).map(|_| ())?
                     }
                 }
             }
             self.finish(node, rail, deadline, limit.as_millis() as u64, at.rank)?;
+            let wire = if fp8_on_wire { DType::Fp8 } else { inputs.x.dtype() };
             let (row_bytes, dispatch) = match op {
-                ResidentOp::DispatchCached => (inputs.x.dtype().row_bytes(inputs.hidden), true),
+                ResidentOp::DispatchCached => (wire.row_bytes(inputs.hidden), true),
                 ResidentOp::Combine => (inputs.hidden * 2, false),
             };
             let p = &self.plans[plan];
@@ -851,6 +861,6 @@ mod tests {
         assert_eq!(got, vec![1, 2, 0]);
         // The same row again, or a row nobody fed in, is an error.
         assert!(positions((&[0], &[0]), &names, &out, &mut seen, 0).is_err());
-        assert!(positions((&[1], &[5]), &names, &out, &mut vec![false; 3], 0).is_err());
+        assert!(positions((&[1], &[5]), &names, &out, &mut [false; 3], 0).is_err());
     }
 }

@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::routing::Layout;
-use crate::tensor::{Rows, RowsRef};
+use crate::tensor::{DType, Rows, RowsRef};
 use crate::topology::Topology;
 
 /// Makes the communicator of one node from the node's view of the process group
@@ -119,8 +119,9 @@ pub(crate) struct HopsAt<'a> {
 /// and reordered on the GPU, NCCL between rail peers), in place of the host path. Every
 /// method answers `None` for a call it does not take; the host path runs it then.
 pub(crate) trait DeviceHops: Send {
-    /// Cached dispatch of the wire rows `x`; the rows and `[rail transfer, node op]` seconds.
-    fn dispatch_cached(&mut self, at: HopsAt<'_>, x: RowsRef<'_>) -> Option<Result<(Rows, [f64; 2])>>;
+    /// Cached dispatch of `x` (BF16 rows quantized to FP8 on the way with `fp8_on_wire`);
+    /// the rows and `[rail transfer, node op]` seconds.
+    fn dispatch_cached(&mut self, at: HopsAt<'_>, x: RowsRef<'_>, fp8_on_wire: bool) -> Option<Result<(Rows, [f64; 2])>>;
     /// Combine of `y` (and `weights`); the sums, the summed weights and `[rail transfer, node op]` seconds.
     #[allow(clippy::type_complexity)]
     fn combine(
@@ -131,6 +132,7 @@ pub(crate) trait DeviceHops: Send {
         weights: Option<&[f32]>,
     ) -> Option<Result<(Vec<bf16>, Option<Vec<f32>>, [f64; 2])>>;
     /// [`Communicator::time_device_resident`], with each call's `[rail transfer, node op]` seconds.
+    #[allow(clippy::type_complexity)]
     fn time_resident(
         &mut self,
         at: HopsAt<'_>,
@@ -389,7 +391,7 @@ impl Communicator for HierRank {
         let checked = checks::dispatch(topo, &x, topk_idx, topk_weights, layout, options);
         let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
-        self.agree_call(call_name("dispatch", x.hidden(), Some(&wire), k, e, true), checked)?;
+        self.agree_call(call_name("dispatch", x.hidden(), Some(wire.dtype()), k, e, true), checked)?;
         let r = self.dispatch_agreed(wire, topk_idx, topk_weights, layout, options);
         let (out, state) = self.guard(r)?;
         self.note_hops();
@@ -411,20 +413,21 @@ impl Communicator for HierRank {
         let checked = checks::dispatch_cached(self.comm_id, self.rank, &x, handle, options);
         let state = handle.state::<RouteState>("hierarchical");
         let checked = checked.and(state.map(|_| ()));
-        let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
-        let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
-        let call = call_name("dispatch_cached", x.hidden(), Some(&wire), handle.topk, handle.num_experts, false);
+        let wire_dtype = if options.fp8_on_wire { DType::Fp8 } else { x.dtype() };
+        let call = call_name("dispatch_cached", x.hidden(), Some(wire_dtype), handle.topk, handle.num_experts, false);
         self.agree_call(call, checked)?;
         let st = handle.state::<RouteState>("hierarchical")?;
-        if let Some(got) = self.with_device(st, handle, |d, at| d.dispatch_cached(at, wire)) {
+        if let Some(got) = self.with_device(st, handle, |d, at| d.dispatch_cached(at, x, options.fp8_on_wire)) {
             let r = got.map(|(rows, hops)| {
-                self.count_rail(st, wire.dtype().row_bytes(wire.hidden()), true);
+                self.count_rail(st, wire_dtype.row_bytes(x.hidden()), true);
                 self.take_node_traffic(true);
                 self.log_hops([hops]);
                 rows
             });
             return self.guard(r);
         }
+        let quantized = wire_rows(x, options);
+        let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
         let r = (|| {
             let fmt = BatchFormat { dtype: wire.dtype(), hidden: wire.hidden(), topk: handle.topk, with_meta: false };
             let per_node = handle.num_experts / self.topology.num_nodes;
@@ -512,7 +515,8 @@ impl Communicator for HierRank {
         let got = self.with_device(route, inputs.handle, |d, at| d.time_resident(at, op, inputs, iters))?;
         Some(got.map(|(times, hops)| {
             let dispatch = op == ResidentOp::DispatchCached;
-            let row_bytes = if dispatch { inputs.x.dtype().row_bytes(inputs.hidden) } else { inputs.hidden * 2 };
+            let wire = if inputs.options.fp8_on_wire { DType::Fp8 } else { inputs.x.dtype() };
+            let row_bytes = if dispatch { wire.row_bytes(inputs.hidden) } else { inputs.hidden * 2 };
             for _ in 0..iters {
                 self.count_rail(route, row_bytes, dispatch);
             }

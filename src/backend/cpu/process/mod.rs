@@ -167,7 +167,7 @@ impl Communicator for CpuProcessRank {
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
         let positions = Positions::new(&layout.token_in_rank, world);
         let mine = checked.map(|_| Notice {
-            call: call_name("dispatch", wire.hidden(), Some(&wire), layout.topk, layout.num_experts, true),
+            call: call_name("dispatch", wire.hidden(), Some(wire.dtype()), layout.topk, layout.num_experts, true),
             counts: Some(Counts {
                 num_tokens: layout.num_tokens,
                 to_rank: positions.counts.clone(),
@@ -239,7 +239,7 @@ impl Communicator for CpuProcessRank {
             .and_then(|_| handle.state::<ProcessHandleState>("cpu").map(drop));
         let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
-        let call = call_name("dispatch_cached", wire.hidden(), Some(&wire), handle.topk, handle.num_experts, false);
+        let call = call_name("dispatch_cached", wire.hidden(), Some(wire.dtype()), handle.topk, handle.num_experts, false);
         self.notify(checked.map(|_| Notice { call, counts: None }))?;
         let state: &ProcessHandleState = handle.state("cpu")?;
         let plan = dispatch::Plan {
