@@ -225,6 +225,26 @@ __device__ __forceinline__ u32 f32x2_to_bf16x2(float lo, float hi) {
 #endif
 }
 
+// Add 8 BF16 values (one 16-byte piece of a row) to 8 f32 accumulators.
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const v4u32& v) {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        acc[2 * k] += bf16_lo(w[k]);
+        acc[2 * k + 1] += bf16_hi(w[k]);
+    }
+}
+
+// 8 f32 accumulators rounded once to BF16, as one 16-byte piece.
+__device__ __forceinline__ v4u32 pack_bf16x8(const float (&acc)[8]) {
+    v4u32 o;
+    o.x = f32x2_to_bf16x2(acc[0], acc[1]);
+    o.y = f32x2_to_bf16x2(acc[2], acc[3]);
+    o.z = f32x2_to_bf16x2(acc[4], acc[5]);
+    o.w = f32x2_to_bf16x2(acc[6], acc[7]);
+    return o;
+}
+
 // Two f32 -> two E4M3 bytes (lo in bits 0..7), round to nearest even, saturating to +-448.
 // cvt...satfinite is exactly the reference rule (src/quant.rs) for finite and infinite inputs.
 __device__ __forceinline__ u32 f32x2_to_e4m3x2(float lo, float hi) {

@@ -331,19 +331,9 @@ __device__ __forceinline__ void sum_rows_to_bf16(const v4u32* const (&rows)[SY_W
 #pragma unroll
             for (int d = 0; d < SY_WORLD; ++d) {
                 if (rows[d] == nullptr) continue;
-                const u32 w[4] = {v[u][d].x, v[u][d].y, v[u][d].z, v[u][d].w};
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    acc[2 * k] += bf16_lo(w[k]);
-                    acc[2 * k + 1] += bf16_hi(w[k]);
-                }
+                add_bf16x8(acc, v[u][d]);
             }
-            v4u32 o;
-            o.x = f32x2_to_bf16x2(acc[0], acc[1]);
-            o.y = f32x2_to_bf16x2(acc[2], acc[3]);
-            o.z = f32x2_to_bf16x2(acc[4], acc[5]);
-            o.w = f32x2_to_bf16x2(acc[6], acc[7]);
-            st_v4(out_row + i, o);
+            st_v4(out_row + i, pack_bf16x8(acc));
         }
     }
 }
@@ -488,7 +478,8 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(cons
 // of 0 means the identity); rows of `row_bytes` bytes (a multiple of 4; 16-byte moves when it
 // is a multiple of 16 and both bases are aligned). One warp per row. Packs the rail's send
 // buffer, and puts each part's rows into (source rank, source token) order.
-extern "C" __global__ void sy_gather_rows(u64 dst, u64 dst_idx, u64 src, u64 src_idx, u32 n, u32 row_bytes) {
+extern "C" __global__ void sy_gather_rows(u64 dst, u64 dst_idx, u64 src, u64 src_idx, u64 n_rows, u64 bytes_per_row) {
+    const u32 n = (u32)n_rows, row_bytes = (u32)bytes_per_row;
     const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
     const i32* to_index = reinterpret_cast<const i32*>(dst_idx);
     const i32* from_index = reinterpret_cast<const i32*>(src_idx);
@@ -511,7 +502,8 @@ extern "C" __global__ void sy_gather_rows(u64 dst, u64 dst_idx, u64 src, u64 src
 // Quantizing gather: BF16 row src_idx[i] of `src` (`hidden` a multiple of 128) as E4M3 row i
 // of `dst` with its 1x128 scales as row i of `dst_scales`, for i < n: the rule of sy_dispatch
 // (src/quant.rs). One warp per row, 8 lanes per group. Packs BF16 rows as FP8 for the rail.
-extern "C" __global__ void sy_gather_quantize(u64 dst, u64 dst_scales, u64 src, u64 src_idx, u32 n, u32 hidden) {
+extern "C" __global__ void sy_gather_quantize(u64 dst, u64 dst_scales, u64 src, u64 src_idx, u64 n_rows, u64 hidden_size) {
+    const u32 n = (u32)n_rows, hidden = (u32)hidden_size;
     const int warps = blockDim.x / 32, lane = threadIdx.x % 32, sub = lane % 8;
     const i32* from_index = reinterpret_cast<const i32*>(src_idx);
     const int groups = (int)(hidden / 128);
@@ -533,7 +525,8 @@ extern "C" __global__ void sy_gather_quantize(u64 dst, u64 dst_scales, u64 src, 
 // BF16 rows src[t * n_src + j] (j < n_src; -1: none), rounded once; zero without any. A source
 // s < split is row s of `a`, otherwise row s - split of `b`. One warp per token. Sums each
 // token's per-node partial sums after the rail brought them back.
-extern "C" __global__ void sy_sum_rows(u64 out, u64 a, u64 b, u64 src, u32 split, u32 n_tokens, u32 n_src, u32 hidden) {
+extern "C" __global__ void sy_sum_rows(u64 out, u64 a, u64 b, u64 src, u64 split_at, u64 tokens, u64 sources_per_token, u64 hidden_size) {
+    const u32 split = (u32)split_at, n_tokens = (u32)tokens, n_src = (u32)sources_per_token, hidden = (u32)hidden_size;
     const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
     const i32* sources = reinterpret_cast<const i32*>(src);
     const u32 v4_per_row = hidden / 8;
@@ -547,20 +540,9 @@ extern "C" __global__ void sy_sum_rows(u64 out, u64 a, u64 b, u64 src, u32 split
                 const i32 s = sources[(u64)t * n_src + j];
                 if (s < 0) continue;
                 const u64 base = (u32)s < split ? a + (u64)s * hidden * 2 : b + (u64)(s - split) * hidden * 2;
-                const v4u32 v = ld_nc_v4(reinterpret_cast<const v4u32*>(base) + i);
-                const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    acc[2 * k] += bf16_lo(w[k]);
-                    acc[2 * k + 1] += bf16_hi(w[k]);
-                }
+                add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const v4u32*>(base) + i));
             }
-            v4u32 o;
-            o.x = f32x2_to_bf16x2(acc[0], acc[1]);
-            o.y = f32x2_to_bf16x2(acc[2], acc[3]);
-            o.z = f32x2_to_bf16x2(acc[4], acc[5]);
-            o.w = f32x2_to_bf16x2(acc[6], acc[7]);
-            st_v4(to + i, o);
+            st_v4(to + i, pack_bf16x8(acc));
         }
     }
 }
@@ -568,7 +550,8 @@ extern "C" __global__ void sy_sum_rows(u64 out, u64 a, u64 b, u64 src, u32 split
 // Sum of partial weights: row t of `out` (`k` f32) = the sum of the f32 rows src[t * n_src + j]
 // (j < n_src; -1: none), in j order; zero without any. Sources as in sy_sum_rows. One thread
 // per (token, slot).
-extern "C" __global__ void sy_sum_weights(u64 out, u64 a, u64 b, u64 src, u32 split, u32 n_tokens, u32 n_src, u32 k) {
+extern "C" __global__ void sy_sum_weights(u64 out, u64 a, u64 b, u64 src, u64 split_at, u64 tokens, u64 sources_per_token, u64 slots) {
+    const u32 split = (u32)split_at, n_tokens = (u32)tokens, n_src = (u32)sources_per_token, k = (u32)slots;
     const i32* sources = reinterpret_cast<const i32*>(src);
     for (u64 e = (u64)blockIdx.x * blockDim.x + threadIdx.x; e < (u64)n_tokens * k; e += (u64)gridDim.x * blockDim.x) {
         const u64 t = e / k, j = e % k;

@@ -39,6 +39,7 @@ impl Runner for Synthetic {
             inter_node_rows_to_node: Vec::new(),
             wrong: Some(wrong),
             device_resident: false,
+            hop_seconds: None,
         };
         Ok(vec![m(Op::Dispatch, 999.0), m(Op::DispatchCached, self.dispatch_us[&ch]), m(Op::Combine, self.combine_us[&ch])])
     }

@@ -506,10 +506,20 @@ fn row_grid(rows: usize) -> (u32, u32) {
 }
 
 impl Kernels {
+    /// Launch one of the row-move kernels, whose parameters are all 64-bit, with a warp
+    /// per row over `rows` rows (at least one).
+    fn launch_rows(&self, f: sys::CUfunction, name: &str, rows: usize, mut params: Vec<u64>, stream: &Stream) -> Result<()> {
+        let mut args: Vec<*mut c_void> = params.iter_mut().map(|p| p as *mut u64 as *mut c_void).collect();
+        let (grid, block) = row_grid(rows);
+        // SAFETY: every caller passes exactly the kernel's (all-u64) parameters; the caller
+        // guarantees the ranges; the driver copies the values before returning.
+        unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
+            .map_err(|e| Error::Cuda(format!("cuLaunchKernel({name}): {e:?}")))
+    }
+
     /// Enqueue `sy_gather_rows`: row `to[i]` of `dst` = row `from[i]` of `src`, for `i < n`
     /// (`to`, `from`: device `i32` index arrays, 0 for the identity), rows of `row_bytes`
     /// (a multiple of 4) bytes.
-    #[allow(clippy::too_many_arguments)]
     pub fn gather_rows(
         &self,
         [dst, to]: [u64; 2],
@@ -518,23 +528,11 @@ impl Kernels {
         row_bytes: usize,
         stream: &Stream,
     ) -> Result<()> {
+        assert!(row_bytes % 4 == 0, "rows of whole words");
         if n == 0 {
             return Ok(());
         }
-        assert!(row_bytes % 4 == 0, "rows of whole words");
-        let (mut d, mut di, mut s, mut si, mut n32, mut rb) = (dst, to, src, from, n as u32, row_bytes as u32);
-        let mut args: [*mut c_void; 6] = [
-            &mut d as *mut u64 as _,
-            &mut di as *mut u64 as _,
-            &mut s as *mut u64 as _,
-            &mut si as *mut u64 as _,
-            &mut n32 as *mut u32 as _,
-            &mut rb as *mut u32 as _,
-        ];
-        let (grid, block) = row_grid(n);
-        // SAFETY: the argument list matches the kernel's signature; the caller guarantees the ranges.
-        unsafe { result::launch_kernel(self.gather_rows, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
-            .map_err(err("cuLaunchKernel(sy_gather_rows)"))
+        self.launch_rows(self.gather_rows, "sy_gather_rows", n, vec![dst, to, src, from, n as u64, row_bytes as u64], stream)
     }
 
     /// Enqueue `sy_gather_quantize`: BF16 row `from[i]` of `src` (`hidden` a multiple of 128)
@@ -547,23 +545,12 @@ impl Kernels {
         hidden: usize,
         stream: &Stream,
     ) -> Result<()> {
+        assert!(hidden % 128 == 0, "whole 1x128 groups");
         if n == 0 {
             return Ok(());
         }
-        assert!(hidden % 128 == 0, "whole 1x128 groups");
-        let (mut d, mut ds, mut s, mut si, mut n32, mut h) = (dst, dst_scales, src, from, n as u32, hidden as u32);
-        let mut args: [*mut c_void; 6] = [
-            &mut d as *mut u64 as _,
-            &mut ds as *mut u64 as _,
-            &mut s as *mut u64 as _,
-            &mut si as *mut u64 as _,
-            &mut n32 as *mut u32 as _,
-            &mut h as *mut u32 as _,
-        ];
-        let (grid, block) = row_grid(n);
-        // SAFETY: the argument list matches the kernel's signature; the caller guarantees the ranges.
-        unsafe { result::launch_kernel(self.gather_quantize, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
-            .map_err(err("cuLaunchKernel(sy_gather_quantize)"))
+        let params = vec![dst, dst_scales, src, from, n as u64, hidden as u64];
+        self.launch_rows(self.gather_quantize, "sy_gather_quantize", n, params, stream)
     }
 
     /// Enqueue `sy_sum_rows` (`weights` false: BF16 row `t` of `out`, `t < n_tokens`, `width`
@@ -583,30 +570,16 @@ impl Kernels {
         width: usize,
         stream: &Stream,
     ) -> Result<()> {
+        assert!(weights || width % 8 == 0, "whole 16-byte pieces of BF16 rows");
         if n_tokens == 0 || width == 0 {
             return Ok(());
         }
-        assert!(weights || width % 8 == 0, "whole 16-byte pieces of BF16 rows");
-        let (mut o, mut a, mut b, mut s) = (out, a, b, src);
-        let (mut split, mut t, mut j, mut w) = (split as u32, n_tokens as u32, n_src as u32, width as u32);
-        let mut args: [*mut c_void; 8] = [
-            &mut o as *mut u64 as _,
-            &mut a as *mut u64 as _,
-            &mut b as *mut u64 as _,
-            &mut s as *mut u64 as _,
-            &mut split as *mut u32 as _,
-            &mut t as *mut u32 as _,
-            &mut j as *mut u32 as _,
-            &mut w as *mut u32 as _,
-        ];
-        // Rows: a warp per token; weights: a thread per (token, slot).
-        let (f, (grid, block)) = match weights {
-            false => (self.sum_rows, row_grid(n_tokens)),
-            true => (self.sum_weights, row_grid((n_tokens * width).div_ceil(32))),
-        };
-        // SAFETY: the argument list matches both kernels' signature; the caller guarantees the ranges.
-        unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
-            .map_err(err("cuLaunchKernel(sy_sum_rows)"))
+        let params = vec![out, a, b, src, split as u64, n_tokens as u64, n_src as u64, width as u64];
+        // Rows: a warp per token; weights: a thread per (token, slot), so a "row" of 32 of them.
+        match weights {
+            false => self.launch_rows(self.sum_rows, "sy_sum_rows", n_tokens, params, stream),
+            true => self.launch_rows(self.sum_weights, "sy_sum_weights", (n_tokens * width).div_ceil(32), params, stream),
+        }
     }
 }
 
