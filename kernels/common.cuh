@@ -257,7 +257,8 @@ __device__ __forceinline__ u32 f32x2_to_e4m3x2(float lo, float hi) {
 // One lane's 16 elements of a 1x128 group of a BF16 row, quantized to E4M3: lanes 8j..8j+7 of
 // the warp hold group `g` (sub = lane % 8 picks the 16 elements), every lane of the warp must
 // call (the group's amax is a shuffle over its 8 lanes). Lanes whose g >= groups contribute
-// zeros and write nothing. Returns the group's scale; `q` gets the lane's 16 E4M3 bytes.
+// zeros, leave `q` as it is and write nothing. Returns the group's scale; `q` gets the lane's
+// 16 E4M3 bytes.
 // The reference rule (src/quant.rs), operation for operation, in IEEE f32.
 __device__ __forceinline__ float quantize_piece(const u8* xrow, int g, int groups, int sub, v4u32& q) {
     float v[16];
@@ -290,10 +291,12 @@ __device__ __forceinline__ float quantize_piece(const u8* xrow, int g, int group
         scale = amax / 448.f;
         inv = 448.f / amax;
     }
-    q.x = f32x2_to_e4m3x2(v[0] * inv, v[1] * inv) | (f32x2_to_e4m3x2(v[2] * inv, v[3] * inv) << 16);
-    q.y = f32x2_to_e4m3x2(v[4] * inv, v[5] * inv) | (f32x2_to_e4m3x2(v[6] * inv, v[7] * inv) << 16);
-    q.z = f32x2_to_e4m3x2(v[8] * inv, v[9] * inv) | (f32x2_to_e4m3x2(v[10] * inv, v[11] * inv) << 16);
-    q.w = f32x2_to_e4m3x2(v[12] * inv, v[13] * inv) | (f32x2_to_e4m3x2(v[14] * inv, v[15] * inv) << 16);
+    if (g < groups) {
+        q.x = f32x2_to_e4m3x2(v[0] * inv, v[1] * inv) | (f32x2_to_e4m3x2(v[2] * inv, v[3] * inv) << 16);
+        q.y = f32x2_to_e4m3x2(v[4] * inv, v[5] * inv) | (f32x2_to_e4m3x2(v[6] * inv, v[7] * inv) << 16);
+        q.z = f32x2_to_e4m3x2(v[8] * inv, v[9] * inv) | (f32x2_to_e4m3x2(v[10] * inv, v[11] * inv) << 16);
+        q.w = f32x2_to_e4m3x2(v[12] * inv, v[13] * inv) | (f32x2_to_e4m3x2(v[14] * inv, v[15] * inv) << 16);
+    }
     return scale;
 }
 

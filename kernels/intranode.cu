@@ -224,9 +224,45 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
         const int sub = lane % 8;
         for (int g0 = 0; g0 < SY_GROUPS; g0 += 4) {
             const int g = g0 + lane / 8;
-            v4u32 q;
-            const float scale = quantize_piece(xrow, g, SY_GROUPS, sub, q);
+            float v[16];
+            float amax = 0.f;
             if (g < SY_GROUPS) {
+                const v4u32* src = reinterpret_cast<const v4u32*>(xrow + g * 256 + sub * 32);
+                const v4u32 a = ld_nc_v4(src), b = ld_nc_v4(src + 1);
+                const u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    v[2 * i] = bf16_lo(w[i]);
+                    v[2 * i + 1] = bf16_hi(w[i]);
+                }
+#pragma unroll
+                for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+            } else {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) v[i] = 0.f;
+            }
+#pragma unroll
+            for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            // The reference rule (src/quant.rs), operation for operation, in IEEE f32. The same as
+            // quantize_piece (common.cuh), kept inline here: through the helper this kernel measured
+            // 0.7% slower (world-1 HT-A, 8 SMs, 340 vs 342 us, three rounds alternating).
+            float scale, inv;
+            if (amax == 0.f) {
+                scale = 1.f;
+                inv = 1.f;
+            } else if (!(amax <= 3.402823466e+38f)) {
+                scale = 3.402823466e+38f / 448.f;
+                inv = 448.f / 3.402823466e+38f;
+            } else {
+                scale = amax / 448.f;
+                inv = 448.f / amax;
+            }
+            if (g < SY_GROUPS) {
+                v4u32 q;
+                q.x = f32x2_to_e4m3x2(v[0] * inv, v[1] * inv) | (f32x2_to_e4m3x2(v[2] * inv, v[3] * inv) << 16);
+                q.y = f32x2_to_e4m3x2(v[4] * inv, v[5] * inv) | (f32x2_to_e4m3x2(v[6] * inv, v[7] * inv) << 16);
+                q.z = f32x2_to_e4m3x2(v[8] * inv, v[9] * inv) | (f32x2_to_e4m3x2(v[10] * inv, v[11] * inv) << 16);
+                q.w = f32x2_to_e4m3x2(v[12] * inv, v[13] * inv) | (f32x2_to_e4m3x2(v[14] * inv, v[15] * inv) << 16);
 #pragma unroll
                 for (int d = 0; d < SY_WORLD; ++d) {
                     if (row[d] < 0) continue;
