@@ -110,7 +110,8 @@ struct BenchArgs {
     #[arg(long)]
     buffer_tokens: Option<usize>,
     /// Also time, in the same run, a grouped NCCL send/recv (cudarc) of the bytes cached dispatch
-    /// and combine move (CUDA).
+    /// and combine move (CUDA); on several nodes, of the bytes their NCCL rail carries, with the
+    /// hop efficiency and op / slower hop.
     #[arg(long)]
     nccl: bool,
     /// Time cached dispatch and combine (CUDA, device-resident) as replays of one call
@@ -452,7 +453,7 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
     print!("{}", bench::format_nccl(&nccl, &results));
     print!("{}", bench::format_interference(&run.interference));
     if a.nccl && nccl.is_empty() {
-        warn!("--nccl: the {} backend has no NCCL; nothing measured", backend.name());
+        warn!("--nccl: the {} backend (or its rail: SWITCHYARD_RAIL) has no NCCL; nothing measured", backend.name());
     }
     if a.interference && run.interference.is_empty() {
         warn!("--interference: the {} backend has no device; nothing measured", backend.name());
