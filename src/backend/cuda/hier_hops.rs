@@ -647,6 +647,8 @@ impl DeviceHops for CudaHops {
         Some((|| {
             node.gpu().bind()?;
             let plan = self.plan(node, &at, x.hidden())?;
+            // A new plan's node-local dispatches moved stand-in rows, not traffic.
+            node.reset_traffic();
             let fmt = RowFormat::of(x.dtype(), x.hidden());
             let dev = self.input.rows(fmt, x.num_rows())?;
             upload_rows(x, &dev, &self.stream)?;
@@ -673,6 +675,8 @@ impl DeviceHops for CudaHops {
         Some((|| {
             node.gpu().bind()?;
             let plan = self.plan(node, &at, hidden)?;
+            // A new plan's node-local dispatches moved stand-in rows, not traffic.
+            node.reset_traffic();
             let y_dev = self.y_in.get(y.len().max(1) * 2)?;
             htod(y_dev, y, &self.stream)?;
             let w_dev = match weights {
@@ -721,6 +725,8 @@ impl DeviceHops for CudaHops {
         Some((|| {
             node.gpu().bind()?;
             let plan = self.plan(node, &at, inputs.hidden)?;
+            // A new plan's node-local dispatches moved stand-in rows, not traffic.
+            node.reset_traffic();
             let events = (0..iters).map(|_| CallEvents::new()).collect::<Result<Vec<_>>>()?;
             let input = match op {
                 ResidentOp::DispatchCached => {

@@ -15,6 +15,8 @@ pub(super) struct BatchFormat {
     pub topk: usize,
     /// Expert ids and weights ride along (dispatch), or only rows (cached dispatch).
     pub with_meta: bool,
+    /// Rows ride along; without them a batch is metadata only (a device path moves the rows).
+    pub with_rows: bool,
 }
 
 impl BatchFormat {
@@ -32,7 +34,8 @@ impl BatchFormat {
     /// Bytes one token takes in a batch.
     fn token_bytes(&self) -> usize {
         let meta = if self.with_meta { self.topk * (8 + 4) } else { 0 };
-        Self::TOKEN_INDEX_BYTES + meta + self.dtype.row_bytes(self.hidden)
+        let row = if self.with_rows { self.dtype.row_bytes(self.hidden) } else { 0 };
+        Self::TOKEN_INDEX_BYTES + meta + row
     }
 }
 
@@ -72,7 +75,8 @@ impl TokenBatch {
                 }
             }
         }
-        Self { tokens: tokens.to_vec(), ids, weights, x: x.select(tokens) }
+        let x = if fmt.with_rows { x.select(tokens) } else { Rows::zeros(fmt.dtype, 0, fmt.hidden) };
+        Self { tokens: tokens.to_vec(), ids, weights, x }
     }
 
     /// Number of tokens.
@@ -81,7 +85,7 @@ impl TokenBatch {
     }
 
     /// The flat layout: token indices, then ids and weights (with metadata), then
-    /// payloads, then scales (FP8), each little-endian and contiguous.
+    /// payloads, then scales (FP8; both with rows), each little-endian and contiguous.
     pub fn to_bytes(&self, fmt: &BatchFormat) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len() * fmt.token_bytes());
         out.extend_from_slice(bytemuck::cast_slice(&self.tokens));
@@ -90,6 +94,7 @@ impl TokenBatch {
             out.extend_from_slice(bytemuck::cast_slice(&self.weights));
         }
         match &self.x {
+            _ if !fmt.with_rows => {}
             Rows::Bf16 { data, .. } => out.extend_from_slice(bytemuck::cast_slice(data)),
             Rows::Fp8 { data, scales, .. } => {
                 out.extend_from_slice(data);
@@ -123,6 +128,7 @@ impl TokenBatch {
             (Vec::new(), Vec::new())
         };
         let x = match fmt.dtype {
+            _ if !fmt.with_rows => Rows::zeros(fmt.dtype, 0, fmt.hidden),
             DType::Bf16 => Rows::Bf16 { hidden: fmt.hidden, data: bytemuck::pod_collect_to_vec(take(n * fmt.hidden * 2)) },
             DType::Fp8 => {
                 let data = take(n * fmt.hidden).to_vec();
@@ -132,12 +138,13 @@ impl TokenBatch {
         Ok(Self { tokens, ids, weights, x })
     }
 
-    /// The batches one after another.
+    /// The batches one after another (without rows: as many rows of zeros).
     pub fn concat(fmt: &BatchFormat, batches: &[TokenBatch]) -> Self {
         let n = batches.iter().map(TokenBatch::len).sum();
         let mut x = Rows::zeros(fmt.dtype, n, fmt.hidden);
+        let batches_rows = if fmt.with_rows { batches } else { &[] };
         let mut i = 0;
-        for b in batches {
+        for b in batches_rows {
             for r in 0..b.len() {
                 x.row_payload_mut(i).copy_from_slice(b.x.as_ref().row_payload(r));
                 x.row_scales_mut(i).copy_from_slice(b.x.as_ref().row_scales(r));
@@ -195,12 +202,16 @@ mod tests {
         let ids = [0i64, 5, -1, 3, 7, 2, 6, 1, 4];
         let w = [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
         for x in [Rows::Bf16 { hidden, data: x16.clone() }, Rows::Fp8 { hidden, data: q.clone(), scales: s.clone() }] {
-            for with_meta in [true, false] {
-                let fmt = BatchFormat { dtype: x.dtype(), hidden, topk: 3, with_meta };
+            for (with_meta, with_rows) in [(true, true), (false, true), (true, false)] {
+                let fmt = BatchFormat { dtype: x.dtype(), hidden, topk: 3, with_meta, with_rows };
                 // Tokens 2 and 0, keeping experts < 4.
                 let b = TokenBatch::gather(&fmt, x.as_ref(), &[2, 0], &ids, &w, |e| e < 4);
-                assert_eq!(b.x.as_ref().row_payload(0), x.as_ref().row_payload(2));
-                assert_eq!(b.x.as_ref().row_scales(1), x.as_ref().row_scales(0));
+                if with_rows {
+                    assert_eq!(b.x.as_ref().row_payload(0), x.as_ref().row_payload(2));
+                    assert_eq!(b.x.as_ref().row_scales(1), x.as_ref().row_scales(0));
+                } else {
+                    assert_eq!((b.x.num_rows(), b.to_bytes(&fmt).len()), (0, 2 * (4 + 3 * 12)));
+                }
                 if with_meta {
                     assert_eq!(b.ids, vec![-1, 1, -1, 0, -1, -1]);
                     assert_eq!(b.weights, vec![0.0, 0.8, 0.0, 0.1, 0.0, 0.0]);

@@ -87,6 +87,16 @@ pub(crate) struct RouteState {
     pub sources: Vec<[u32; 2]>,
 }
 
+/// The rows of a first dispatch: on the host, riding with the metadata, or left to the
+/// device path (the caller's rows, quantized there with FP8 on the wire).
+enum FirstRows<'a> {
+    Host(RowsRef<'a>),
+    Device(RowsRef<'a>),
+}
+
+/// Row width of the stand-in rows of a first dispatch whose rows take the device path.
+const PLACEHOLDER_HIDDEN: usize = 128;
+
 /// A fresh [`RouteState::id`].
 fn next_route_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -208,15 +218,26 @@ impl HierRank {
         handle: &Handle,
         f: impl FnOnce(&mut dyn DeviceHops, HopsAt<'_>) -> Option<T>,
     ) -> Option<T> {
+        self.with_device_for(route, (handle.num_tokens, &handle.source_rank, &handle.source_token), f)
+    }
+
+    /// [`HierRank::with_device`] for a call of `tokens` tokens receiving rows named by
+    /// (source rank, source token), before there is a handle.
+    fn with_device_for<T>(
+        &mut self,
+        route: &RouteState,
+        (tokens, source_rank, source_token): (usize, &[u32], &[u32]),
+        f: impl FnOnce(&mut dyn DeviceHops, HopsAt<'_>) -> Option<T>,
+    ) -> Option<T> {
         let timeout = self.timeout();
         let device = self.device.as_mut()?;
         let at = HopsAt {
             node: self.node.as_mut(),
             rail: self.rail.as_mut(),
             route,
-            tokens: handle.num_tokens,
-            source_rank: &handle.source_rank,
-            source_token: &handle.source_token,
+            tokens,
+            source_rank,
+            source_token,
             topology: self.topology,
             rank: self.rank,
             timeout,
@@ -224,15 +245,18 @@ impl HierRank {
         f(device.as_mut(), at)
     }
 
-    /// Count what a call on the device path put on the rail (as [`HierRank::rail_exchange`] does).
-    fn count_rail(&mut self, route: &RouteState, row_bytes: usize, dispatch: bool) {
+    /// Count what a call on the device path put on the rail (as [`HierRank::rail_exchange`]
+    /// does); `rows_too` false: bytes only (the rows were counted with their metadata).
+    fn count_rail(&mut self, route: &RouteState, row_bytes: usize, dispatch: bool, rows_too: bool) {
         let me = self.my_node();
         let into = if dispatch { &mut self.traffic.dispatch } else { &mut self.traffic.combine };
         into.inter_node_rows_to_node.resize(self.topology.num_nodes, 0);
         for n in (0..self.topology.num_nodes).filter(|&n| n != me) {
             let rows = if dispatch { route.sent[n].len() } else { route.forwarded[n] } as u64;
-            into.inter_node += HopCount { rows, bytes: rows * row_bytes as u64 };
-            into.inter_node_rows_to_node[n] += rows;
+            into.inter_node += HopCount { rows: if rows_too { rows } else { 0 }, bytes: rows * row_bytes as u64 };
+            if rows_too {
+                into.inter_node_rows_to_node[n] += rows;
+            }
         }
     }
 
@@ -389,10 +413,17 @@ impl Communicator for HierRank {
         let topo = self.topology;
         let (t, k, e) = (layout.num_tokens, layout.topk, layout.num_experts);
         let checked = checks::dispatch(topo, &x, topk_idx, topk_weights, layout, options);
-        let quantized = if checked.is_ok() { wire_rows(x, options) } else { None };
-        let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
-        self.agree_call(call_name("dispatch", x.hidden(), Some(wire.dtype()), k, e, true), checked)?;
-        let r = self.dispatch_agreed(wire, topk_idx, topk_weights, layout, options);
+        let wire_dtype = if options.fp8_on_wire { DType::Fp8 } else { x.dtype() };
+        self.agree_call(call_name("dispatch", x.hidden(), Some(wire_dtype), k, e, true), checked)?;
+        // With a device path only the metadata crosses through the host; the rows go as in
+        // a cached dispatch. Otherwise the (quantized) rows ride with the metadata.
+        let quantized = if self.device.is_none() { wire_rows(x, options) } else { None };
+        let rows = match (&quantized, self.device.is_some()) {
+            (_, true) => FirstRows::Device(x),
+            (Some(q), false) => FirstRows::Host(q.as_ref()),
+            (None, false) => FirstRows::Host(x),
+        };
+        let r = self.dispatch_agreed(rows, topk_idx, topk_weights, layout, options);
         let (out, state) = self.guard(r)?;
         self.note_hops();
         let handle = Handle {
@@ -419,7 +450,7 @@ impl Communicator for HierRank {
         let st = handle.state::<RouteState>("hierarchical")?;
         if let Some(got) = self.with_device(st, handle, |d, at| d.dispatch_cached(at, x, options.fp8_on_wire)) {
             let r = got.map(|(rows, hops)| {
-                self.count_rail(st, wire_dtype.row_bytes(x.hidden()), true);
+                self.count_rail(st, wire_dtype.row_bytes(x.hidden()), true, true);
                 self.take_node_traffic(true);
                 self.log_hops([hops]);
                 rows
@@ -429,7 +460,8 @@ impl Communicator for HierRank {
         let quantized = wire_rows(x, options);
         let wire = quantized.as_ref().map(|q| q.as_ref()).unwrap_or(x);
         let r = (|| {
-            let fmt = BatchFormat { dtype: wire.dtype(), hidden: wire.hidden(), topk: handle.topk, with_meta: false };
+            let fmt =
+                BatchFormat { dtype: wire.dtype(), hidden: wire.hidden(), topk: handle.topk, with_meta: false, with_rows: true };
             let per_node = handle.num_experts / self.topology.num_nodes;
             let (own, parts) = self.pack(&fmt, wire, &st.sent, &[], &[], per_node);
             let rows: Vec<usize> = st.sent.iter().map(Vec::len).collect();
@@ -453,7 +485,7 @@ impl Communicator for HierRank {
         let st = handle.state::<RouteState>("hierarchical")?;
         if let Some(got) = self.with_device(st, handle, |d, at| d.combine(at, y, hidden, topk_weights)) {
             let r = got.map(|(x, topk_weights, hops)| {
-                self.count_rail(st, hidden * 2 + topk_weights.as_ref().map_or(0, |_| handle.topk * 4), false);
+                self.count_rail(st, hidden * 2 + topk_weights.as_ref().map_or(0, |_| handle.topk * 4), false, true);
                 self.take_node_traffic(false);
                 self.log_hops([hops]);
                 CombineOutput { x, topk_weights }
@@ -518,7 +550,7 @@ impl Communicator for HierRank {
             let wire = if inputs.options.fp8_on_wire { DType::Fp8 } else { inputs.x.dtype() };
             let row_bytes = if dispatch { wire.row_bytes(inputs.hidden) } else { inputs.hidden * 2 };
             for _ in 0..iters {
-                self.count_rail(route, row_bytes, dispatch);
+                self.count_rail(route, row_bytes, dispatch, true);
             }
             self.take_node_traffic(dispatch);
             self.log_hops(hops);
@@ -549,10 +581,12 @@ impl Communicator for HierRank {
 }
 
 impl HierRank {
-    /// Dispatch once every rank agreed: rail hop, node-local dispatch, reorder.
+    /// Dispatch once every rank agreed: rail hop, node-local dispatch, reorder; the rows
+    /// either ride with the metadata ([`FirstRows::Host`]: the wire rows) or go through the
+    /// device path once the route stands ([`FirstRows::Device`]: the caller's rows).
     fn dispatch_agreed(
         &mut self,
-        wire: RowsRef<'_>,
+        rows_in: FirstRows<'_>,
         topk_idx: &[i64],
         topk_weights: &[f32],
         layout: &Layout,
@@ -562,7 +596,11 @@ impl HierRank {
         let (me, my_node, rpn) = (self.rank, self.my_node(), topo.ranks_per_node);
         let (k, e) = (layout.topk, layout.num_experts);
         let per_node = e / topo.num_nodes;
-        let fmt = BatchFormat { dtype: wire.dtype(), hidden: wire.hidden(), topk: k, with_meta: true };
+        let (wire, with_rows) = match rows_in {
+            FirstRows::Host(x) => (x, true),
+            FirstRows::Device(x) => (x, false),
+        };
+        let fmt = BatchFormat { dtype: wire.dtype(), hidden: wire.hidden(), topk: k, with_meta: true, with_rows };
         let sent: Vec<Vec<u32>> = (0..topo.num_nodes)
             .map(|n| (0..layout.num_tokens).filter(|&t| layout.token_in_node(t, n)).map(|t| t as u32).collect())
             .collect();
@@ -571,6 +609,7 @@ impl HierRank {
         let got = self.rail_exchange(parts, &rows, true)?;
         let batches = self.unpack(&fmt, own, got)?;
         let forwarded: Vec<usize> = batches.iter().map(TokenBatch::len).collect();
+        drop(rows);
         // Who each forwarded token is: (source rank, token), in the node-local input's order.
         let local = topo.local_of(me);
         let sources: Vec<[u32; 2]> = batches
@@ -579,6 +618,10 @@ impl HierRank {
             .flat_map(|(n, b)| b.tokens.iter().map(move |&t| [topo.rank_of(n, local) as u32, t]))
             .collect();
         let mut input = TokenBatch::concat(&fmt, &batches);
+        if !with_rows {
+            // Only the route is made here: rows of zeros, narrow, stand in for the real ones.
+            input.x = Rows::zeros(DType::Bf16, input.len(), PLACEHOLDER_HIDDEN);
+        }
         // Expert ids of this node, made node-local (the rest are -1 already).
         let first = (my_node * per_node) as i64;
         input.ids.iter_mut().filter(|e| **e >= 0).for_each(|e| *e -= first);
@@ -586,7 +629,12 @@ impl HierRank {
         let node_layout = Layout::new(&input.ids, k, per_node, node_topo)?;
         let opts = DispatchOptions { fp8_on_wire: false, ..*options };
         let (out, node_handle) = self.node.dispatch(input.x.as_ref(), &input.ids, &input.weights, &node_layout, &opts)?;
-        self.take_node_traffic(true);
+        if with_rows {
+            self.take_node_traffic(true);
+        } else {
+            // The stand-in rows are not traffic; the device path counts the real ones.
+            self.node.reset_traffic();
+        }
         // Every rank's forwarded tokens, to name the rows that arrive (only this node's are read).
         let timeout = self.timeout();
         let all = self.world.all_gather(bytemuck::cast_slice(&sources), timeout)?;
@@ -602,8 +650,8 @@ impl HierRank {
         }
         named.sort_unstable();
         let perm: Vec<u32> = named.iter().map(|&(_, i)| i).collect();
-        let output = DispatchOutput {
-            x: out.x.as_ref().select(&perm),
+        let mut output = DispatchOutput {
+            x: if with_rows { out.x.as_ref().select(&perm) } else { Rows::zeros(wire.dtype(), 0, wire.hidden()) },
             topk_idx: select_k(&out.topk_idx, &perm, k),
             topk_weights: select_k(&out.topk_weights, &perm, k),
             tokens_per_expert: out.tokens_per_expert,
@@ -611,6 +659,18 @@ impl HierRank {
             source_token: named.iter().map(|&([_, t], _)| t).collect(),
         };
         let route = RouteState { id: next_route_id(), node: node_handle, perm, sent, forwarded, node_ids: input.ids, sources };
+        if !with_rows {
+            let names = (layout.num_tokens, &output.source_rank[..], &output.source_token[..]);
+            let fp8_on_wire = options.fp8_on_wire;
+            let got = self.with_device_for(&route, names, |d, at| d.dispatch_cached(at, wire, fp8_on_wire));
+            let (x, hops) =
+                got.ok_or_else(|| Error::Protocol { rank: me, detail: "the device path did not take the rows".into() })??;
+            let row_bytes = x.dtype().row_bytes(x.hidden());
+            self.count_rail(&route, row_bytes, true, false);
+            self.take_node_traffic(true);
+            self.log_hops([hops]);
+            output.x = x;
+        }
         Ok((output, route))
     }
 
