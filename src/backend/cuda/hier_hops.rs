@@ -22,7 +22,7 @@ use super::compile::KernelSpec;
 use super::driver::{dtoh, htod, DeviceBuffer, Event, Kernels, Scratch, Stream};
 use super::nccl::{NcclExchange, Piece};
 use super::{CallerStream, CudaHandleState, CudaRank, DeviceRows};
-use crate::backend::hier::{DeviceHops, HopsAt, RouteState};
+use crate::backend::hier::{CallInfo, DeviceHops, HopsAt, RouteState};
 use crate::backend::{Communicator, DispatchOptions, ResidentInputs, ResidentOp};
 use crate::error::{Error, Result, Role, WaitDiagnostic};
 use crate::handle::Handle;
@@ -200,7 +200,7 @@ fn positions(
 impl Plan {
     /// The route's plan: its two node-local parts are dispatched once here (rows of
     /// zeros; only their handles are kept), collective over the node's ranks.
-    fn new(node: &mut CudaRank, at: &Call<'_>, hidden: usize, stream: &Stream) -> Result<Self> {
+    fn new(node: &mut CudaRank, at: &CallInfo<'_>, hidden: usize, stream: &Stream) -> Result<Self> {
         let route = at.route;
         let me = at.topology.node_of(at.rank);
         let geo = Geometry::of(route, me, at.tokens);
@@ -387,7 +387,7 @@ impl CudaHops {
         })
     }
 
-    fn plan(&mut self, node: &mut CudaRank, at: &Call<'_>, hidden: usize) -> Result<usize> {
+    fn plan(&mut self, node: &mut CudaRank, at: &CallInfo<'_>, hidden: usize) -> Result<usize> {
         if let Some(i) = self.plans.iter().position(|p| p.id == at.route.id) {
             return Ok(i);
         }
@@ -598,47 +598,12 @@ fn cuda_parts<'a>(
     Some((node, rail))
 }
 
-/// Copy host rows to device rows of the same shape.
-fn upload_rows(x: RowsRef<'_>, to: &DeviceRows, stream: &Stream) -> Result<()> {
-    match x {
-        RowsRef::Bf16 { data, .. } => htod(to.data, data, stream),
-        RowsRef::Fp8 { data, scales, .. } => {
-            htod(to.data, data, stream)?;
-            htod(to.scales, scales, stream)
-        }
-    }
-}
-
-/// Copy device rows to the host.
-fn download_rows(from: &DeviceRows, stream: &Stream) -> Result<Rows> {
-    let mut rows = Rows::zeros(from.dtype, from.num_rows, from.hidden);
-    match &mut rows {
-        Rows::Bf16 { data, .. } => dtoh(data, from.data, stream)?,
-        Rows::Fp8 { data, scales, .. } => {
-            dtoh(data, from.data, stream)?;
-            dtoh(scales, from.scales, stream)?;
-        }
-    }
-    Ok(rows)
-}
-
-/// What a call on the device path knows besides the node and the rail.
-struct Call<'a> {
-    route: &'a RouteState,
-    tokens: usize,
-    source_rank: &'a [u32],
-    source_token: &'a [u32],
-    topology: Topology,
-    rank: usize,
-    timeout: std::time::Duration,
-}
-
 /// `at` as the CUDA node, the NCCL rail and the rest; `None` when the node is not a
 /// CUDA rank or the rail not NCCL.
-fn cuda_call(at: HopsAt<'_>) -> Option<(&mut CudaRank, &mut NcclExchange, Call<'_>)> {
-    let HopsAt { node, rail, route, tokens, source_rank, source_token, topology, rank, timeout } = at;
+fn cuda_call(at: HopsAt<'_>) -> Option<(&mut CudaRank, &mut NcclExchange, CallInfo<'_>)> {
+    let HopsAt { node, rail, call } = at;
     let (node, rail) = cuda_parts(node, rail)?;
-    Some((node, rail, Call { route, tokens, source_rank, source_token, topology, rank, timeout }))
+    Some((node, rail, call))
 }
 
 impl DeviceHops for CudaHops {
@@ -651,7 +616,7 @@ impl DeviceHops for CudaHops {
             node.reset_traffic();
             let fmt = RowFormat::of(x.dtype(), x.hidden());
             let dev = self.input.rows(fmt, x.num_rows())?;
-            upload_rows(x, &dev, &self.stream)?;
+            dev.upload(x, &self.stream)?;
             let ev = CallEvents::new()?;
             let deadline = Instant::now() + at.timeout;
             let out = self.enqueue_dispatch(node, rail, plan, dev, fp8_on_wire, &ev)?;
@@ -660,7 +625,7 @@ impl DeviceHops for CudaHops {
             for part in [&p.own_part, &p.fwd_part] {
                 node.count_on_stream(&part.handle, out.dtype.row_bytes(fmt.hidden), 1, true)?;
             }
-            Ok((download_rows(&out, &self.stream)?, ev.seconds()?.1))
+            Ok((out.download(&self.stream)?, ev.seconds()?.1))
         })())
     }
 
@@ -731,7 +696,7 @@ impl DeviceHops for CudaHops {
             let input = match op {
                 ResidentOp::DispatchCached => {
                     let dev = self.input.rows(RowFormat::of(inputs.x.dtype(), inputs.hidden), at.tokens)?;
-                    upload_rows(inputs.x, &dev, &self.stream)?;
+                    dev.upload(inputs.x, &self.stream)?;
                     dev
                 }
                 ResidentOp::Combine => {

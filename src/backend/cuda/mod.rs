@@ -1073,17 +1073,9 @@ impl CudaRank {
 
     fn read_rows(&self, spec: &KernelSpec, lay: &BufferLayout, n: usize, hidden: usize) -> Result<Rows> {
         let own = self.shared.peers.bases[self.rank];
-        if spec.wire_fp8 {
-            let mut data = vec![0u8; n * hidden];
-            let mut scales = vec![0f32; n * hidden / 128];
-            dtoh(&mut data, own + lay.recv_x as u64, &self.stream)?;
-            dtoh(&mut scales, own + lay.recv_scales as u64, &self.stream)?;
-            Ok(Rows::Fp8 { hidden, data, scales })
-        } else {
-            let mut data = vec![bf16::ZERO; n * hidden];
-            dtoh(&mut data, own + lay.recv_x as u64, &self.stream)?;
-            Ok(Rows::Bf16 { hidden, data })
-        }
+        let dtype = if spec.wire_fp8 { DType::Fp8 } else { DType::Bf16 };
+        let scales = if spec.wire_fp8 { own + lay.recv_scales as u64 } else { 0 };
+        DeviceRows { data: own + lay.recv_x as u64, scales, dtype, hidden, num_rows: n }.download(&self.stream)
     }
 }
 

@@ -10,13 +10,13 @@
 //! first call with a handle uploads its plan: make those calls before any capture.
 
 use super::compile::{KernelSpec, THREADS};
-use super::driver::{htod, DeviceBuffer, Kernel, Stream};
+use super::driver::{dtoh, htod, DeviceBuffer, Kernel, Stream};
 use super::layout::{meta, SyDiag};
 use super::{CudaHandleState, CudaRank};
 use crate::backend::DispatchOptions;
 use crate::error::{Error, Result};
 use crate::handle::Handle;
-use crate::tensor::DType;
+use crate::tensor::{DType, Rows, RowsRef};
 
 /// A stream the caller owns (a framework's current stream), by its raw `CUstream`
 /// handle, in the context of the rank's GPU.
@@ -37,6 +37,32 @@ pub struct DeviceRows {
     pub hidden: usize,
     /// Rows.
     pub num_rows: usize,
+}
+
+impl DeviceRows {
+    /// Copy host rows of this shape here, and wait.
+    pub(super) fn upload(&self, x: RowsRef<'_>, stream: &Stream) -> Result<()> {
+        match x {
+            RowsRef::Bf16 { data, .. } => htod(self.data, data, stream),
+            RowsRef::Fp8 { data, scales, .. } => {
+                htod(self.data, data, stream)?;
+                htod(self.scales, scales, stream)
+            }
+        }
+    }
+
+    /// These rows on the host (waits for the stream).
+    pub(super) fn download(&self, stream: &Stream) -> Result<Rows> {
+        let mut rows = Rows::zeros(self.dtype, self.num_rows, self.hidden);
+        match &mut rows {
+            Rows::Bf16 { data, .. } => dtoh(data, self.data, stream)?,
+            Rows::Fp8 { data, scales, .. } => {
+                dtoh(data, self.data, stream)?;
+                dtoh(scales, self.scales, stream)?;
+            }
+        }
+        Ok(rows)
+    }
 }
 
 /// A handle's plan in device memory.

@@ -109,6 +109,12 @@ pub(crate) struct HopsAt<'a> {
     pub node: &'a mut dyn Communicator,
     /// This rank's rail.
     pub rail: &'a mut dyn Rail,
+    /// The rest of what it knows of the call.
+    pub call: CallInfo<'a>,
+}
+
+/// What a device path knows of one call besides the node and the rail.
+pub(crate) struct CallInfo<'a> {
     /// The call's route.
     pub route: &'a RouteState,
     /// This rank's tokens in the call.
@@ -231,33 +237,31 @@ impl HierRank {
     ) -> Option<T> {
         let timeout = self.timeout();
         let device = self.device.as_mut()?;
-        let at = HopsAt {
-            node: self.node.as_mut(),
-            rail: self.rail.as_mut(),
-            route,
-            tokens,
-            source_rank,
-            source_token,
-            topology: self.topology,
-            rank: self.rank,
-            timeout,
-        };
+        let call = CallInfo { route, tokens, source_rank, source_token, topology: self.topology, rank: self.rank, timeout };
+        let at = HopsAt { node: self.node.as_mut(), rail: self.rail.as_mut(), call };
         f(device.as_mut(), at)
     }
 
-    /// Count what a call on the device path put on the rail (as [`HierRank::rail_exchange`]
-    /// does); `rows_too` false: bytes only (the rows were counted with their metadata).
+    /// Count what a call on the device path put on the rail: each token's row of
+    /// `row_bytes`; `rows_too` false: bytes only (the rows were counted with their metadata).
     fn count_rail(&mut self, route: &RouteState, row_bytes: usize, dispatch: bool, rows_too: bool) {
-        let me = self.my_node();
-        let into = if dispatch { &mut self.traffic.dispatch } else { &mut self.traffic.combine };
-        into.inter_node_rows_to_node.resize(self.topology.num_nodes, 0);
-        for n in (0..self.topology.num_nodes).filter(|&n| n != me) {
-            let rows = if dispatch { route.sent[n].len() } else { route.forwarded[n] } as u64;
-            into.inter_node += HopCount { rows: if rows_too { rows } else { 0 }, bytes: rows * row_bytes as u64 };
-            if rows_too {
-                into.inter_node_rows_to_node[n] += rows;
-            }
+        for n in 0..self.topology.num_nodes {
+            let rows = if dispatch { route.sent[n].len() } else { route.forwarded[n] };
+            self.count_inter_node(dispatch, n, if rows_too { rows } else { 0 }, rows * row_bytes);
         }
+    }
+
+    /// Count `rows` rows and `bytes` bytes sent to node `n` over the rail (nothing for this
+    /// rank's own node, whose part never leaves it).
+    fn count_inter_node(&mut self, dispatch: bool, n: usize, rows: usize, bytes: usize) {
+        let (nodes, me) = (self.topology.num_nodes, self.my_node());
+        let into = if dispatch { &mut self.traffic.dispatch } else { &mut self.traffic.combine };
+        into.inter_node_rows_to_node.resize(nodes, 0);
+        if n == me {
+            return;
+        }
+        into.inter_node += HopCount { rows: rows as u64, bytes: bytes as u64 };
+        into.inter_node_rows_to_node[n] += rows as u64;
     }
 
     fn timeout(&self) -> Duration {
@@ -299,12 +303,8 @@ impl HierRank {
     /// Send `parts[n]` to the rail peer on node `n` (this node's part stays empty) and
     /// return what each rail peer sent, by node; counts the bytes as inter-node traffic.
     fn rail_exchange(&mut self, parts: Vec<Vec<u8>>, rows: &[usize], dispatch: bool) -> Result<Vec<Vec<u8>>> {
-        let topo = self.topology;
-        let into = if dispatch { &mut self.traffic.dispatch } else { &mut self.traffic.combine };
-        into.inter_node_rows_to_node.resize(topo.num_nodes, 0);
-        for (n, p) in parts.iter().enumerate().filter(|(n, _)| *n != topo.node_of(self.rank)) {
-            into.inter_node += HopCount { rows: rows[n] as u64, bytes: p.len() as u64 };
-            into.inter_node_rows_to_node[n] += rows[n] as u64;
+        for (n, p) in parts.iter().enumerate() {
+            self.count_inter_node(dispatch, n, rows[n], p.len());
         }
         let timeout = self.timeout();
         self.rail.exchange(self.world.as_mut(), parts, timeout)
@@ -418,14 +418,12 @@ impl Communicator for HierRank {
         // With a device path only the metadata crosses through the host; the rows go as in
         // a cached dispatch. Otherwise the (quantized) rows ride with the metadata.
         let quantized = if self.device.is_none() { wire_rows(x, options) } else { None };
-        let rows = match (&quantized, self.device.is_some()) {
-            (_, true) => FirstRows::Device(x),
-            (Some(q), false) => FirstRows::Host(q.as_ref()),
-            (None, false) => FirstRows::Host(x),
+        let rows = match self.device {
+            Some(_) => FirstRows::Device(x),
+            None => FirstRows::Host(quantized.as_ref().map_or(x, |q| q.as_ref())),
         };
         let r = self.dispatch_agreed(rows, topk_idx, topk_weights, layout, options);
         let (out, state) = self.guard(r)?;
-        self.note_hops();
         let handle = Handle {
             comm_id: self.comm_id,
             rank: self.rank,
@@ -609,7 +607,6 @@ impl HierRank {
         let got = self.rail_exchange(parts, &rows, true)?;
         let batches = self.unpack(&fmt, own, got)?;
         let forwarded: Vec<usize> = batches.iter().map(TokenBatch::len).collect();
-        drop(rows);
         // Who each forwarded token is: (source rank, token), in the node-local input's order.
         let local = topo.local_of(me);
         let sources: Vec<[u32; 2]> = batches
@@ -659,7 +656,9 @@ impl HierRank {
             source_token: named.iter().map(|&([_, t], _)| t).collect(),
         };
         let route = RouteState { id: next_route_id(), node: node_handle, perm, sent, forwarded, node_ids: input.ids, sources };
-        if !with_rows {
+        if with_rows {
+            self.note_hops();
+        } else {
             let names = (layout.num_tokens, &output.source_rank[..], &output.source_token[..]);
             let fp8_on_wire = options.fp8_on_wire;
             let got = self.with_device_for(&route, names, |d, at| d.dispatch_cached(at, wire, fp8_on_wire));
