@@ -22,7 +22,7 @@ use super::compile::KernelSpec;
 use super::driver::{dtoh, htod, DeviceBuffer, Event, Kernels, Scratch, Stream};
 use super::nccl::{NcclExchange, Piece};
 use super::{CallerStream, CudaHandleState, CudaRank, DeviceRows};
-use crate::backend::hier::{CallInfo, DeviceHops, HopsAt, RouteState};
+use crate::backend::hier::{CallInfo, DeviceHops, HopsAt, RouteState, STAND_IN_HIDDEN};
 use crate::backend::{Communicator, DispatchOptions, ResidentInputs, ResidentOp};
 use crate::error::{Error, Result, Role, WaitDiagnostic};
 use crate::handle::Handle;
@@ -198,9 +198,10 @@ fn positions(
 }
 
 impl Plan {
-    /// The route's plan: its two node-local parts are dispatched once here (rows of
-    /// zeros; only their handles are kept), collective over the node's ranks.
-    fn new(node: &mut CudaRank, at: &CallInfo<'_>, hidden: usize, stream: &Stream) -> Result<Self> {
+    /// The route's plan: its two node-local parts are dispatched once here (narrow rows
+    /// of zeros: only their handles are kept, and a handle serves any row width),
+    /// collective over the node's ranks.
+    fn new(node: &mut CudaRank, at: &CallInfo<'_>, stream: &Stream) -> Result<Self> {
         let route = at.route;
         let me = at.topology.node_of(at.rank);
         let geo = Geometry::of(route, me, at.tokens);
@@ -215,7 +216,7 @@ impl Plan {
         let (fwd_names, fwd_ids) = part_of(route, geo.forwarded_input_rows().into_iter(), k);
         let mut dispatch = |ids: &[i64]| -> Result<(Vec<u32>, Vec<u32>, Handle)> {
             let n = ids.len() / k;
-            let x = Rows::zeros(DType::Bf16, n, hidden);
+            let x = Rows::zeros(DType::Bf16, n, STAND_IN_HIDDEN);
             let layout = Layout::new(ids, k, experts, node_topo)?;
             let (out, h) = node.dispatch(x.as_ref(), ids, &vec![0.0; ids.len()], &layout, &DispatchOptions::default())?;
             Ok((out.source_rank, out.source_token, h))
@@ -387,14 +388,14 @@ impl CudaHops {
         })
     }
 
-    fn plan(&mut self, node: &mut CudaRank, at: &CallInfo<'_>, hidden: usize) -> Result<usize> {
+    fn plan(&mut self, node: &mut CudaRank, at: &CallInfo<'_>) -> Result<usize> {
         if let Some(i) = self.plans.iter().position(|p| p.id == at.route.id) {
             return Ok(i);
         }
         if self.plans.len() == PLANS_KEPT {
             self.plans.remove(0);
         }
-        self.plans.push(Plan::new(node, at, hidden, &self.stream)?);
+        self.plans.push(Plan::new(node, at, &self.stream)?);
         Ok(self.plans.len() - 1)
     }
 
@@ -611,7 +612,7 @@ impl DeviceHops for CudaHops {
         let (node, rail, at) = cuda_call(at)?;
         Some((|| {
             node.gpu().bind()?;
-            let plan = self.plan(node, &at, x.hidden())?;
+            let plan = self.plan(node, &at)?;
             // A new plan's node-local dispatches moved stand-in rows, not traffic.
             node.reset_traffic();
             let fmt = RowFormat::of(x.dtype(), x.hidden());
@@ -639,7 +640,7 @@ impl DeviceHops for CudaHops {
         let (node, rail, at) = cuda_call(at)?;
         Some((|| {
             node.gpu().bind()?;
-            let plan = self.plan(node, &at, hidden)?;
+            let plan = self.plan(node, &at)?;
             // A new plan's node-local dispatches moved stand-in rows, not traffic.
             node.reset_traffic();
             let y_dev = self.y_in.get(y.len().max(1) * 2)?;
@@ -689,7 +690,7 @@ impl DeviceHops for CudaHops {
         let (node, rail, at) = cuda_call(at)?;
         Some((|| {
             node.gpu().bind()?;
-            let plan = self.plan(node, &at, inputs.hidden)?;
+            let plan = self.plan(node, &at)?;
             // A new plan's node-local dispatches moved stand-in rows, not traffic.
             node.reset_traffic();
             let events = (0..iters).map(|_| CallEvents::new()).collect::<Result<Vec<_>>>()?;

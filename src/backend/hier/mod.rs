@@ -94,8 +94,9 @@ enum FirstRows<'a> {
     Device(RowsRef<'a>),
 }
 
-/// Row width of the stand-in rows of a first dispatch whose rows take the device path.
-const PLACEHOLDER_HIDDEN: usize = 128;
+/// Row width of the stand-in rows of a node-local dispatch that only makes a route
+/// (a first dispatch whose rows take the device path, the device path's parts).
+pub(crate) const STAND_IN_HIDDEN: usize = 128;
 
 /// A fresh [`RouteState::id`].
 fn next_route_id() -> u64 {
@@ -617,7 +618,7 @@ impl HierRank {
         let mut input = TokenBatch::concat(&fmt, &batches);
         if !with_rows {
             // Only the route is made here: rows of zeros, narrow, stand in for the real ones.
-            input.x = Rows::zeros(DType::Bf16, input.len(), PLACEHOLDER_HIDDEN);
+            input.x = Rows::zeros(DType::Bf16, input.len(), STAND_IN_HIDDEN);
         }
         // Expert ids of this node, made node-local (the rest are -1 already).
         let first = (my_node * per_node) as i64;

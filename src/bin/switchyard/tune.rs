@@ -192,7 +192,7 @@ pub(crate) fn cmd_tune(a: TuneArgs) -> Result<ExitCode, Error> {
         }
     })
     .map_err(|e| Error::InvalidArgument { arg: "Ctrl-C handler".into(), reason: e.to_string() })?;
-    // The rail hop of several nodes goes through the host and has no knobs; the node-local
+    // The rail hop of several nodes (NCCL or the host) has no knobs of ours; the node-local
     // knobs are tuned on one node (and refused before any worker is spawned).
     if backend == BackendKind::Cuda && topology.num_nodes > 1 {
         return Err(Error::InvalidArgument {
