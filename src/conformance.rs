@@ -96,7 +96,7 @@ impl Case {
 }
 
 /// The standard cases `switchyard check` runs: every topology shape of the
-/// issue (1x1, 1x2, 1x8, 2x1, 2x4, 4x2, 4x8), edge token counts, both dtypes
+/// issues (1x1, 1x2, 1x4, 1x8, 2x1, 2x2, 4x1, 2x4, 4x2, 4x8), edge token counts, both dtypes
 /// and FP8 on the wire, chunk 1 and larger, cached dispatch, weighted combine.
 pub fn standard_cases() -> Vec<Case> {
     use DType::*;
@@ -120,6 +120,13 @@ pub fn standard_cases() -> Vec<Case> {
         Case::new(t(1, 8), 64, 256, 8, 64, Fp8, Zipf, cfg(4, 8, 8), opt(false, 8), false, true, 0.0, 8),
         Case::new(t(2, 1), 99, 256, 4, 8, Bf16, Uniform, cfg(2, 4, 8), opt(false, 0), true, true, 0.0, 9),
         Case::new(t(2, 1), 31, 128, 2, 2, Bf16, Uniform, cfg(1, 1, 1), opt(true, 0), true, true, 0.0, 10),
+        // Four ranks: two emulated nodes of two (issue 5's one-host layout on 2 GPUs), and
+        // one node of four or four of one.
+        Case::new(t(2, 2), 150, 7168, 8, 256, Bf16, NodeLimited, cfg(4, 8, 32), opt(false, 0), true, true, 0.0, 18),
+        Case::new(t(2, 2), 70, 7168, 8, 64, Fp8, Uniform, cfg(2, 4, 8), opt(false, 4), true, true, 0.1, 19),
+        Case::new(t(2, 2), 0, 512, 4, 16, Bf16, Zipf, cfg(2, 2, 4), opt(true, 0), true, true, 0.0, 20),
+        Case::new(t(1, 4), 45, 1024, 6, 32, Bf16, Uniform, cfg(3, 4, 8), opt(false, 0), true, true, 0.1, 21),
+        Case::new(t(4, 1), 23, 256, 4, 16, Bf16, NodeLimited, cfg(1, 2, 2), opt(true, 0), true, true, 0.0, 22),
         Case::new(t(2, 4), 65, 256, 8, 64, Bf16, NodeLimited, cfg(2, 4, 8), opt(false, 0), true, true, 0.0, 11),
         Case::new(t(2, 4), 50, 512, 6, 32, Fp8, Uniform, cfg(3, 2, 5), opt(false, 2), true, true, 0.25, 12),
         Case::new(t(2, 4), 40, 7168, 8, 64, Bf16, Uniform, cfg(2, 8, 16), opt(true, 0), true, true, 0.0, 13),

@@ -135,7 +135,7 @@ struct BenchArgs {
 #[derive(Args, Debug)]
 struct GroupArgs {
     /// Backend: cpu, cuda (NVLink inside a node; several nodes as processes, the rail hop between
-    /// nodes through the host), or auto (cuda if usable, else cpu).
+    /// nodes through NCCL, or the host with SWITCHYARD_RAIL=host), or auto (cuda if usable, else cpu).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
     /// Number of nodes [default: cpu 2, cuda 1; processes under a launcher: the launched processes
@@ -490,6 +490,17 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
 /// Run this same command as one worker process per GPU (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 /// `MASTER_ADDR`, `MASTER_PORT` set, rendezvous on a free local port); rank 0 keeps stdout.
 /// Exit status: the first failing worker's, else 0.
+/// The rank counts of `cases`, smallest first, for an error that names them ("1, 2, 4 or 8").
+fn world_sizes(cases: &[conformance::Case]) -> String {
+    let sizes: std::collections::BTreeSet<usize> = cases.iter().map(|c| c.spec.topology.world()).collect();
+    let names: Vec<String> = sizes.iter().map(usize::to_string).collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last} ranks", rest.join(", ")),
+        Some((last, _)) => format!("{last} ranks"),
+        None => "no ranks".into(),
+    }
+}
+
 fn spawn_workers(n: usize) -> Result<ExitCode, Error> {
     let io_err = |what: &str| {
         let path = PathBuf::from(what);
@@ -595,12 +606,13 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
         (BackendKind::Cpu, None) => cases,
         // Processes started by a launcher run the cases of as many ranks as there are processes.
         (BackendKind::Cpu, Some(env)) => {
+            let sizes = world_sizes(&cases);
             let fit: Vec<_> = cases.into_iter().filter(|c| c.spec.topology.world() == env.world_size).collect();
             info!("cpu: {} cases have {} ranks", fit.len(), env.world_size);
             if fit.is_empty() {
                 return Err(Error::InvalidArgument {
                     arg: "conformance cases".into(),
-                    reason: format!("none has {} ranks (the standard cases have 1, 2, 8 or 32)", env.world_size),
+                    reason: format!("none has {} ranks (the cases here have {sizes})", env.world_size),
                 });
             }
             fit
@@ -612,11 +624,15 @@ fn cmd_check(a: CheckArgs) -> Result<ExitCode, Error> {
             let ranks = launch_env.as_ref().map_or(gpus, |e| e.world_size);
             // Threads run every one-node case, ranks round robin over the GPUs (several on one GPU when there are fewer).
             let fits = |t: Topology| if processes { t.world() == ranks } else { t.num_nodes == 1 && gpus > 0 };
+            let sizes = world_sizes(&cases);
             let fit: Vec<_> = cases.into_iter().filter(|c| fits(c.spec.topology)).collect();
             let what = if processes { format!("{ranks} ranks") } else { format!("one node (on {gpus} GPUs)") };
             info!("cuda: {} cases have {what}", fit.len());
             if fit.is_empty() {
-                return Err(Error::InvalidArgument { arg: "conformance cases".into(), reason: format!("none has {what}") });
+                return Err(Error::InvalidArgument {
+                    arg: "conformance cases".into(),
+                    reason: format!("none has {what} (the cases here have {sizes})"),
+                });
             }
             fit
         }
