@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use super::file::{ConfigFile, ConfigKey, TunedOp};
 use super::{Config, PartialConfig, KNOBS};
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// Name of the tuned file in the cache directory.
 pub const TUNED_FILE: &str = "tuned.toml";
@@ -26,9 +27,13 @@ pub const CPU_DEVICE: &str = "cpu";
 /// Per-direction NVLink 4 bandwidth of one GPU, SM stores both ways at once
 /// (2x H200, docs/perf-notes.md).
 pub const LINK_GBPS: f64 = 347.0;
-/// What one SM moves in the dispatch copy loop: 16-byte stores to a peer ran
-/// at 180 GB/s on 4 SMs (docs/perf-notes.md).
+/// What one SM moves in the dispatch copy loop, BF16 rows: 16-byte stores to a
+/// peer ran at 180 GB/s on 4 SMs (docs/perf-notes.md).
 pub const DISPATCH_SM_GBPS: f64 = 45.0;
+/// The same for FP8 rows (payload and scales): a warp's fixed cost per row weighs
+/// twice as much on rows half as long; 30.2 MB in 320 us on 4 SMs (2x H200, HT-A,
+/// `tune` of 2026-11-23, docs/perf-notes.md).
+pub const DISPATCH_FP8_SM_GBPS: f64 = 23.5;
 /// What one SM moves in the combine loop (loads from every holder, f32 sums,
 /// one BF16 store): 58.5 MB in 232 us on 12 SMs (docs/perf-notes.md).
 pub const COMBINE_SM_GBPS: f64 = 21.0;
@@ -50,9 +55,10 @@ pub fn analytic_default(key: &ConfigKey) -> Config {
     if key.gpu == CPU_DEVICE {
         return base;
     }
-    let per_sm = match key.op {
-        TunedOp::Dispatch => DISPATCH_SM_GBPS,
-        TunedOp::Combine => COMBINE_SM_GBPS,
+    let per_sm = match (key.op, key.dtype) {
+        (TunedOp::Dispatch, DType::Fp8) => DISPATCH_FP8_SM_GBPS,
+        (TunedOp::Dispatch, _) => DISPATCH_SM_GBPS,
+        (TunedOp::Combine, _) => COMBINE_SM_GBPS,
     };
     let for_link = (LINK_GBPS / per_sm).ceil() as usize;
     let for_tokens = key.tokens.div_ceil(MIN_TOKENS_PER_CHANNEL);
@@ -246,8 +252,11 @@ mod tests {
 
     #[test]
     fn analytic_default_follows_the_link_and_the_batch() {
-        // 347 / 45 -> 8 SMs for dispatch, 347 / 21 -> 17 for combine, at most one per 16 tokens.
+        // 347 / 45 -> 8 SMs for BF16 dispatch, 347 / 23.5 -> 15 for FP8, 347 / 21 -> 17 for
+        // combine, at most one per 16 tokens.
         assert_eq!(analytic_default(&key(TunedOp::Dispatch, 4096)).num_channels, 8);
+        let fp8 = ConfigKey { dtype: DType::Fp8, ..key(TunedOp::Dispatch, 4096) };
+        assert_eq!(analytic_default(&fp8).num_channels, 15);
         assert_eq!(analytic_default(&key(TunedOp::Combine, 4096)).num_channels, 17);
         assert_eq!(analytic_default(&key(TunedOp::Combine, 128)).num_channels, 8);
         assert_eq!(analytic_default(&key(TunedOp::Dispatch, 1)).num_channels, 2);
