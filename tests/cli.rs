@@ -522,6 +522,18 @@ fn interference_and_nccl_on_the_cpu_backend_measure_nothing_and_say_so() {
 }
 
 #[test]
+fn graph_where_nothing_is_captured_says_so_and_the_json_agrees() {
+    let d = TempDir::new("graph");
+    let json = d.path("b.json");
+    let out = small_bench(&["--graph"], &d.0, &json);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("--graph: no call was captured"), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["results"].as_array().unwrap().iter().all(|r| r["graph"] == false), "{v}");
+}
+
+#[test]
 fn node_limited_routing_bounds_the_network_rows_per_token() {
     let dir = TempDir::new("network");
     // 4 nodes x 1 rank, top-8 of 64 experts (16 per node).

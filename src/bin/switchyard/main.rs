@@ -455,6 +455,13 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
     if a.nccl && nccl.is_empty() {
         warn!("--nccl: the {} backend (or its rail: SWITCHYARD_RAIL) has no NCCL; nothing measured", backend.name());
     }
+    if a.graph && !results.iter().any(|r| r.graph) {
+        // The CPU backend and several CUDA nodes have no graph capture: their calls were timed as they are.
+        warn!(
+            "--graph: no call was captured in a CUDA graph here ({} backend, {nodes} node(s)); the times are of plain calls",
+            backend.name()
+        );
+    }
     if a.interference && run.interference.is_empty() {
         warn!("--interference: the {} backend has no device; nothing measured", backend.name());
     }
