@@ -222,3 +222,34 @@ fn cpu_sweep_writes_entries_the_resolver_then_uses() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The tuned configs committed under configs/ read, are current with this build's
+/// kernel sources (else the resolver refuses them as stale: re-tune on the GPU host,
+/// scripts/gpu-tune.sh), and hold an entry for every call the tune issue names.
+#[test]
+fn committed_configs_cover_ht_a_and_ll_b_and_are_current() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("configs/")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    assert!(!files.is_empty(), "no configs/*.toml");
+    for path in &files {
+        let r = Resolver::new(PartialConfig::default(), Some(path), None).expect("the file reads");
+        for tokens in [4096, 128] {
+            for (op, dtype) in
+                [(TunedOp::Dispatch, DType::Bf16), (TunedOp::Dispatch, DType::Fp8), (TunedOp::Combine, DType::Bf16)]
+            {
+                let key = ConfigKey { gpu: "NVIDIA H200".into(), nodes: 1, ranks_per_node: 2, op, dtype, hidden: 7168, tokens };
+                let got = r.resolve(&key).unwrap_or_else(|e| panic!("{}: {key}: {e}", path.display()));
+                assert!(
+                    matches!(&got.origins[0], Origin::File { entry: Some(_), .. }),
+                    "{}: {key}: num_channels from {:?}, not an entry",
+                    path.display(),
+                    got.origins[0]
+                );
+            }
+        }
+    }
+}
