@@ -3,7 +3,7 @@
 //!
 //! Runs world 2 (and world = GPUs when there are more): on one GPU both ranks share
 //! it (`CudaCluster::on_gpus`, kernels side by side, channels capped to fit its SMs).
-//! Without a GPU the test prints why and passes, unless `SWITCHYARD_REQUIRE_CUDA=1`,
+//! Without a GPU the test prints why and passes, unless `SWITCHYARD_REQUIRE_CUDA=1` (or 2),
 //! where it fails.
 //!
 //!   SWITCHYARD_REQUIRE_CUDA=1 cargo test --release --test cuda_intranode -- --nocapture
@@ -16,7 +16,8 @@ use switchyard::workload::{expert_outputs, RankInput, RoutingKind, WorkloadSpec}
 use switchyard::{oracle, Communicator, Config, DType, DispatchOptions, Layout, Rows, Topology};
 
 fn gpus_or_skip() -> Option<usize> {
-    let required = std::env::var("SWITCHYARD_REQUIRE_CUDA").map(|v| v == "1").unwrap_or(false);
+    // 1: one GPU or more; 2: two (tests/cuda_rail.rs needs them), so one at least here too.
+    let required = std::env::var("SWITCHYARD_REQUIRE_CUDA").is_ok_and(|v| v == "1" || v == "2");
     let n = if driver::driver_available() { driver::device_count().unwrap_or(0) } else { 0 };
     if n < 1 {
         assert!(!required, "SWITCHYARD_REQUIRE_CUDA=1 but no GPU is usable");
