@@ -494,9 +494,6 @@ fn cmd_bench(a: BenchArgs) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Run this same command as one worker process per GPU (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-/// `MASTER_ADDR`, `MASTER_PORT` set, rendezvous on a free local port); rank 0 keeps stdout.
-/// Exit status: the first failing worker's, else 0.
 /// The rank counts of `cases`, smallest first, for an error that names them ("1, 2, 4 or 8").
 fn world_sizes(cases: &[conformance::Case]) -> String {
     let sizes: std::collections::BTreeSet<usize> = cases.iter().map(|c| c.spec.topology.world()).collect();
@@ -508,6 +505,9 @@ fn world_sizes(cases: &[conformance::Case]) -> String {
     }
 }
 
+/// Run this same command as one worker process per GPU (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+/// `MASTER_ADDR`, `MASTER_PORT` set, rendezvous on a free local port); rank 0 keeps stdout.
+/// Exit status: the first failing worker's, else 0.
 fn spawn_workers(n: usize) -> Result<ExitCode, Error> {
     let io_err = |what: &str| {
         let path = PathBuf::from(what);
