@@ -11,7 +11,7 @@ set -euo pipefail
 export NCCL_NVLS_ENABLE=0 NCCL_DEBUG=WARN   # never NVLink multicast on shared hosts
 bin=$1; out=$2
 tmp=$(mktemp -d)
-M="mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x NCCL_DEBUG -x NCCL_P2P_DISABLE -x NCCL_SHM_DISABLE -x NCCL_HOSTID"
+M="mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x NCCL_DEBUG -x NCCL_P2P_DISABLE -x NCCL_SHM_DISABLE"
 export NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
 for np in 2 4; do
   echo "== mpirun -np $np check --backend cuda"
@@ -30,5 +30,6 @@ run 2 2x1-bf16-wire8 --dtype bf16 --fp8-on-wire
 run 4 2x2-bf16 --dtype bf16
 run 4 2x2-bf16-wire8 --dtype bf16 --fp8-on-wire
 unset NCCL_SHM_DISABLE; export NCCL_HOSTID=switchyard-one-host
+M="mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x NCCL_DEBUG -x NCCL_P2P_DISABLE -x NCCL_HOSTID"
 run 2 2x1-bf16-shm-rail --dtype bf16
 python3 "$(dirname "$0")/merge-runs.py" "$out" "$tmp"/*.json
