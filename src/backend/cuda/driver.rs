@@ -507,8 +507,11 @@ fn row_grid(rows: usize) -> (u32, u32) {
 
 impl Kernels {
     /// Launch one of the row-move kernels, whose parameters are all 64-bit, with a warp
-    /// per row over `rows` rows (at least one).
+    /// per row over `rows` rows; no rows, no launch.
     fn launch_rows(&self, f: sys::CUfunction, name: &str, rows: usize, mut params: Vec<u64>, stream: &Stream) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
         let mut args: Vec<*mut c_void> = params.iter_mut().map(|p| p as *mut u64 as *mut c_void).collect();
         let (grid, block) = row_grid(rows);
         // SAFETY: every caller passes exactly the kernel's (all-u64) parameters; the caller
@@ -529,9 +532,6 @@ impl Kernels {
         stream: &Stream,
     ) -> Result<()> {
         assert!(row_bytes % 4 == 0, "rows of whole words");
-        if n == 0 {
-            return Ok(());
-        }
         self.launch_rows(self.gather_rows, "sy_gather_rows", n, vec![dst, to, src, from, n as u64, row_bytes as u64], stream)
     }
 
@@ -546,9 +546,6 @@ impl Kernels {
         stream: &Stream,
     ) -> Result<()> {
         assert!(hidden % 128 == 0, "whole 1x128 groups");
-        if n == 0 {
-            return Ok(());
-        }
         let params = vec![dst, dst_scales, src, from, n as u64, hidden as u64];
         self.launch_rows(self.gather_quantize, "sy_gather_quantize", n, params, stream)
     }
@@ -571,7 +568,7 @@ impl Kernels {
         stream: &Stream,
     ) -> Result<()> {
         assert!(weights || width % 8 == 0, "whole 16-byte pieces of BF16 rows");
-        if n_tokens == 0 || width == 0 {
+        if width == 0 {
             return Ok(());
         }
         let params = vec![out, a, b, src, split as u64, n_tokens as u64, n_src as u64, width as u64];

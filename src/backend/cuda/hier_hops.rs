@@ -388,15 +388,23 @@ impl CudaHops {
         })
     }
 
+    /// The index of the route's plan, made on first use; the node's GPU is bound after,
+    /// and its traffic counters start clean for the call.
     fn plan(&mut self, node: &mut CudaRank, at: &CallInfo<'_>) -> Result<usize> {
-        if let Some(i) = self.plans.iter().position(|p| p.id == at.route.id) {
-            return Ok(i);
-        }
-        if self.plans.len() == PLANS_KEPT {
-            self.plans.remove(0);
-        }
-        self.plans.push(Plan::new(node, at, &self.stream)?);
-        Ok(self.plans.len() - 1)
+        node.gpu().bind()?;
+        let i = match self.plans.iter().position(|p| p.id == at.route.id) {
+            Some(i) => i,
+            None => {
+                if self.plans.len() == PLANS_KEPT {
+                    self.plans.remove(0);
+                }
+                self.plans.push(Plan::new(node, at, &self.stream)?);
+                self.plans.len() - 1
+            }
+        };
+        // A new plan's node-local dispatches moved stand-in rows, not traffic.
+        node.reset_traffic();
+        Ok(i)
     }
 
     /// Enqueue a cached dispatch of `x` (`[tokens, hidden]` rows on the device; BF16 rows
@@ -611,10 +619,7 @@ impl DeviceHops for CudaHops {
     fn dispatch_cached(&mut self, at: HopsAt<'_>, x: RowsRef<'_>, fp8_on_wire: bool) -> Option<Result<(Rows, [f64; 2])>> {
         let (node, rail, at) = cuda_call(at)?;
         Some((|| {
-            node.gpu().bind()?;
             let plan = self.plan(node, &at)?;
-            // A new plan's node-local dispatches moved stand-in rows, not traffic.
-            node.reset_traffic();
             let fmt = RowFormat::of(x.dtype(), x.hidden());
             let dev = self.input.rows(fmt, x.num_rows())?;
             dev.upload(x, &self.stream)?;
@@ -639,10 +644,7 @@ impl DeviceHops for CudaHops {
     ) -> Option<Result<(Vec<bf16>, Option<Vec<f32>>, [f64; 2])>> {
         let (node, rail, at) = cuda_call(at)?;
         Some((|| {
-            node.gpu().bind()?;
             let plan = self.plan(node, &at)?;
-            // A new plan's node-local dispatches moved stand-in rows, not traffic.
-            node.reset_traffic();
             let y_dev = self.y_in.get(y.len().max(1) * 2)?;
             htod(y_dev, y, &self.stream)?;
             let w_dev = match weights {
@@ -689,10 +691,7 @@ impl DeviceHops for CudaHops {
         let fp8_on_wire = inputs.options.fp8_on_wire;
         let (node, rail, at) = cuda_call(at)?;
         Some((|| {
-            node.gpu().bind()?;
             let plan = self.plan(node, &at)?;
-            // A new plan's node-local dispatches moved stand-in rows, not traffic.
-            node.reset_traffic();
             let events = (0..iters).map(|_| CallEvents::new()).collect::<Result<Vec<_>>>()?;
             let input = match op {
                 ResidentOp::DispatchCached => {
