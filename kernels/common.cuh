@@ -66,6 +66,7 @@ static_assert(SY_THREADS % 32 == 0 && SY_THREADS <= 1024, "bad block size");
 #define SY_WAIT_COMBINE_READY 4
 #define SY_WAIT_COMBINE_DONE 5
 #define SY_WAIT_COMBINE_PUSHED 6
+#define SY_WAIT_COMBINE_BULK 7
 
 // One parameter block for every kernel, passed by value. Every field is 8 bytes
 // so the C and Rust layouts cannot disagree on padding.
@@ -374,6 +375,47 @@ __device__ __forceinline__ bool sy_wait(const u64* flag, u64 target, const SyWai
             return false;
         }
     }
+}
+
+// ---------------------------------------------------------------- bulk copies (sm_90)
+
+// Shared-memory address of a generic pointer into shared memory, as bulk copies and mbarriers take it.
+__device__ __forceinline__ u32 smem_u32(const void* ptr) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(ptr));
+    return r;
+}
+
+// One poll of an mbarrier: whether its phase of `parity` has completed.
+__device__ __forceinline__ bool mbar_try(u32 bar, u32 parity) {
+    u32 done;
+    asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+    return done != 0;
+}
+
+// The whole warp waits until the bulk copies of a stage have landed (mbarrier `bar`, phase
+// `parity`); every lane polls on its own (a vote per poll measured slower). Only the copy unit
+// completes the barrier (the rows were in place before the copies were issued), so the deadline
+// is a backstop: past it lane 0 writes a diagnostic (head, tail: the item and the warp's item
+// count) and every lane returns false.
+__device__ __forceinline__ bool sy_bulk_wait(u32 bar, u32 parity, const SyParams& p, int ch, u64 head, u64 tail) {
+    bool late = false;
+    if (!mbar_try(bar, parity)) {
+        const u64 start = globaltimer_ns();
+        while (!mbar_try(bar, parity)) {
+            if (globaltimer_ns() - start > p.timeout_ns) {
+                late = true;
+                break;
+            }
+        }
+    }
+    if (!__any_sync(0xffffffffu, late)) return true;
+    if (threadIdx.x % 32 == 0)
+        sy_record_timeout(sy_wait_ctx(p), (u32)ch, SY_ROLE_RECEIVER, (u32)p.rank, SY_WAIT_COMBINE_BULK, head, tail);
+    return false;
 }
 
 // ---------------------------------------------------------------- meeting points of a call

@@ -180,46 +180,58 @@ __device__ __forceinline__ bool dispatch_entry(const SyParams& p, int ch) {
     return sy_meet_all(p, SY_SIG_RECV_READY, ch, SY_ROLE_SENDER, SY_WAIT_RECV_READY);
 }
 
-// Whether a token goes to any rank but me.
-__device__ __forceinline__ bool row_remote_any(const i64 (&row)[SY_WORLD], int me) {
+// Destination rows of a token from its positions (-1: not sent there). False when it goes nowhere.
+__device__ __forceinline__ bool dest_rows(const SyParams& p, const i32 (&q)[SY_WORLD], const i32* send_base, i64 (&row)[SY_WORLD]) {
     bool any = false;
 #pragma unroll
-    for (int d = 0; d < SY_WORLD; ++d) any |= d != me && row[d] >= 0;
+    for (int d = 0; d < SY_WORLD; ++d) {
+        row[d] = q[d] >= 0 ? (i64)send_base[d] + q[d] : -1;
+        // Never write past a receiver's capacity (the host refuses such calls; this is the backstop).
+        if (row[d] >= (i64)p.max_recv) row[d] = -1;
+        any |= row[d] >= 0;
+    }
     return any;
 }
 
-extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const SyParams p) {
-    const int ch = blockIdx.x, nch = gridDim.x;
-    const int me = (int)p.rank;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int T = (int)p.num_tokens;
-
-    sy_stamp(p, 0);
-    if (!dispatch_entry(p, ch)) return;
-    sy_stamp(p, 1);
-
-    const i32* pos = reinterpret_cast<const i32*>(p.pos);
-    const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
+// A token's top-k ids, translated to each destination's local ids (-1 elsewhere), its weights
+// (0 where -1) and its (source rank, source token), into every destination row.
+__device__ __forceinline__ void write_meta(const SyParams& p, int t, const i64 (&row)[SY_WORLD], int lane) {
     const i64* idx = reinterpret_cast<const i64*>(p.topk_idx);
     const float* wts = reinterpret_cast<const float*>(p.topk_weights);
-    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
-
-    for (int t = t_begin + warp; t < t_end; t += SY_WARPS) {
-        // Destination rows of this token (-1: not sent there).
-        i64 row[SY_WORLD];
-        bool any = false;
+    for (int j = lane; j < SY_TOPK; j += 32) {
+        const i64 e = idx[(i64)t * SY_TOPK + j];
+        const float w = wts[(i64)t * SY_TOPK + j];
 #pragma unroll
         for (int d = 0; d < SY_WORLD; ++d) {
-            const i32 q = pos[(i64)t * SY_WORLD + d];
-            row[d] = q >= 0 ? (i64)send_base[d] + q : -1;
-            // Never write past a receiver's capacity (the host refuses such calls; this is the backstop).
-            if (row[d] >= (i64)p.max_recv) row[d] = -1;
-            any |= row[d] >= 0;
+            if (row[d] < 0) continue;
+            const bool mine = e >= (i64)d * SY_EPR && e < (i64)(d + 1) * SY_EPR;
+            region<i32>(p, d, p.off_recv_idx)[row[d] * SY_TOPK + j] = mine ? (i32)(e - (i64)d * SY_EPR) : -1;
+            region<float>(p, d, p.off_recv_w)[row[d] * SY_TOPK + j] = mine ? w : 0.f;
         }
-        if (!any) continue;
+    }
+    // Constant indices keep row[] in registers (row[lane] would put it on the stack).
+#pragma unroll
+    for (int d = 0; d < SY_WORLD; ++d) {
+        if (lane == d && row[d] >= 0) {
+            i32* srcinfo = region<i32>(p, d, p.off_recv_src) + row[d] * 2;
+            srcinfo[0] = (i32)p.rank;
+            srcinfo[1] = t;
+        }
+    }
+}
 
 #if SY_WIRE_FP8 && !SY_X_FP8
-        // BF16 in, FP8 out: 8 lanes per 128-element group (16 elements each), 4 groups per warp step.
+// BF16 in, FP8 out, one token per warp step: 8 lanes per 128-element group (16 elements each),
+// 4 groups per warp step, stored to every destination row of the token.
+__device__ __forceinline__ void dispatch_quantized(const SyParams& p, int t_begin, int t_end, int warp, int lane) {
+    const i32* pos = reinterpret_cast<const i32*>(p.pos);
+    const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
+    for (int t = t_begin + warp; t < t_end; t += SY_WARPS) {
+        i32 q[SY_WORLD];
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) q[d] = pos[(i64)t * SY_WORLD + d];
+        i64 row[SY_WORLD];
+        if (!dest_rows(p, q, send_base, row)) continue;
         const u8* xrow = reinterpret_cast<const u8*>(p.x) + (i64)t * SY_X_ROW_BYTES;
         const int sub = lane % 8;
         for (int g0 = 0; g0 < SY_GROUPS; g0 += 4) {
@@ -258,78 +270,133 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
                 inv = 448.f / amax;
             }
             if (g < SY_GROUPS) {
-                v4u32 q;
-                q.x = f32x2_to_e4m3x2(v[0] * inv, v[1] * inv) | (f32x2_to_e4m3x2(v[2] * inv, v[3] * inv) << 16);
-                q.y = f32x2_to_e4m3x2(v[4] * inv, v[5] * inv) | (f32x2_to_e4m3x2(v[6] * inv, v[7] * inv) << 16);
-                q.z = f32x2_to_e4m3x2(v[8] * inv, v[9] * inv) | (f32x2_to_e4m3x2(v[10] * inv, v[11] * inv) << 16);
-                q.w = f32x2_to_e4m3x2(v[12] * inv, v[13] * inv) | (f32x2_to_e4m3x2(v[14] * inv, v[15] * inv) << 16);
+                v4u32 e;
+                e.x = f32x2_to_e4m3x2(v[0] * inv, v[1] * inv) | (f32x2_to_e4m3x2(v[2] * inv, v[3] * inv) << 16);
+                e.y = f32x2_to_e4m3x2(v[4] * inv, v[5] * inv) | (f32x2_to_e4m3x2(v[6] * inv, v[7] * inv) << 16);
+                e.z = f32x2_to_e4m3x2(v[8] * inv, v[9] * inv) | (f32x2_to_e4m3x2(v[10] * inv, v[11] * inv) << 16);
+                e.w = f32x2_to_e4m3x2(v[12] * inv, v[13] * inv) | (f32x2_to_e4m3x2(v[14] * inv, v[15] * inv) << 16);
 #pragma unroll
                 for (int d = 0; d < SY_WORLD; ++d) {
                     if (row[d] < 0) continue;
                     u8* dst = region<u8>(p, d, p.off_recv_x) + row[d] * SY_WIRE_ROW_BYTES + g * 128 + sub * 16;
-                    st_na_v4(reinterpret_cast<v4u32*>(dst), q);
+                    st_na_v4(reinterpret_cast<v4u32*>(dst), e);
                     if (sub == 0) region<float>(p, d, p.off_recv_scales)[row[d] * SY_GROUPS + g] = scale;
                 }
             }
         }
+        if (p.flags & SY_FLAG_WRITE_META) write_meta(p, t, row, lane);
+    }
+}
 #else
-        // Same type in and out: 16-byte vectors, loaded once, stored to every destination. All
-        // SY_DUNROLL loads go out before the first store: the stores' memory clobber keeps the
-        // compiler from hoisting loads past them, which exposed one full load latency per 512
-        // bytes of each warp (measured: 133 GB/s per direction where plain stores reach 347).
-        // With SY_FLAG_SKIP_LOCAL the host has a copy engine move my own rows (src/backend/cuda/local_copy.rs).
-        const bool skip_local = (p.flags & SY_FLAG_SKIP_LOCAL) != 0;
-        const bool copy_any = !skip_local || row_remote_any(row, me);
-        const v4u32* src = reinterpret_cast<const v4u32*>(reinterpret_cast<const u8*>(p.x) + (i64)t * SY_X_ROW_BYTES);
-        for (int i0 = lane; copy_any && i0 < SY_WIRE_V4; i0 += 32 * SY_DUNROLL) {
-            v4u32 v[SY_DUNROLL];
+// Same type in and out. A warp's work is a stream of items, (token, batch of SY_DUNROLL 16-byte
+// vectors per lane); the loads of item i + 1 (with, at a token's first batch, its positions and
+// FP8 scales) go out before the stores of item i, so a warp always has loads in flight across its
+// stores and across tokens. Loads never depend on where the row goes, only the stores do.
+// One token at a time, with the positions, each batch and the scales loaded in turn, a warp
+// waited one load latency per step (4 per FP8 row, 5 per BF16 row). 2x H200, HT-A, same run:
+// cached FP8 dispatch at 12 SMs 120.7 -> 113.4 us, cached BF16 at 8 SMs 207.8 -> 198.2 us; a first
+// dispatch's FP8 rows with metadata, block 0's row work at 12 SMs ~200 -> ~103 us.
+#define SY_DBATCH_V4 (32 * SY_DUNROLL)
+#define SY_DBATCHES ((SY_WIRE_V4 + SY_DBATCH_V4 - 1) / SY_DBATCH_V4)
+#define SY_SCALE_SLOTS (SY_X_FP8 ? (SY_GROUPS + 31) / 32 : 1)
+
+// What one item brings into registers.
+struct CopyItem {
+    v4u32 v[SY_DUNROLL];
+    i32 q[SY_WORLD];           // positions: first batch of a token only
+    float s[SY_SCALE_SLOTS];   // FP8 scales (lane + 32 * i): first batch of a token only
+};
+
+__device__ __forceinline__ void load_item(const SyParams& p, int t, int b, int lane, CopyItem& it) {
+    const v4u32* src = reinterpret_cast<const v4u32*>(reinterpret_cast<const u8*>(p.x) + (i64)t * SY_X_ROW_BYTES);
+    const int i0 = b * SY_DBATCH_V4 + lane;
 #pragma unroll
-            for (int u = 0; u < SY_DUNROLL; ++u)
-                if (i0 + u * 32 < SY_WIRE_V4) v[u] = ld_nc_v4(src + i0 + u * 32);
+    for (int u = 0; u < SY_DUNROLL; ++u)
+        if (i0 + u * 32 < SY_WIRE_V4) it.v[u] = ld_nc_v4(src + i0 + u * 32);
+    if (b == 0) {
+        const i32* pos = reinterpret_cast<const i32*>(p.pos);
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) it.q[d] = pos[(i64)t * SY_WORLD + d];
+#if SY_X_FP8
+        const float* xs = reinterpret_cast<const float*>(p.x_scales) + (i64)t * SY_GROUPS;
+#pragma unroll
+        for (int i = 0; i < SY_SCALE_SLOTS; ++i) it.s[i] = lane + 32 * i < SY_GROUPS ? xs[lane + 32 * i] : 0.f;
+#endif
+    }
+}
+
+// With SY_FLAG_SKIP_LOCAL the host has a copy engine move my own rows (src/backend/cuda/local_copy.rs).
+__device__ __forceinline__ void dispatch_copy(const SyParams& p, int t_begin, int t_end, int warp, int lane) {
+    const int me = (int)p.rank;
+    const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
+    const bool skip_local = (p.flags & SY_FLAG_SKIP_LOCAL) != 0;
+    const int tokens = t_end - t_begin > warp ? (t_end - t_begin - warp + SY_WARPS - 1) / SY_WARPS : 0;
+    const int items = tokens * SY_DBATCHES;
+    CopyItem cur, next;
+    i64 row[SY_WORLD];
+#if SY_X_FP8
+    float scales[SY_SCALE_SLOTS];
+#endif
+    bool any = false;
+    if (items > 0) load_item(p, t_begin + warp, 0, lane, cur);
+    for (int i = 0; i < items; ++i) {
+        const int k = i / SY_DBATCHES, b = i % SY_DBATCHES, t = t_begin + warp + k * SY_WARPS;
+        if (b == 0) {
+            any = dest_rows(p, cur.q, send_base, row);
+#if SY_X_FP8
+#pragma unroll
+            for (int j = 0; j < SY_SCALE_SLOTS; ++j) scales[j] = cur.s[j];
+#endif
+        }
+        if (i + 1 < items) {
+            const int k1 = (i + 1) / SY_DBATCHES;
+            load_item(p, t_begin + warp + k1 * SY_WARPS, (i + 1) % SY_DBATCHES, lane, next);
+        }
+        if (any) {
+            const int i0 = b * SY_DBATCH_V4 + lane;
 #pragma unroll
             for (int d = 0; d < SY_WORLD; ++d) {
                 if (row[d] < 0 || (d == me && skip_local)) continue;
                 v4u32* dst = reinterpret_cast<v4u32*>(region<u8>(p, d, p.off_recv_x) + row[d] * SY_WIRE_ROW_BYTES);
 #pragma unroll
                 for (int u = 0; u < SY_DUNROLL; ++u)
-                    if (i0 + u * 32 < SY_WIRE_V4) st_na_v4(dst + i0 + u * 32, v[u]);
+                    if (i0 + u * 32 < SY_WIRE_V4) st_na_v4(dst + i0 + u * 32, cur.v[u]);
+            }
+            if (b == 0) {
+#if SY_X_FP8
+#pragma unroll
+                for (int j = 0; j < SY_SCALE_SLOTS; ++j) {
+                    const int g = lane + 32 * j;
+                    if (g >= SY_GROUPS) continue;
+#pragma unroll
+                    for (int d = 0; d < SY_WORLD; ++d)
+                        if (row[d] >= 0 && !(d == me && skip_local))
+                            region<float>(p, d, p.off_recv_scales)[row[d] * SY_GROUPS + g] = scales[j];
+                }
+#endif
+                if (p.flags & SY_FLAG_WRITE_META) write_meta(p, t, row, lane);
             }
         }
-#if SY_X_FP8
-        const float* xs = reinterpret_cast<const float*>(p.x_scales) + (i64)t * SY_GROUPS;
-        for (int g = lane; g < SY_GROUPS; g += 32) {
-            const float s = xs[g];
-#pragma unroll
-            for (int d = 0; d < SY_WORLD; ++d)
-                if (row[d] >= 0 && !(d == me && skip_local)) region<float>(p, d, p.off_recv_scales)[row[d] * SY_GROUPS + g] = s;
-        }
-#endif
+        cur = next;
+    }
+}
 #endif
 
-        if (p.flags & SY_FLAG_WRITE_META) {
-            // Top-k ids translated to each destination's local ids (-1 elsewhere), weights (0 where -1).
-            for (int j = lane; j < SY_TOPK; j += 32) {
-                const i64 e = idx[(i64)t * SY_TOPK + j];
-                const float w = wts[(i64)t * SY_TOPK + j];
-#pragma unroll
-                for (int d = 0; d < SY_WORLD; ++d) {
-                    if (row[d] < 0) continue;
-                    const bool mine = e >= (i64)d * SY_EPR && e < (i64)(d + 1) * SY_EPR;
-                    region<i32>(p, d, p.off_recv_idx)[row[d] * SY_TOPK + j] = mine ? (i32)(e - (i64)d * SY_EPR) : -1;
-                    region<float>(p, d, p.off_recv_w)[row[d] * SY_TOPK + j] = mine ? w : 0.f;
-                }
-            }
-            // Constant indices keep row[] in registers (row[lane] would put it on the stack).
-#pragma unroll
-            for (int d = 0; d < SY_WORLD; ++d) {
-                if (lane == d && row[d] >= 0) {
-                    i32* srcinfo = region<i32>(p, d, p.off_recv_src) + row[d] * 2;
-                    srcinfo[0] = me;
-                    srcinfo[1] = t;
-                }
-            }
-        }
-    }
+extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const SyParams p) {
+    const int ch = blockIdx.x, nch = gridDim.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int T = (int)p.num_tokens;
+
+    sy_stamp(p, 0);
+    if (!dispatch_entry(p, ch)) return;
+    sy_stamp(p, 1);
+
+    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
+#if SY_WIRE_FP8 && !SY_X_FP8
+    dispatch_quantized(p, t_begin, t_end, warp, lane);
+#else
+    dispatch_copy(p, t_begin, t_end, warp, lane);
+#endif
 
     // Completion: this channel's rows are out; block 0 waits for every peer's channels.
     sy_channel_done(p, SY_SIG_DISPATCH_ARRIVE, ch, nch, false, SY_ROLE_RECEIVER, SY_WAIT_DISPATCH_ARRIVE);
@@ -420,6 +487,161 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
     // After: tell every rank this channel is done reading its y; block 0 waits for all channels of all
     // ranks before the kernel ends, so the host may overwrite y in the next call.
     sy_channel_done(p, SY_SIG_COMBINE_DONE, ch, nch, false, SY_ROLE_NOTIFY, SY_WAIT_COMBINE_DONE);
+}
+
+// ------------------------------------------------------------- bulk-copy combine (sm_90)
+//
+// The pull combine with its peer loads out of registers: each warp keeps a ring of SY_CB_STAGES
+// shared-memory stages, and its lane 0 bulk-copies (cp.async.bulk, the TMA unit) one piece of
+// every holder's row of a token into a stage while the warp sums the piece that landed before.
+// Loads in flight hold no registers, so a warp keeps a whole piece of every row in flight where
+// the register pull keeps SY_CUNROLL vectors (2x H200, HT-A, 12 SMs: 211-212 us against 243-248
+// for the register pull, scripts/dispatch_micro.cu). Fewer, larger stages measured best: 2
+// stages of quarter rows on every warp. Same sums in the same order as sy_combine: same bits.
+// Needs sm_90 (bulk copies, mbarrier transaction counts); the host reads sy_combine_bulk_smem,
+// 0 where the kernel was compiled without them, and falls back to sy_combine.
+#ifndef SY_CB_STAGES
+#define SY_CB_STAGES 2
+#endif
+#define SY_Y_ROW_BYTES (SY_HIDDEN * 2)
+// Dynamic shared memory a block may take on sm_90 (227 KB), less 1 KB for the static variables.
+#define SY_CB_SMEM_LIMIT (227 * 1024 - 1024)
+
+// Bytes per piece: the row cut into the fewest equal 16-byte-aligned pieces whose stages fit.
+constexpr int sy_cb_piece() {
+    const int most = (SY_CB_SMEM_LIMIT - SY_WARPS * SY_CB_STAGES * 8) / (SY_WARPS * SY_CB_STAGES * SY_WORLD) / 16 * 16;
+    const int pieces = (SY_Y_ROW_BYTES + most - 1) / most;
+    return ((SY_Y_ROW_BYTES + pieces - 1) / pieces + 15) / 16 * 16;
+}
+#define SY_CB_PIECE (sy_cb_piece())
+#define SY_CB_PIECES ((SY_Y_ROW_BYTES + SY_CB_PIECE - 1) / SY_CB_PIECE)
+#define SY_CB_RING_BYTES (SY_WARPS * SY_CB_STAGES * SY_WORLD * SY_CB_PIECE)
+static_assert(SY_CB_PIECE % 16 == 0 && SY_CB_RING_BYTES + SY_WARPS * SY_CB_STAGES * 8 <= SY_CB_SMEM_LIMIT,
+              "bulk-combine stages must fit shared memory");
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define SY_HAS_BULK 1
+#else
+#define SY_HAS_BULK 0
+#endif
+
+// Dynamic shared memory of sy_combine_bulk in bytes (ring, then one mbarrier per stage); 0: not built.
+// The host reads it by name (a variable at namespace scope keeps its name unmangled).
+__device__ u32 sy_combine_bulk_smem = SY_HAS_BULK ? SY_CB_RING_BYTES + SY_WARPS * SY_CB_STAGES * 8 : 0;
+
+extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(const SyParams p) {
+#if SY_HAS_BULK
+    extern __shared__ __align__(128) u8 cb_smem[];
+    const int ch = blockIdx.x, nch = gridDim.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int T = (int)p.num_tokens;
+
+    sy_stamp(p, 0);
+    if (!sy_meet_all(p, SY_SIG_COMBINE_READY, ch, SY_ROLE_RECEIVER, SY_WAIT_COMBINE_READY)) return;
+    sy_stamp(p, 1);
+    // The peers' y rows were published to the generic proxy (acquired in the meeting above);
+    // bulk copies read through the async proxy.
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+
+    const i32* pos = reinterpret_cast<const i32*>(p.pos);
+    const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
+    u16* out = reinterpret_cast<u16*>(p.out);
+    float* out_w = reinterpret_cast<float*>(p.out_weights);
+    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
+    u8* ring = cb_smem + (size_t)warp * SY_CB_STAGES * SY_WORLD * SY_CB_PIECE;
+    u64* bars = reinterpret_cast<u64*>(cb_smem + SY_CB_RING_BYTES) + warp * SY_CB_STAGES;
+    if (lane == 0) {
+        for (int s = 0; s < SY_CB_STAGES; ++s)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bars + s)) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncwarp();
+
+    // Holder d's row of token t in its y (-1: t was not sent to d), as in sy_combine.
+    auto row_index = [&](int t, int d) -> i64 {
+        const i32 q = pos[(i64)t * SY_WORLD + d];
+        const i64 r = q >= 0 ? (i64)send_base[d] + q : -1;
+        return r >= (i64)p.max_recv ? -1 : r;
+    };
+    auto piece_bytes = [](int j) { return SY_Y_ROW_BYTES - j * SY_CB_PIECE < SY_CB_PIECE ? SY_Y_ROW_BYTES - j * SY_CB_PIECE : SY_CB_PIECE; };
+    // Items of this warp: (its k-th token, piece j), k-major; item i fills stage i % SY_CB_STAGES.
+    const int tokens = t_end - t_begin > warp ? (t_end - t_begin - warp + SY_WARPS - 1) / SY_WARPS : 0;
+    const int items = tokens * SY_CB_PIECES;
+    auto issue = [&](int i) {  // lane 0 only
+        const int t = t_begin + warp + (i / SY_CB_PIECES) * SY_WARPS, j = i % SY_CB_PIECES, s = i % SY_CB_STAGES;
+        const u32 bytes = (u32)piece_bytes(j);
+        const u8* src[SY_WORLD];
+        u32 total = 0;
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) {
+            const i64 r = row_index(t, d);
+            src[d] = r < 0 ? nullptr : region<u8>(p, d, p.off_y) + r * SY_Y_ROW_BYTES + (size_t)j * SY_CB_PIECE;
+            if (src[d] != nullptr) total += bytes;
+        }
+        const u32 bar = smem_u32(bars + s);
+        // Arrive once (the barrier's count) and expect `total` bytes; a token sent nowhere completes at once.
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(total) : "memory");
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) {
+            if (src[d] == nullptr) continue;
+            const u32 dst = smem_u32(ring + (size_t)(s * SY_WORLD + d) * SY_CB_PIECE);
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         ::"r"(dst), "l"(src[d]), "r"(bytes), "r"(bar) : "memory");
+        }
+    };
+    constexpr int KW = (SY_TOPK + 31) / 32;
+    float wv[KW][SY_WORLD];  // the token's weights per holder, loaded with its first piece, summed after its last
+    if (lane == 0)
+        for (int i = 0; i < SY_CB_STAGES - 1 && i < items; ++i) issue(i);
+    for (int i = 0; i < items; ++i) {
+        // The stage item i + STAGES - 1 fills was summed by the whole warp in item i - 1.
+        __syncwarp();
+        if (lane == 0 && i + SY_CB_STAGES - 1 < items) issue(i + SY_CB_STAGES - 1);
+        const int t = t_begin + warp + (i / SY_CB_PIECES) * SY_WARPS, j = i % SY_CB_PIECES, s = i % SY_CB_STAGES;
+        if (j == 0 && (p.flags & SY_FLAG_WITH_WEIGHTS)) {
+            // Issued now, used after the last piece: the loads' latency hides behind the pieces.
+#pragma unroll
+            for (int kw = 0; kw < KW; ++kw)
+#pragma unroll
+                for (int d = 0; d < SY_WORLD; ++d) {
+                    const i64 r = row_index(t, d);
+                    wv[kw][d] = r >= 0 && lane + 32 * kw < SY_TOPK
+                                    ? *reinterpret_cast<const volatile float*>(region<float>(p, d, p.off_y_w) + r * SY_TOPK + lane + 32 * kw)
+                                    : 0.f;
+                }
+        }
+        // On a timeout the diagnostic is written; leave the loop and still meet the block below.
+        if (!sy_bulk_wait(smem_u32(bars + s), (u32)((i / SY_CB_STAGES) & 1), p, ch, (u64)i, (u64)items)) break;
+        i64 row[SY_WORLD];
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) row[d] = row_index(t, d);
+        const int nv = piece_bytes(j) / 16;
+        v4u32* dst = reinterpret_cast<v4u32*>(reinterpret_cast<u8*>(out + (i64)t * SY_HIDDEN) + (size_t)j * SY_CB_PIECE);
+        for (int v = lane; v < nv; v += 32) {
+            float acc[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+#pragma unroll
+            for (int d = 0; d < SY_WORLD; ++d) {
+                if (row[d] < 0) continue;
+                add_bf16x8(acc, reinterpret_cast<const v4u32*>(ring + (size_t)(s * SY_WORLD + d) * SY_CB_PIECE)[v]);
+            }
+            st_v4(dst + v, pack_bf16x8(acc));
+        }
+        if (j == SY_CB_PIECES - 1 && (p.flags & SY_FLAG_WITH_WEIGHTS)) {
+#pragma unroll
+            for (int kw = 0; kw < KW; ++kw) {
+                if (lane + 32 * kw >= SY_TOPK) continue;
+                float acc = 0.f;
+#pragma unroll
+                for (int d = 0; d < SY_WORLD; ++d)
+                    if (row[d] >= 0) acc += wv[kw][d];
+                out_w[(i64)t * SY_TOPK + lane + 32 * kw] = acc;
+            }
+        }
+    }
+    sy_channel_done(p, SY_SIG_COMBINE_DONE, ch, nch, false, SY_ROLE_NOTIFY, SY_WAIT_COMBINE_DONE);
+#endif
 }
 
 // ------------------------------------------------------------ push combine

@@ -41,7 +41,16 @@ fn every_variant_compiles_for_sm_90a() {
             eprintln!("{}", c.log);
         }
         let res = c.resources();
-        for k in ["sy_notify", "sy_dispatch", "sy_combine", "sy_gather_rows", "sy_gather_quantize", "sy_sum_rows"] {
+        for k in [
+            "sy_notify",
+            "sy_dispatch",
+            "sy_combine",
+            "sy_combine_push",
+            "sy_combine_bulk",
+            "sy_gather_rows",
+            "sy_gather_quantize",
+            "sy_sum_rows",
+        ] {
             let r = res
                 .iter()
                 .find(|r| r.name == k)

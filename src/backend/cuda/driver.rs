@@ -433,6 +433,9 @@ pub struct Kernels {
     dispatch: sys::CUfunction,
     combine: sys::CUfunction,
     combine_push: sys::CUfunction,
+    combine_bulk: sys::CUfunction,
+    /// Dynamic shared memory of `sy_combine_bulk` (0: not built for this arch).
+    combine_bulk_smem: u32,
     gather_rows: sys::CUfunction,
     gather_quantize: sys::CUfunction,
     sum_rows: sys::CUfunction,
@@ -456,6 +459,8 @@ pub enum Kernel {
     Combine,
     /// `sy_combine_push`.
     CombinePush,
+    /// `sy_combine_bulk` (pull through bulk copies into shared memory; sm_90 and later).
+    CombineBulk,
 }
 
 impl Kernels {
@@ -467,7 +472,35 @@ impl Kernels {
             // SAFETY: module loaded.
             unsafe { result::module::get_function(module, CString::new(n).unwrap()) }.map_err(err("cuModuleGetFunction"))
         };
+        // The kernel states the shared memory its stages take (0 where the arch lacks bulk
+        // copies); above 48 KB a kernel must be allowed it explicitly.
+        let combine_bulk = get("sy_combine_bulk")?;
+        let combine_bulk_smem = {
+            // SAFETY: module loaded; the symbol is a u32 the source defines.
+            let (ptr, bytes) = unsafe { result::module::get_global(module, CString::new("sy_combine_bulk_smem").unwrap()) }
+                .map_err(err("cuModuleGetGlobal(sy_combine_bulk_smem)"))?;
+            if bytes != 4 {
+                return Err(Error::Cuda(format!("sy_combine_bulk_smem is {bytes} bytes, not a u32")));
+            }
+            let mut v = [0u32];
+            // SAFETY: 4 bytes of device memory, context current.
+            unsafe { result::memcpy_dtoh_sync(&mut v, ptr) }.map_err(err("cuMemcpyDtoH(sy_combine_bulk_smem)"))?;
+            v[0]
+        };
+        if combine_bulk_smem > 0 {
+            // SAFETY: a function of this module.
+            unsafe {
+                result::function::set_function_attribute(
+                    combine_bulk,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    combine_bulk_smem as i32,
+                )
+            }
+            .map_err(err("cuFuncSetAttribute(sy_combine_bulk)"))?;
+        }
         Ok(Self {
+            combine_bulk,
+            combine_bulk_smem,
             advance: get("sy_advance")?,
             notify: get("sy_notify")?,
             dispatch: get("sy_dispatch")?,
@@ -481,19 +514,31 @@ impl Kernels {
         })
     }
 
+    /// Whether `sy_combine_bulk` was built (the arch has bulk copies).
+    pub fn has_combine_bulk(&self) -> bool {
+        self.combine_bulk_smem > 0
+    }
+
     /// Launch `which` with one parameter block on `stream`.
     pub fn launch(&self, which: Kernel, grid: u32, block: u32, params: &SyParams, stream: &Stream) -> Result<()> {
-        let f = match which {
-            Kernel::Advance => self.advance,
-            Kernel::Notify => self.notify,
-            Kernel::Dispatch => self.dispatch,
-            Kernel::Combine => self.combine,
-            Kernel::CombinePush => self.combine_push,
+        let (f, smem) = match which {
+            Kernel::Advance => (self.advance, 0),
+            Kernel::Notify => (self.notify, 0),
+            Kernel::Dispatch => (self.dispatch, 0),
+            Kernel::Combine => (self.combine, 0),
+            Kernel::CombinePush => (self.combine_push, 0),
+            Kernel::CombineBulk => {
+                if !self.has_combine_bulk() {
+                    return Err(Error::Cuda("sy_combine_bulk was not built for this GPU (needs sm_90)".into()));
+                }
+                (self.combine_bulk, self.combine_bulk_smem)
+            }
         };
         let mut p = *params;
         let mut args = [&mut p as *mut SyParams as *mut c_void];
         // SAFETY: the kernel takes exactly one `SyParams` by value; the driver copies it before returning.
-        unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }.map_err(err("cuLaunchKernel"))
+        unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), smem, stream.raw, &mut args) }
+            .map_err(err("cuLaunchKernel"))
     }
 }
 

@@ -46,6 +46,7 @@ pub fn wait_name(what: u32) -> &'static str {
         4 => "combine entry: peer's y rows in place",
         5 => "combine exit: peer channel done reading my y",
         6 => "push combine: peer channel's rows arrived",
+        7 => "bulk combine: bulk copies of y rows into shared memory",
         _ => "unknown wait",
     }
 }

@@ -61,9 +61,40 @@ pub const RAIL_ENV: &str = "SWITCHYARD_RAIL";
 /// Environment variable: communication buffer size per GPU, in MiB (default 2048).
 pub const BUFFER_MB_ENV: &str = "SWITCHYARD_CUDA_BUFFER_MB";
 const DEFAULT_BUFFER_MB: usize = 2048;
-/// Environment variable: `push` selects the push combine kernel (default: `pull`, measured
-/// faster on 2x H200 once both convert to BF16 natively: HT-A 12 SMs 232 us vs 359-363 us).
+/// Environment variable: the combine kernel, `bulk`, `pull` or `push` (see [`CombineChoice`]).
+/// Unset: `bulk` where the GPU has bulk copies (sm_90 and later), `pull` elsewhere.
 pub const COMBINE_ENV: &str = "SWITCHYARD_COMBINE";
+
+/// Which combine kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CombineChoice {
+    /// `sy_combine_bulk`: sources pull the rows through bulk copies into shared memory (sm_90+).
+    Bulk,
+    /// `sy_combine`: sources pull the rows into registers.
+    Pull,
+    /// `sy_combine_push`: holders store the rows to their source, which reduces them
+    /// (host-slice calls only, when every (token, rank) slot fits the buffer; pull otherwise).
+    /// Measured slower on 2x H200: HT-A 12 SMs 359-363 us against 232 us for pull.
+    Push,
+}
+
+impl CombineChoice {
+    /// The choice in `SWITCHYARD_COMBINE`; `None` when unset (the default for the GPU).
+    pub fn from_env() -> Result<Option<Self>> {
+        match std::env::var(COMBINE_ENV) {
+            Err(_) => Ok(None),
+            Ok(v) => match v.as_str() {
+                "bulk" => Ok(Some(Self::Bulk)),
+                "pull" => Ok(Some(Self::Pull)),
+                "push" => Ok(Some(Self::Push)),
+                other => Err(Error::InvalidArgument {
+                    arg: COMBINE_ENV.into(),
+                    reason: format!("{other:?}: expected bulk, pull or push"),
+                }),
+            },
+        }
+    }
+}
 
 /// State shared by the ranks of a cluster: contexts and buffers live until the last rank drops.
 struct Shared {
@@ -310,7 +341,7 @@ impl CudaRank {
             events: None,
             side: None,
             local_copy: LocalCopy::from_env(),
-            combine_push: std::env::var(COMBINE_ENV).is_ok_and(|v| v == "push"),
+            combine: CombineChoice::from_env()?,
             nccl: None,
             plans: on_stream::PlanCache::default(),
             device_us: 0.0,
@@ -531,8 +562,8 @@ pub struct CudaRank {
     side: Option<(Stream, Event, Event)>,
     /// Who copies own rows in dispatch.
     local_copy: LocalCopy,
-    /// Combine pushes rows to their sources (`sy_combine_push`) rather than pulling them.
-    combine_push: bool,
+    /// The combine kernel asked for in `SWITCHYARD_COMBINE` (`None`: the GPU's default).
+    combine: Option<CombineChoice>,
     /// The same-run NCCL baseline's communicator, made on first use.
     nccl: Option<nccl::NcclExchange>,
     /// Plans of recent handles on the device, for the calls on the caller's stream (`on_stream`).
@@ -875,16 +906,16 @@ impl CudaRank {
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
         p.out = self.ws.out.get(t * hidden * 2)?;
         p.out_weights = self.ws.out_w.get(t * k * 4)?;
-        let kernel = self.combine_kernel(handle, &lay, &mut p)?;
+        let kernel = self.combine_kernel(&spec, handle, &lay, &mut p)?;
         Ok(PreparedLaunch { spec, p, lay, kernel, side_ops: Vec::new() })
     }
 
-    /// Which combine kernel runs, with its extra inputs set on `p`: pull by default; push when
-    /// `SWITCHYARD_COMBINE=push` and every (token, rank) slot fits the buffer.
-    fn combine_kernel(&mut self, handle: &Handle, lay: &BufferLayout, p: &mut SyParams) -> Result<Kernel> {
-        let push = handle.num_tokens * self.world <= lay.max_recv && self.combine_push;
+    /// Which combine kernel runs, with its extra inputs set on `p`: see [`CombineChoice`];
+    /// push only when every (token, rank) slot fits the buffer.
+    fn combine_kernel(&mut self, spec: &KernelSpec, handle: &Handle, lay: &BufferLayout, p: &mut SyParams) -> Result<Kernel> {
+        let push = handle.num_tokens * self.world <= lay.max_recv && self.combine == Some(CombineChoice::Push);
         if !push {
-            return Ok(Kernel::Combine);
+            return self.pull_kernel(spec);
         }
         let info: Vec<i32> =
             handle.source_rank.iter().zip(&handle.source_token).flat_map(|(&r, &t)| [r as i32, t as i32]).collect();
@@ -892,6 +923,22 @@ impl CudaRank {
         htod(p.src_info, &info, &self.stream)?;
         p.num_recv = handle.num_recv() as u64;
         Ok(Kernel::CombinePush)
+    }
+
+    /// The pulling combine kernel for `spec`'s build: the bulk-copy one where it was built
+    /// (unless `SWITCHYARD_COMBINE=pull`), the register one otherwise. Asking for `bulk` on a
+    /// GPU without bulk copies is an error.
+    fn pull_kernel(&self, spec: &KernelSpec) -> Result<Kernel> {
+        let built = self.kernels[spec].has_combine_bulk();
+        match self.combine {
+            Some(CombineChoice::Pull) => Ok(Kernel::Combine),
+            Some(CombineChoice::Bulk) if !built => Err(Error::InvalidArgument {
+                arg: COMBINE_ENV.into(),
+                reason: format!("bulk needs bulk copies (sm_90 or later); this GPU is {}", self.shared.arch),
+            }),
+            _ if built => Ok(Kernel::CombineBulk),
+            _ => Ok(Kernel::Combine),
+        }
     }
 
     /// Enqueue one kernel on this rank's stream, with `side_ops` copy-engine copies beside it

@@ -185,8 +185,9 @@ impl CudaRank {
             p.out_weights = out_w;
             p.flags |= super::layout::FLAG_WITH_WEIGHTS;
         }
+        let kernel = self.pull_kernel(&spec)?;
         self.advance_on(&stream, &spec, &p)?;
-        self.enqueue_on(&stream, &spec, Kernel::Combine, self.channels(), THREADS as u32, &p, &[])
+        self.enqueue_on(&stream, &spec, kernel, self.channels(), THREADS as u32, &p, &[])
     }
 
     /// After the caller synchronized the streams of earlier `*_on` calls: the first device
