@@ -9,12 +9,12 @@
 //   warp/RL+pos  ... with the per-token position lookup of the real kernel
 //   real         sy_dispatch as the runtime launches it (cached: no metadata; meta: with it)
 // Build (on the GPU machine; -D values as the runtime passes them):
-//   nvcc -O3 -arch=sm_90a -Ikernels -DSY_WORLD=2 -DSY_HIDDEN=7168 -DSY_TOPK=8 -DSY_NUM_EXPERTS=256 \
+//   nvcc -O3 -arch=sm_90a --expt-relaxed-constexpr -Ikernels -DSY_WORLD=2 -DSY_HIDDEN=7168 -DSY_TOPK=8 -DSY_NUM_EXPERTS=256 \
 //        -DSY_X_FP8=0 -DSY_WIRE_FP8=0 -DSY_THREADS=512 scripts/dispatch_micro.cu -o dispatch_micro
 // Run: ./dispatch_micro [tokens=4096] [iters=20]
 // MICRO_COMBINE=1: combine instead, of the rows one real dispatch delivered: sy_combine against
 // combine_tma (bulk-copy loads into shared-memory stages; stages x piece bytes x working warps),
-// whose output must match sy_combine's bit for bit. -DSY_THREADS=1024 adds variants of 24-32 warps.
+// whose output must match sy_combine's bit for bit, and the runtime's sy_combine_bulk. -DSY_THREADS=1024 adds variants of 24-32 warps.
 #include "intranode.cu"
 
 #include <cuda_runtime.h>
@@ -160,8 +160,6 @@ __global__ void __launch_bounds__(32 * NP, 1) tma_copy(const SyParams p) {
 // its lane 0 fetches the next pieces of its tokens' rows (one PIECE-byte piece of every holder's
 // row per stage, cp.async.bulk) while the warp sums the piece that has landed. Same sum order as
 // sy_combine, so its output must match sy_combine's bit for bit (checked below).
-#define SY_Y_ROW_BYTES (SY_HIDDEN * 2)
-__device__ __forceinline__ u32 smem_u32(const void* ptr) { return (u32)__cvta_generic_to_shared(ptr); }
 template <int S, int PIECE, int NW = SY_WARPS>
 constexpr int combine_tma_smem() { return NW * S * SY_WORLD * PIECE + NW * S * 8; }
 
@@ -511,6 +509,8 @@ int main(int argc, char** argv) {
         variant("tma/4x3584x8", combine_tma<4, 3584, 8>, combine_tma_smem<4, 3584, 8>());
         variant("tma/2x14336x4", combine_tma<2, 14336, 4>, combine_tma_smem<2, 14336, 4>());
         variant("tma/3x7168x5", combine_tma<3, 7168, 5>, combine_tma_smem<3, 7168, 5>());
+        // The runtime's kernel (kernels/intranode.cu), same data, same process.
+        variant("runtime/bulk", sy_combine_bulk, SY_CB_RING_BYTES + SY_WARPS * SY_CB_STAGES * 8);
 #if SY_WARPS >= 32
         // Built with -DSY_THREADS=1024.
         variant("tma/2x1792x32", combine_tma<2, 1792, 32>, combine_tma_smem<2, 1792, 32>());
