@@ -104,7 +104,11 @@ pub struct NcclExchange {
 unsafe impl Send for NcclExchange {}
 
 impl NcclExchange {
-    /// Join the communicator `id` as `rank` of `world` (collective; the GPU's context current).
+    /// Join the communicator `id` as `rank` of `world` (collective; the GPU's context current),
+    /// then connect to every peer with a first small exchange. NCCL connects peers lazily, in
+    /// the group end of the first transfer to each, and that blocks until the peer takes part:
+    /// done here, while every rank is joining anyway, no later transfer blocks on the host, so
+    /// their deadlines ([`Rail::exchange`]) cover all of their waiting.
     pub fn new(rank: usize, world: usize, id: &[u8; 128]) -> Result<Self> {
         let mut uid = sys::ncclUniqueId { internal: [0; 128] };
         for (d, s) in uid.internal.iter_mut().zip(id) {
@@ -113,7 +117,14 @@ impl NcclExchange {
         let mut comm = std::ptr::null_mut();
         // SAFETY: valid out-pointer; every rank calls with the same id.
         unsafe { result::comm_init_rank(&mut comm, world as i32, uid, rank as i32) }.map_err(err("ncclCommInitRank"))?;
-        Ok(Self { comm, stream: Stream::new()?, rank, world, send: None, recv: None, last_transfer: None, aborted: false })
+        let mut rail =
+            Self { comm, stream: Stream::new()?, rank, world, send: None, recv: None, last_transfer: None, aborted: false };
+        let bytes: Vec<usize> = (0..world).map(|p| if p == rank { 0 } else { 8 }).collect();
+        let send = Self::buffer(&mut rail.send, 8 * world)?;
+        let recv = Self::buffer(&mut rail.recv, 8 * world)?;
+        rail.enqueue(send, &bytes, recv, &bytes)?;
+        rail.wait(CONNECT_TIMEOUT, "first exchange (connecting the peers)")?;
+        Ok(rail)
     }
 
     fn buffer(slot: &mut Option<DeviceBuffer>, bytes: usize) -> Result<u64> {
@@ -234,6 +245,9 @@ pub struct Piece {
     /// Length.
     pub bytes: usize,
 }
+
+/// How long the first exchange, which connects the peers, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long the baseline's timed loop may take.
 const RAW_TIMEOUT: Duration = Duration::from_secs(120);
