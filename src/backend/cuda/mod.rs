@@ -82,17 +82,19 @@ pub enum CombineChoice {
 impl CombineChoice {
     /// The choice in `SWITCHYARD_COMBINE`; `None` when unset (the default for the GPU).
     pub fn from_env() -> Result<Option<Self>> {
-        match std::env::var(COMBINE_ENV) {
-            Err(_) => Ok(None),
-            Ok(v) => match v.as_str() {
-                "bulk" => Ok(Some(Self::Bulk)),
-                "pull" => Ok(Some(Self::Pull)),
-                "push" => Ok(Some(Self::Push)),
-                other => Err(Error::InvalidArgument {
-                    arg: COMBINE_ENV.into(),
-                    reason: format!("{other:?}: expected bulk, pull or push"),
-                }),
-            },
+        Self::parse(std::env::var(COMBINE_ENV).ok().as_deref())
+    }
+
+    /// A value of `SWITCHYARD_COMBINE` (`None`: unset).
+    pub fn parse(value: Option<&str>) -> Result<Option<Self>> {
+        match value {
+            None => Ok(None),
+            Some("bulk") => Ok(Some(Self::Bulk)),
+            Some("pull") => Ok(Some(Self::Pull)),
+            Some("push") => Ok(Some(Self::Push)),
+            Some(other) => {
+                Err(Error::InvalidArgument { arg: COMBINE_ENV.into(), reason: format!("{other:?}: expected bulk, pull or push") })
+            }
         }
     }
 }
@@ -1407,6 +1409,16 @@ mod tests {
         assert_eq!(RailChoice::parse(Some("host")).unwrap(), RailChoice::Host);
         let e = RailChoice::parse(Some("ib")).unwrap_err().to_string();
         assert!(e.contains(RAIL_ENV) && e.contains("`ib`"), "{e}");
+    }
+
+    #[test]
+    fn the_combine_choice_names_its_variable_when_it_is_wrong() {
+        assert_eq!(CombineChoice::parse(None).unwrap(), None);
+        assert_eq!(CombineChoice::parse(Some("bulk")).unwrap(), Some(CombineChoice::Bulk));
+        assert_eq!(CombineChoice::parse(Some("pull")).unwrap(), Some(CombineChoice::Pull));
+        assert_eq!(CombineChoice::parse(Some("push")).unwrap(), Some(CombineChoice::Push));
+        let e = CombineChoice::parse(Some("tma")).unwrap_err().to_string();
+        assert!(e.contains(COMBINE_ENV) && e.contains("\"tma\""), "{e}");
     }
 
     #[test]
