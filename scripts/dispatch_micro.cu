@@ -12,9 +12,9 @@
 //   nvcc -O3 -arch=sm_90a --expt-relaxed-constexpr -Ikernels -DSY_WORLD=2 -DSY_HIDDEN=7168 -DSY_TOPK=8 -DSY_NUM_EXPERTS=256 \
 //        -DSY_X_FP8=0 -DSY_WIRE_FP8=0 -DSY_THREADS=512 scripts/dispatch_micro.cu -o dispatch_micro
 // Run: ./dispatch_micro [tokens=4096] [iters=20]
-// MICRO_COMBINE=1: combine instead, of the rows one real dispatch delivered: sy_combine against
-// combine_tma (bulk-copy loads into shared-memory stages; stages x piece bytes x working warps),
-// whose output must match sy_combine's bit for bit, and the runtime's sy_combine_bulk. -DSY_THREADS=1024 adds variants of 24-32 warps.
+// MICRO_COMBINE=1: combine instead, of the rows one real dispatch delivered: sy_combine (pull)
+// against sy_combine_bulk (bulk-copy loads into shared-memory stages), whose output must match
+// sy_combine's bit for bit. -DSY_CB_STAGES=N and -DSY_THREADS=N vary the bulk kernel's shape.
 #include "intranode.cu"
 
 #include <cuda_runtime.h>
@@ -155,125 +155,6 @@ __global__ void __launch_bounds__(32 * NP, 1) tma_copy(const SyParams p) {
     bulk_wait_all();
 }
 
-
-// ---- combine, pull with bulk-copy (TMA) loads: each warp keeps a ring of S shared-memory stages;
-// its lane 0 fetches the next pieces of its tokens' rows (one PIECE-byte piece of every holder's
-// row per stage, cp.async.bulk) while the warp sums the piece that has landed. Same sum order as
-// sy_combine, so its output must match sy_combine's bit for bit (checked below).
-template <int S, int PIECE, int NW = SY_WARPS>
-constexpr int combine_tma_smem() { return NW * S * SY_WORLD * PIECE + NW * S * 8; }
-
-template <int S, int PIECE, int NW>
-__global__ void __launch_bounds__(SY_THREADS, 1) combine_tma(const SyParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    extern __shared__ __align__(128) u8 tma_smem[];
-    constexpr int PIECES = (SY_Y_ROW_BYTES + PIECE - 1) / PIECE;
-    const int ch = blockIdx.x, nch = gridDim.x;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int T = (int)p.num_tokens;
-
-    sy_stamp(p, 0);
-    if (!sy_meet_all(p, SY_SIG_COMBINE_READY, ch, SY_ROLE_RECEIVER, SY_WAIT_COMBINE_READY)) return;
-    sy_stamp(p, 1);
-    // The peers' rows were published to the generic proxy (flags acquired above); the bulk
-    // copies read through the async proxy.
-    asm volatile("fence.proxy.async.global;" ::: "memory");
-
-    const i32* pos = reinterpret_cast<const i32*>(p.pos);
-    const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
-    u16* out = reinterpret_cast<u16*>(p.out);
-    float* out_w = reinterpret_cast<float*>(p.out_weights);
-    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
-
-    u8* ring = tma_smem + (size_t)warp * S * SY_WORLD * PIECE;  // warps < NW only
-    u64* bars = reinterpret_cast<u64*>(tma_smem + (size_t)NW * S * SY_WORLD * PIECE) + warp * S;
-    if (warp < NW && lane == 0) {
-        for (int s = 0; s < S; ++s)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bars + s)) : "memory");
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncwarp();
-
-    // Holder d's row of token t in its y (-1: t was not sent to d), as in the pull kernel.
-    auto row_index = [&](int t, int d) -> i64 {
-        const i32 q = pos[(i64)t * SY_WORLD + d];
-        const i64 r = q >= 0 ? (i64)send_base[d] + q : -1;
-        return r >= (i64)p.max_recv ? -1 : r;
-    };
-    // Items of this warp: (its k-th token, piece j), k-major; item i uses stage i % STAGES.
-    // Only the first NW warps work (the others meet the block at the start and the end).
-    const int my_tokens = warp < NW && t_end - t_begin > warp ? (t_end - t_begin - warp + NW - 1) / NW : 0;
-    const int items = my_tokens * PIECES;
-    auto piece_bytes = [](int j) {
-        const int left = SY_Y_ROW_BYTES - j * PIECE;
-        return left < PIECE ? left : PIECE;
-    };
-    auto issue = [&](int i) {  // lane 0 only
-        const int t = t_begin + warp + (i / PIECES) * NW, j = i % PIECES, s = i % S;
-        const u32 bytes = (u32)piece_bytes(j);
-        const u8* src[SY_WORLD];
-        u32 total = 0;
-#pragma unroll
-        for (int d = 0; d < SY_WORLD; ++d) {
-            const i64 r = row_index(t, d);
-            src[d] = r < 0 ? nullptr : region<u8>(p, d, p.off_y) + r * SY_Y_ROW_BYTES;
-            if (src[d] != nullptr) total += bytes;
-        }
-        const u32 bar = smem_u32(bars + s);
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(total) : "memory");
-#pragma unroll
-        for (int d = 0; d < SY_WORLD; ++d) {
-            if (src[d] == nullptr) continue;
-            const u32 dst = smem_u32(ring + (size_t)(s * SY_WORLD + d) * PIECE);
-            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                         ::"r"(dst), "l"(src[d] + (size_t)j * PIECE), "r"(bytes), "r"(bar) : "memory");
-        }
-    };
-    if (lane == 0)
-        for (int i = 0; i < S - 1 && i < items; ++i) issue(i);
-    for (int i = 0; i < items; ++i) {
-        // Stage (i + STAGES - 1) % STAGES was read in the previous item by the whole warp.
-        __syncwarp();
-        if (lane == 0 && i + S - 1 < items) issue(i + S - 1);
-        const int t = t_begin + warp + (i / PIECES) * NW, j = i % PIECES, s = i % S;
-        const u32 bar = smem_u32(bars + s), parity = (u32)((i / S) & 1);
-        // No deadline here: the peers' rows are in place (met above), so only the copy engine,
-        // not a peer, completes this barrier.
-        u32 done = 0;
-        while (!done)
-            asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
-                         : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-        i64 row[SY_WORLD];
-#pragma unroll
-        for (int d = 0; d < SY_WORLD; ++d) row[d] = row_index(t, d);
-        const int nv = piece_bytes(j) / 16;
-        v4u32* dst = reinterpret_cast<v4u32*>(reinterpret_cast<u8*>(out + (i64)t * SY_HIDDEN) + (size_t)j * PIECE);
-        for (int v = lane; v < nv; v += 32) {
-            float acc[8];
-#pragma unroll
-            for (int k = 0; k < 8; ++k) acc[k] = 0.f;
-#pragma unroll
-            for (int d = 0; d < SY_WORLD; ++d) {
-                if (row[d] < 0) continue;
-                add_bf16x8(acc, reinterpret_cast<const v4u32*>(ring + (size_t)(s * SY_WORLD + d) * PIECE)[v]);
-            }
-            st_v4(dst + v, pack_bf16x8(acc));
-        }
-        if (j == PIECES - 1 && (p.flags & SY_FLAG_WITH_WEIGHTS)) {
-            for (int jj = lane; jj < SY_TOPK; jj += 32) {
-                float acc = 0.f;
-#pragma unroll
-                for (int d = 0; d < SY_WORLD; ++d) {
-                    if (row[d] < 0) continue;
-                    acc += *reinterpret_cast<const volatile float*>(region<float>(p, d, p.off_y_w) + row[d] * SY_TOPK + jj);
-                }
-                out_w[(i64)t * SY_TOPK + jj] = acc;
-            }
-        }
-    }
-    sy_channel_done(p, SY_SIG_COMBINE_DONE, ch, nch, false, SY_ROLE_NOTIFY, SY_WAIT_COMBINE_DONE);
-#endif
-}
 
 struct Gpu {
     cudaStream_t s;
@@ -498,25 +379,13 @@ int main(int argc, char** argv) {
                 printf("%-14s sms=%3d output %s\n", name, sms, ok ? "matches sy_combine" : "DIFFERS FROM sy_combine");
             }
         };
-        // Name: stages x piece bytes x working warps; every variant's stages fit 227 KB of
-        // shared memory. docs/perf-notes.md (session 7) has the figures.
-        variant("tma/2x3584x16", combine_tma<2, 3584, 16>, combine_tma_smem<2, 3584, 16>());
-        variant("tma/3x2048x16", combine_tma<3, 2048, 16>, combine_tma_smem<3, 2048, 16>());
-        variant("tma/4x1792x16", combine_tma<4, 1792, 16>, combine_tma_smem<4, 1792, 16>());
-        variant("tma/6x1024x16", combine_tma<6, 1024, 16>, combine_tma_smem<6, 1024, 16>());
-        variant("tma/8x896x16", combine_tma<8, 896, 16>, combine_tma_smem<8, 896, 16>());
-        variant("tma/2x7168x8", combine_tma<2, 7168, 8>, combine_tma_smem<2, 7168, 8>());
-        variant("tma/4x3584x8", combine_tma<4, 3584, 8>, combine_tma_smem<4, 3584, 8>());
-        variant("tma/2x14336x4", combine_tma<2, 14336, 4>, combine_tma_smem<2, 14336, 4>());
-        variant("tma/3x7168x5", combine_tma<3, 7168, 5>, combine_tma_smem<3, 7168, 5>());
-        // The runtime's kernel (kernels/intranode.cu), same data, same process.
-        variant("runtime/bulk", sy_combine_bulk, SY_CB_RING_BYTES + SY_WARPS * SY_CB_STAGES * 8);
-#if SY_WARPS >= 32
-        // Built with -DSY_THREADS=1024.
-        variant("tma/2x1792x32", combine_tma<2, 1792, 32>, combine_tma_smem<2, 1792, 32>());
-        variant("tma/3x1024x32", combine_tma<3, 1024, 32>, combine_tma_smem<3, 1024, 32>());
-        variant("tma/2x2048x24", combine_tma<2, 2048, 24>, combine_tma_smem<2, 2048, 24>());
-#endif
+        // The runtime's kernel (kernels/intranode.cu), same data, same process. Its shape comes
+        // from -DSY_CB_STAGES (stages; the piece size follows) and -DSY_THREADS (warps). The
+        // templated stage/piece/warp variants of session 7 (benches/results/h200x2-combine-micro/)
+        // were folded into it; git history has them.
+        char name[32];
+        snprintf(name, sizeof name, "bulk/%dx%dx%d", SY_CB_STAGES, (int)SY_CB_PIECE, SY_WARPS);
+        variant(name, sy_combine_bulk, SY_CB_RING_BYTES + SY_WARPS * SY_CB_STAGES * 8);
         return 0;
     }
     if (getenv("MICRO_TMA_ONLY") == nullptr) {
