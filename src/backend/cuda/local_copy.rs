@@ -22,6 +22,12 @@ pub struct Run {
 /// More runs than this and the kernel copies the own rows itself.
 pub const MAX_RUNS: usize = 64;
 
+/// From this many channels on, `Auto` leaves the own rows to the kernel. 2x H200, HT-A BF16
+/// cached dispatch, same run (copy engine / kernel): 8 channels 199 / 301 us (the kernel is
+/// short of SMs), 12 channels 213 / 205, 16 channels 225 / 202 (beside the kernel's extra
+/// channels the copy engine only adds HBM/L2 traffic). 9-11 were not measured.
+pub const KERNEL_FROM_CHANNELS: usize = 12;
+
 /// Environment variable forcing where own rows are copied: `kernel`, `copy-engine` or `auto` (default).
 pub const LOCAL_COPY_ENV: &str = "SWITCHYARD_LOCAL_COPY";
 
@@ -32,8 +38,9 @@ pub enum LocalCopy {
     Kernel,
     /// Copy-engine copies on a side stream, one per run.
     CopyEngine,
-    /// Copy engine when there are at most [`MAX_RUNS`] runs and the rows are eligible
-    /// (BF16 in and on the wire, see `CudaRank::own_row_copies`).
+    /// Copy engine when there are at most [`MAX_RUNS`] runs, the dispatch has fewer than
+    /// [`KERNEL_FROM_CHANNELS`] channels and the rows are eligible (BF16 in and on the wire,
+    /// see `CudaRank::own_row_copies`).
     Auto,
 }
 
@@ -51,15 +58,16 @@ impl LocalCopy {
         }
     }
 
-    /// Whether the copy engine moves these runs. `eligible`: a plain copy is right for these
-    /// rows (a copy engine cannot quantize BF16 to FP8) and worth it.
-    pub fn use_copy_engine(self, runs: &[Run], eligible: bool) -> bool {
+    /// Whether the copy engine moves these runs in a dispatch on `channels` channels.
+    /// `eligible`: a plain copy is right for these rows (a copy engine cannot quantize BF16
+    /// to FP8) and worth it.
+    pub fn use_copy_engine(self, runs: &[Run], eligible: bool, channels: usize) -> bool {
         eligible
             && !runs.is_empty()
             && match self {
                 Self::Kernel => false,
                 Self::CopyEngine => true,
-                Self::Auto => runs.len() <= MAX_RUNS,
+                Self::Auto => runs.len() <= MAX_RUNS && channels < KERNEL_FROM_CHANNELS,
             }
     }
 }
@@ -158,11 +166,13 @@ mod tests {
     fn policy() {
         let one = [Run { token: 0, row: 0, len: 4 }];
         let many = vec![Run { token: 0, row: 0, len: 1 }; MAX_RUNS + 1];
-        assert!(LocalCopy::Auto.use_copy_engine(&one, true));
-        assert!(!LocalCopy::Auto.use_copy_engine(&many, true));
-        assert!(!LocalCopy::Auto.use_copy_engine(&one, false), "quantizing dispatch needs the kernel");
-        assert!(!LocalCopy::Kernel.use_copy_engine(&one, true));
-        assert!(LocalCopy::CopyEngine.use_copy_engine(&many, true));
-        assert!(!LocalCopy::CopyEngine.use_copy_engine(&[], true));
+        assert!(LocalCopy::Auto.use_copy_engine(&one, true, 8));
+        assert!(!LocalCopy::Auto.use_copy_engine(&one, true, KERNEL_FROM_CHANNELS), "enough SMs: the kernel");
+        assert!(!LocalCopy::Auto.use_copy_engine(&many, true, 8));
+        assert!(!LocalCopy::Auto.use_copy_engine(&one, false, 8), "quantizing dispatch needs the kernel");
+        assert!(!LocalCopy::Kernel.use_copy_engine(&one, true, 8));
+        assert!(LocalCopy::CopyEngine.use_copy_engine(&many, true, 8));
+        assert!(LocalCopy::CopyEngine.use_copy_engine(&one, true, 32));
+        assert!(!LocalCopy::CopyEngine.use_copy_engine(&[], true, 8));
     }
 }

@@ -1100,7 +1100,7 @@ impl CudaRank {
         let runs = local_copy::own_runs(pos, self.world, self.rank, send_base[self.rank] as usize);
         // BF16 rows only: FP8 rows bring a scales copy per run, and measured slower that way
         // (HT-A, 12 SMs: 182 us with copy-engine copies, 118 us with the kernel; docs/perf-notes.md).
-        if !self.local_copy.use_copy_engine(&runs, !spec.x_fp8 && !spec.wire_fp8) {
+        if !self.local_copy.use_copy_engine(&runs, !spec.x_fp8 && !spec.wire_fp8, self.channels() as usize) {
             return Vec::new();
         }
         let own = self.shared.peers.bases[self.rank];
