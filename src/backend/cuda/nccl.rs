@@ -119,12 +119,17 @@ impl NcclExchange {
         unsafe { result::comm_init_rank(&mut comm, world as i32, uid, rank as i32) }.map_err(err("ncclCommInitRank"))?;
         let mut rail =
             Self { comm, stream: Stream::new()?, rank, world, send: None, recv: None, last_transfer: None, aborted: false };
-        let bytes: Vec<usize> = (0..world).map(|p| if p == rank { 0 } else { 8 }).collect();
+        let words = rail.word_to_every_peer();
         let send = Self::buffer(&mut rail.send, 8 * world)?;
         let recv = Self::buffer(&mut rail.recv, 8 * world)?;
-        rail.enqueue(send, &bytes, recv, &bytes)?;
+        rail.enqueue(send, &words, recv, &words)?;
         rail.wait(CONNECT_TIMEOUT, "first exchange (connecting the peers)")?;
         Ok(rail)
+    }
+
+    /// Bytes per rank of a transfer that moves one 8-byte word to every peer but this rank.
+    fn word_to_every_peer(&self) -> Vec<usize> {
+        (0..self.world).map(|p| if p == self.rank { 0 } else { 8 }).collect()
     }
 
     fn buffer(slot: &mut Option<DeviceBuffer>, bytes: usize) -> Result<u64> {
@@ -266,7 +271,7 @@ impl Rail for NcclExchange {
         let deadline = Instant::now() + timeout;
         let left = || deadline.saturating_duration_since(Instant::now());
         // Every peer but this rank gets 8 bytes of count.
-        let words: Vec<usize> = (0..self.world).map(|p| if p == self.rank { 0 } else { 8 }).collect();
+        let words = self.word_to_every_peer();
         let counts: Vec<u64> = parts.iter().enumerate().filter(|(p, _)| *p != self.rank).map(|(_, b)| b.len() as u64).collect();
         let count_bytes = 8 * self.world;
         let send = Self::buffer(&mut self.send, count_bytes)?;
