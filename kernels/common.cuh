@@ -65,7 +65,7 @@ static_assert(SY_THREADS % 32 == 0 && SY_THREADS <= 1024, "bad block size");
 #define SY_WAIT_DISPATCH_ARRIVE 3
 #define SY_WAIT_COMBINE_READY 4
 #define SY_WAIT_COMBINE_DONE 5
-#define SY_WAIT_COMBINE_STAGED 6
+#define SY_WAIT_COMBINE_PUSHED 6
 #define SY_WAIT_COMBINE_BULK 7
 
 // One parameter block for every kernel, passed by value. Every field is 8 bytes
@@ -95,14 +95,15 @@ struct SyParams {
     u64 off_recv_src;         // [max_recv] i32x2 (source rank, source token)
     u64 off_y;                // [max_recv, H] bf16: combine input rows
     u64 off_y_w;              // [max_recv, k] f32: combine input weights
-    u64 stage_rows;           // staged combine: rows per copied chunk
-    u64 off_comb;             // staged combine: [max_recv, H] bf16: peer h's row q for me at h * (max_recv / W) + q
+    u64 num_recv;             // combine: rows this rank received in the dispatch (rows of y)
+    u64 src_info;             // combine: [num_recv] i32x2 (source rank, source token) of each y row
+    u64 off_comb;             // push combine: [T * W, H] bf16: row of (token t, from rank d) at t * W + d
+    u64 off_comb_w;           // push combine: [T * W, k] f32
 };
 
 #define SY_FLAG_WRITE_META 1u    // dispatch: also write idx/weights/src (not needed by cached dispatch)
 #define SY_FLAG_WITH_WEIGHTS 2u  // combine: also sum weights
 #define SY_FLAG_SKIP_LOCAL 4u    // dispatch (same type in and out): a copy engine moves my own rows (and scales)
-#define SY_FLAG_STAGED 8u        // bulk combine: copy engines bring the peers' rows into my comb slots (SY_SIG_STAGE_TAIL)
 
 // Signal area at offset 0 of every buffer, in u64 slots. A slot holds the seq
 // of the last call that set it, so nothing is ever reset between calls.
@@ -113,9 +114,7 @@ struct SyParams {
 #define SY_SIG_CALL (SY_SIG_DIAG_CLAIM + 1)                 // one slot: this rank's call count (see sy_advance)
 #define SY_SIG_DISPATCH_ARRIVE (SY_SIG_DIAG_CLAIM + 8)      // [W][MAX_CH]: source s channel c finished its rows
 #define SY_SIG_COMBINE_DONE (SY_SIG_DISPATCH_ARRIVE + SY_MAX_WORLD * SY_MAX_CHANNELS)  // [W][MAX_CH]
-// [W]: staged combine, chunks of peer h's rows copied into my comb slots (seq << 32 | chunks)
-#define SY_SIG_STAGE_TAIL (SY_SIG_COMBINE_DONE + SY_MAX_WORLD * SY_MAX_CHANNELS)
-#define SY_SIG_SLOTS (SY_SIG_STAGE_TAIL + SY_MAX_WORLD)
+#define SY_SIG_SLOTS (SY_SIG_COMBINE_DONE + SY_MAX_WORLD * SY_MAX_CHANNELS)
 
 // Host meta (mapped pinned), byte offsets.
 #define SY_META_DIAG 0            // SyDiag

@@ -547,16 +547,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(cons
     const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
     u16* out = reinterpret_cast<u16*>(p.out);
     float* out_w = reinterpret_cast<float*>(p.out_weights);
-    const int me = (int)p.rank;
-    const bool staged = (p.flags & SY_FLAG_STAGED) != 0;
-    // This warp's tokens: first, first + step, ... below end. Pulling, a channel takes a contiguous
-    // slice; staged, the tokens are dealt out over all warps of all channels, so every warp follows
-    // the copies, which land in token order.
-    const int first = staged ? ch * SY_WARPS + warp : (int)((i64)T * ch / nch) + warp;
-    const int step = staged ? nch * SY_WARPS : SY_WARPS;
-    const int end = staged ? T : (int)((i64)T * (ch + 1) / nch);
-    const i64 cap = (i64)p.max_recv / SY_WORLD;
-    const u64* stage_tail = sig(p.peers[me]) + SY_SIG_STAGE_TAIL;
+    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
     u8* ring = cb_smem + (size_t)warp * SY_CB_STAGES * SY_WORLD * SY_CB_PIECE;
     u64* bars = reinterpret_cast<u64*>(cb_smem + SY_CB_RING_BYTES) + warp * SY_CB_STAGES;
     if (lane == 0) {
@@ -570,16 +561,14 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(cons
     auto row_index = [&](int t, int d) -> i64 {
         const i32 q = pos[(i64)t * SY_WORLD + d];
         const i64 r = q >= 0 ? (i64)send_base[d] + q : -1;
-        // Staged, a peer's row must also have a comb slot (the host guarantees it; the backstop).
-        return r >= (i64)p.max_recv || (staged && d != me && q >= cap) ? -1 : r;
+        return r >= (i64)p.max_recv ? -1 : r;
     };
     auto piece_bytes = [](int j) { return SY_Y_ROW_BYTES - j * SY_CB_PIECE < SY_CB_PIECE ? SY_Y_ROW_BYTES - j * SY_CB_PIECE : SY_CB_PIECE; };
     // Items of this warp: (its k-th token, piece j), k-major; item i fills stage i % SY_CB_STAGES.
-    const int tokens = end > first ? (end - first + step - 1) / step : 0;
+    const int tokens = t_end - t_begin > warp ? (t_end - t_begin - warp + SY_WARPS - 1) / SY_WARPS : 0;
     const int items = tokens * SY_CB_PIECES;
-    const SyWaitCtx wctx = sy_wait_ctx(p);
     auto issue = [&](int i) {  // lane 0 only
-        const int t = first + (i / SY_CB_PIECES) * step, j = i % SY_CB_PIECES, s = i % SY_CB_STAGES;
+        const int t = t_begin + warp + (i / SY_CB_PIECES) * SY_WARPS, j = i % SY_CB_PIECES, s = i % SY_CB_STAGES;
         const u32 bytes = (u32)piece_bytes(j);
         const u8* src[SY_WORLD];
         u32 total = 0;
@@ -587,18 +576,6 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(cons
         for (int d = 0; d < SY_WORLD; ++d) {
             const i64 r = row_index(t, d);
             src[d] = r < 0 ? nullptr : region<u8>(p, d, p.off_y) + r * SY_Y_ROW_BYTES + (size_t)j * SY_CB_PIECE;
-            if (staged && d != me && r >= 0) {
-                // Peer d's row q of my tokens, copied into my slot d * cap + q once its chunk lands.
-                const i64 q = r - send_base[d];
-                if (j == 0) {
-                    // A timeout leaves the diagnostic; the copy goes ahead and the call fails with it.
-                    sy_wait(stage_tail + d, (wctx.seq << 32) | (u64)(q / (i64)p.stage_rows + 1), wctx, (u32)ch, SY_ROLE_RECEIVER,
-                            (u32)d, SY_WAIT_COMBINE_STAGED);
-                    // The copy engine's writes, acquired above, are read next through the async proxy.
-                    asm volatile("fence.proxy.async.global;" ::: "memory");
-                }
-                src[d] = region<u8>(p, me, p.off_comb) + (d * cap + q) * SY_Y_ROW_BYTES + (size_t)j * SY_CB_PIECE;
-            }
             if (src[d] != nullptr) total += bytes;
         }
         const u32 bar = smem_u32(bars + s);
@@ -620,7 +597,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(cons
         // The stage item i + STAGES - 1 fills was summed by the whole warp in item i - 1.
         __syncwarp();
         if (lane == 0 && i + SY_CB_STAGES - 1 < items) issue(i + SY_CB_STAGES - 1);
-        const int t = first + (i / SY_CB_PIECES) * step, j = i % SY_CB_PIECES, s = i % SY_CB_STAGES;
+        const int t = t_begin + warp + (i / SY_CB_PIECES) * SY_WARPS, j = i % SY_CB_PIECES, s = i % SY_CB_STAGES;
         if (j == 0 && (p.flags & SY_FLAG_WITH_WEIGHTS)) {
             // Issued now, used after the last piece: the loads' latency hides behind the pieces.
 #pragma unroll
@@ -667,31 +644,89 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(cons
 #endif
 }
 
-// ------------------------------------------------------------ staged combine: side-stream kernels
+// ------------------------------------------------------------ push combine
 //
-// With SY_FLAG_STAGED a copy engine brings each peer's rows of my tokens into my comb slots in
-// chunks of p.stage_rows rows, on a side stream of mine (src/backend/cuda/staged.rs):
-//   sy_stage_wait, then per chunk: a copy, then sy_stage_mark.
-// The copy engine reads the peers' y over NVLink without any SM, and the combine kernel sums
-// a token as soon as its rows' chunks have landed (local loads only).
+// The reverse of dispatch with the same "writes, not reads" shape: each rank pushes the y rows it
+// holds for other ranks into their push-combine slots (token t from rank d lands at t * W + d) with
+// 16-byte stores over NVLink, which go out without waiting for a round trip (the pull combine above
+// waits one NVLink round trip per load batch). Then every rank sums, per token of its own, the row it
+// keeps locally (in its own y) and the slots pushed to it, in rank order as the oracle does.
+// Needs num_tokens * W <= max_recv (the host checks and falls back to the pull kernel).
 
-// Before the copies: every peer's y rows of this call are in place (their combine kernels
-// raised COMBINE_READY at entry). One block; on a timeout the diagnostic is written and the
-// copies go ahead: the call then fails with the diagnostic.
-extern "C" __global__ void sy_stage_wait(const SyParams p) {
-    const int me = (int)p.rank, s = threadIdx.x;
-    if (s < SY_WORLD && s != me)
-        sy_wait(sig(p.peers[me]) + SY_SIG_COMBINE_READY + s, sy_call_seq(p), sy_wait_ctx(p), 0, SY_ROLE_RECEIVER, (u32)s,
-                SY_WAIT_COMBINE_READY);
-}
+extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_push(const SyParams p) {
+    const int ch = blockIdx.x, nch = gridDim.x;
+    const int me = (int)p.rank;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int T = (int)p.num_tokens, R = (int)p.num_recv;
 
-// After a chunk's copy (stream order: the copy is complete): peer `peer`'s first `chunks`
-// chunks are in my comb slots. The call's seq rides in the upper 32 bits, so the tail is
-// never reset between calls.
-extern "C" __global__ void sy_stage_mark(u64 own_base, u64 peer, u64 chunks) {
-    if (threadIdx.x == 0) {
-        const u64 seq = *reinterpret_cast<const volatile u64*>(own_base + SY_SIG_CALL * 8);
-        st_release_sys(sig(own_base) + SY_SIG_STAGE_TAIL + peer, (seq << 32) | chunks);
+    // Entry: my slots are free for this call (my previous combine ended: stream order); tell every
+    // rank, then wait until every rank's slots are free.
+    sy_stamp(p, 0);
+    if (!sy_meet_all(p, SY_SIG_COMBINE_READY, ch, SY_ROLE_SENDER, SY_WAIT_COMBINE_READY)) return;
+    sy_stamp(p, 1);
+
+    // Push: this channel's share of my y rows, one warp per row; rows of my own tokens stay put.
+    const i32* src_info = reinterpret_cast<const i32*>(p.src_info);
+    // Rows are dealt out cyclically: they are ordered by source, so contiguous slices would leave
+    // the channels holding my own tokens' rows idle while the others push everything.
+    for (int r = ch * SY_WARPS + warp; r < R; r += nch * SY_WARPS) {
+        const int s = src_info[2 * r], t = src_info[2 * r + 1];
+        if (s == me || s < 0 || s >= SY_WORLD || (i64)t * SY_WORLD + me >= (i64)p.max_recv) continue;
+        const i64 slot = (i64)t * SY_WORLD + me;
+        const v4u32* y = reinterpret_cast<const v4u32*>(region<u8>(p, me, p.off_y) + (i64)r * (SY_HIDDEN * 2));
+        v4u32* dst = reinterpret_cast<v4u32*>(region<u8>(p, s, p.off_comb) + slot * (SY_HIDDEN * 2));
+        for (int i0 = lane; i0 < SY_Y_V4; i0 += 32 * SY_DUNROLL) {
+            v4u32 v[SY_DUNROLL];
+#pragma unroll
+            for (int u = 0; u < SY_DUNROLL; ++u)
+                if (i0 + u * 32 < SY_Y_V4) v[u] = ld_nc_v4(y + i0 + u * 32);
+#pragma unroll
+            for (int u = 0; u < SY_DUNROLL; ++u)
+                if (i0 + u * 32 < SY_Y_V4) st_na_v4(dst + i0 + u * 32, v[u]);
+        }
+        if (p.flags & SY_FLAG_WITH_WEIGHTS) {
+            for (int j = lane; j < SY_TOPK; j += 32)
+                region<float>(p, s, p.off_comb_w)[slot * SY_TOPK + j] = region<float>(p, me, p.off_y_w)[(i64)r * SY_TOPK + j];
+        }
+    }
+
+    // Arrival: this channel's pushes are out; raise its flag on every peer. Then every channel waits
+    // for every peer's channels: the rows of my tokens may come from any of them.
+    if (!sy_channel_done(p, SY_SIG_COMBINE_DONE, ch, nch, true, SY_ROLE_RECEIVER, SY_WAIT_COMBINE_PUSHED)) return;
+    fence_acq_rel_sys();
+
+    // Reduce my tokens of this channel: f32 sums in rank order, BF16 out.
+    const i32* pos = reinterpret_cast<const i32*>(p.pos);
+    const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
+    u16* out = reinterpret_cast<u16*>(p.out);
+    float* out_w = reinterpret_cast<float*>(p.out_weights);
+    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
+    for (int t = t_begin + warp; t < t_end; t += SY_WARPS) {
+        const v4u32* rows[SY_WORLD];
+        const float* wrow[SY_WORLD];
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) {
+            const i32 q = pos[(i64)t * SY_WORLD + d];
+            const i64 own_row = (i64)send_base[d] + q;
+            const bool sent = q >= 0 && !(d == me && own_row >= (i64)p.max_recv);
+            const i64 slot = (i64)t * SY_WORLD + d;
+            rows[d] = !sent ? nullptr
+                      : d == me ? reinterpret_cast<const v4u32*>(region<u8>(p, me, p.off_y) + own_row * (SY_HIDDEN * 2))
+                                : reinterpret_cast<const v4u32*>(region<u8>(p, me, p.off_comb) + slot * (SY_HIDDEN * 2));
+            wrow[d] = !sent ? nullptr
+                      : d == me ? region<float>(p, me, p.off_y_w) + own_row * SY_TOPK
+                                : region<float>(p, me, p.off_comb_w) + slot * SY_TOPK;
+        }
+        sum_rows_to_bf16(rows, reinterpret_cast<v4u32*>(out + (i64)t * SY_HIDDEN), lane);
+        if (p.flags & SY_FLAG_WITH_WEIGHTS) {
+            for (int j = lane; j < SY_TOPK; j += 32) {
+                float acc = 0.f;
+#pragma unroll
+                for (int d = 0; d < SY_WORLD; ++d)
+                    if (wrow[d] != nullptr) acc += wrow[d][j];
+                out_w[(i64)t * SY_TOPK + j] = acc;
+            }
+        }
     }
 }
 

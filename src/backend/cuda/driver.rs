@@ -432,8 +432,7 @@ pub struct Kernels {
     notify: sys::CUfunction,
     dispatch: sys::CUfunction,
     combine: sys::CUfunction,
-    stage_wait: sys::CUfunction,
-    stage_mark: sys::CUfunction,
+    combine_push: sys::CUfunction,
     combine_bulk: sys::CUfunction,
     /// Dynamic shared memory of `sy_combine_bulk` (0: not built for this arch).
     combine_bulk_smem: u32,
@@ -458,8 +457,8 @@ pub enum Kernel {
     Dispatch,
     /// `sy_combine` (pull).
     Combine,
-    /// `sy_stage_wait` (one block): before the staged combine's copies, every peer's y is in place.
-    StageWait,
+    /// `sy_combine_push`.
+    CombinePush,
     /// `sy_combine_bulk` (pull through bulk copies into shared memory; sm_90 and later).
     CombineBulk,
 }
@@ -506,8 +505,7 @@ impl Kernels {
             notify: get("sy_notify")?,
             dispatch: get("sy_dispatch")?,
             combine: get("sy_combine")?,
-            stage_wait: get("sy_stage_wait")?,
-            stage_mark: get("sy_stage_mark")?,
+            combine_push: get("sy_combine_push")?,
             gather_rows: get("sy_gather_rows")?,
             gather_quantize: get("sy_gather_quantize")?,
             sum_rows: get("sy_sum_rows")?,
@@ -528,7 +526,7 @@ impl Kernels {
             Kernel::Notify => (self.notify, 0),
             Kernel::Dispatch => (self.dispatch, 0),
             Kernel::Combine => (self.combine, 0),
-            Kernel::StageWait => (self.stage_wait, 0),
+            Kernel::CombinePush => (self.combine_push, 0),
             Kernel::CombineBulk => {
                 if !self.has_combine_bulk() {
                     return Err(Error::Cuda("sy_combine_bulk was not built for this GPU (needs sm_90)".into()));
@@ -565,12 +563,6 @@ impl Kernels {
         // guarantees the ranges; the driver copies the values before returning.
         unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream.raw, &mut args) }
             .map_err(|e| Error::Cuda(format!("cuLaunchKernel({name}): {e:?}")))
-    }
-
-    /// Enqueue `sy_stage_mark`: the first `chunks` chunks of peer `peer`'s rows are in this
-    /// rank's comb slots (its buffer at `own_base`); stream-ordered after their copy.
-    pub fn stage_mark(&self, own_base: u64, peer: usize, chunks: usize, stream: &Stream) -> Result<()> {
-        self.launch_rows(self.stage_mark, "sy_stage_mark", 1, vec![own_base, peer as u64, chunks as u64], stream)
     }
 
     /// Enqueue `sy_gather_rows`: row `to[i]` of `dst` = row `from[i]` of `src`, for `i < n`

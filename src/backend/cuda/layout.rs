@@ -12,7 +12,7 @@ pub const MAX_WORLD: usize = 8;
 pub const CALL_COUNT_OFFSET: usize = (3 * MAX_WORLD + 1) * 8;
 
 /// Signal slots (u64) at the start of every buffer; mirrors `SY_SIG_SLOTS`.
-pub const SIGNAL_SLOTS: usize = 3 * MAX_WORLD + 8 + 2 * MAX_WORLD * MAX_CHANNELS + MAX_WORLD;
+pub const SIGNAL_SLOTS: usize = 3 * MAX_WORLD + 8 + 2 * MAX_WORLD * MAX_CHANNELS;
 
 /// Host-meta byte offsets; mirror `SY_META_*`.
 pub mod meta {
@@ -45,7 +45,7 @@ pub fn wait_name(what: u32) -> &'static str {
         3 => "dispatch completion: peer channel's rows",
         4 => "combine entry: peer's y rows in place",
         5 => "combine exit: peer channel done reading my y",
-        6 => "staged combine: a peer's rows copied in by the copy engine",
+        6 => "push combine: peer channel's rows arrived",
         7 => "bulk combine: bulk copies of y rows into shared memory",
         _ => "unknown wait",
     }
@@ -125,10 +125,14 @@ pub struct SyParams {
     pub off_y: u64,
     /// Combine input weights.
     pub off_y_w: u64,
-    /// Staged combine: rows per copied chunk.
-    pub stage_rows: u64,
-    /// Staged combine: `[max_recv, H]` bf16, peer h's row q for me at `h * (max_recv / W) + q`.
+    /// Rows this rank received (rows of y).
+    pub num_recv: u64,
+    /// `[num_recv]` i32x2 (source rank, source token) of each y row.
+    pub src_info: u64,
+    /// Push combine: `[T * W, H]` bf16 rows from each rank.
     pub off_comb: u64,
+    /// Push combine: `[T * W, k]` f32 weights from each rank.
+    pub off_comb_w: u64,
 }
 
 /// `SY_FLAG_WRITE_META`.
@@ -137,8 +141,6 @@ pub const FLAG_WRITE_META: u64 = 1;
 pub const FLAG_WITH_WEIGHTS: u64 = 2;
 /// `SY_FLAG_SKIP_LOCAL`: dispatch leaves the rank's own rows (and scales) to copy-engine copies.
 pub const FLAG_SKIP_LOCAL: u64 = 4;
-/// `SY_FLAG_STAGED`: copy engines bring the peers' rows into the comb slots (combine).
-pub const FLAG_STAGED: u64 = 8;
 
 /// Where each region of a communication buffer lies for one kernel spec. Every
 /// rank computes the same layout from the same (spec, capacity), so offsets agree.
@@ -160,9 +162,11 @@ pub struct BufferLayout {
     pub y: usize,
     /// Combine input weights.
     pub y_w: usize,
-    /// Staged combine: peers' rows, `max_recv` slots (peer h's row q at h * (max_recv / W) + q).
+    /// Push combine: rows from each rank, `max_recv` slots (token t from rank d at t * W + d).
     pub comb: usize,
-    /// Rows the receive area holds (and slots of the staged-combine area).
+    /// Push combine: weights from each rank, `max_recv` slots.
+    pub comb_w: usize,
+    /// Rows the receive area holds (and slots of the push-combine area).
     pub max_recv: usize,
     /// Bytes used.
     pub total: usize,
@@ -174,11 +178,11 @@ fn align(x: usize) -> usize {
 
 impl BufferLayout {
     /// Bytes each received row costs in the buffer (rows, scales, metadata, y, y weights,
-    /// staged-combine slot).
+    /// push-combine slot and its weights).
     pub fn bytes_per_row(spec: &KernelSpec) -> usize {
         let wire = if spec.wire_fp8 { spec.hidden } else { spec.hidden * 2 };
         let scales = if spec.wire_fp8 { spec.hidden / 128 * 4 } else { 0 };
-        wire + scales + spec.topk * 4 * 2 + 8 + (spec.hidden * 2 + spec.topk * 4) + spec.hidden * 2
+        wire + scales + spec.topk * 4 * 2 + 8 + 2 * (spec.hidden * 2 + spec.topk * 4)
     }
 
     /// Fixed bytes before the row regions (signals, counts) plus alignment slack.
@@ -210,7 +214,8 @@ impl BufferLayout {
         let y = take(max_recv * spec.hidden * 2);
         let y_w = take(max_recv * spec.topk * 4);
         let comb = take(max_recv * spec.hidden * 2);
-        Self { counts, recv_x, recv_scales, recv_idx, recv_w, recv_src, y, y_w, comb, max_recv, total: at }
+        let comb_w = take(max_recv * spec.topk * 4);
+        Self { counts, recv_x, recv_scales, recv_idx, recv_w, recv_src, y, y_w, comb, comb_w, max_recv, total: at }
     }
 
     /// Fill the offset fields of a parameter block.
@@ -224,6 +229,7 @@ impl BufferLayout {
         p.off_y = self.y as u64;
         p.off_y_w = self.y_w as u64;
         p.off_comb = self.comb as u64;
+        p.off_comb_w = self.comb_w as u64;
         p.max_recv = self.max_recv as u64;
     }
 }
@@ -303,7 +309,8 @@ mod tests {
             let l = BufferLayout::new(&s, cap);
             assert!(l.total <= cap, "{l:?}");
             assert!(l.max_recv > 0);
-            let offs = [l.counts, l.recv_x, l.recv_scales, l.recv_idx, l.recv_w, l.recv_src, l.y, l.y_w, l.comb, l.total];
+            let offs =
+                [l.counts, l.recv_x, l.recv_scales, l.recv_idx, l.recv_w, l.recv_src, l.y, l.y_w, l.comb, l.comb_w, l.total];
             assert!(offs.windows(2).all(|w| w[0] <= w[1]), "{offs:?}");
             assert!(offs.iter().all(|o| o % 256 == 0));
             assert!(l.counts >= SIGNAL_SLOTS * 8);

@@ -19,7 +19,6 @@ pub mod local_copy;
 pub mod nccl;
 mod on_stream;
 pub mod peer;
-pub mod staged;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -33,13 +32,10 @@ use self::driver::{
     Scratch, Stream,
 };
 use self::group::HostGroup;
-use self::layout::{
-    meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_STAGED, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS,
-};
-use self::local_copy::{LocalCopy, RowArrays};
+use self::layout::{meta, BufferLayout, SyDiag, SyParams, FLAG_SKIP_LOCAL, FLAG_WITH_WEIGHTS, FLAG_WRITE_META, SIGNAL_SLOTS};
+use self::local_copy::{CopyOp, LocalCopy, RowArrays};
 pub use self::on_stream::{CallerStream, DeviceRows};
 use self::peer::PeerMap;
-use self::staged::{PeerBlock, SideOp};
 use crate::backend::hier::{HierRank, Rail};
 use crate::backend::{
     checks, CombineOutput, Communicator, DispatchOptions, DispatchOutput, HopCount, Interference, ResidentInputs, ResidentOp,
@@ -66,7 +62,7 @@ pub const RAIL_ENV: &str = "SWITCHYARD_RAIL";
 /// Environment variable: communication buffer size per GPU, in MiB (default 2048).
 pub const BUFFER_MB_ENV: &str = "SWITCHYARD_CUDA_BUFFER_MB";
 const DEFAULT_BUFFER_MB: usize = 2048;
-/// Environment variable: the combine kernel, `bulk`, `pull` or `staged` (see [`CombineChoice`]).
+/// Environment variable: the combine kernel, `bulk`, `pull` or `push` (see [`CombineChoice`]).
 /// Unset: `bulk` where the GPU has bulk copies (sm_90 and later), `pull` elsewhere.
 pub const COMBINE_ENV: &str = "SWITCHYARD_COMBINE";
 
@@ -77,11 +73,10 @@ pub enum CombineChoice {
     Bulk,
     /// `sy_combine`: sources pull the rows into registers.
     Pull,
-    /// `sy_combine_bulk` staged: copy engines bring the peers' rows into local slots and
-    /// the kernel sums each token once its rows have landed (see [`staged`]; sm_90+,
-    /// host-slice calls only, when every rank's received rows fit `max_recv / world` slots
-    /// per peer; the pulling kernel otherwise).
-    Staged,
+    /// `sy_combine_push`: holders store the rows to their source, which reduces them
+    /// (host-slice calls only, when every (token, rank) slot fits the buffer; pull otherwise).
+    /// Measured slower on 2x H200: HT-A 12 SMs 359-363 us against 232 us for pull.
+    Push,
 }
 
 impl CombineChoice {
@@ -96,11 +91,10 @@ impl CombineChoice {
             None => Ok(None),
             Some("bulk") => Ok(Some(Self::Bulk)),
             Some("pull") => Ok(Some(Self::Pull)),
-            Some("staged") => Ok(Some(Self::Staged)),
-            Some(other) => Err(Error::InvalidArgument {
-                arg: COMBINE_ENV.into(),
-                reason: format!("{other:?}: expected bulk, pull or staged"),
-            }),
+            Some("push") => Ok(Some(Self::Push)),
+            Some(other) => {
+                Err(Error::InvalidArgument { arg: COMBINE_ENV.into(), reason: format!("{other:?}: expected bulk, pull or push") })
+            }
         }
     }
 }
@@ -490,16 +484,17 @@ struct Workspace {
     send_base: Scratch,
     out: Scratch,
     out_w: Scratch,
+    src: Scratch,
 }
 
 /// A call ready to launch: its kernel, parameters (inputs uploaded), buffer layout and the
-/// side-stream steps (copy-engine copies, staged-combine marks) that go beside the kernel.
+/// copy-engine copies that go beside the kernel.
 struct PreparedLaunch {
     spec: KernelSpec,
     p: SyParams,
     lay: BufferLayout,
     kernel: Kernel,
-    side_ops: Vec<SideOp>,
+    side_ops: Vec<CopyOp>,
 }
 
 /// What a CUDA dispatch leaves in its [`Handle`].
@@ -914,43 +909,23 @@ impl CudaRank {
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
         p.out = self.ws.out.get(t * hidden * 2)?;
         p.out_weights = self.ws.out_w.get(t * k * 4)?;
-        let (kernel, side_ops) = self.combine_kernel(&spec, handle, &lay, &mut p)?;
-        Ok(PreparedLaunch { spec, p, lay, kernel, side_ops })
+        let kernel = self.combine_kernel(&spec, handle, &lay, &mut p)?;
+        Ok(PreparedLaunch { spec, p, lay, kernel, side_ops: Vec::new() })
     }
 
-    /// Which combine kernel runs, with its extra inputs set on `p` and the side-stream steps
-    /// it needs: see [`CombineChoice`]. Staged only when every rank's received rows fit its
-    /// `max_recv / world` slots per peer (the same answer on every rank) and the bulk kernel
-    /// was built.
-    fn combine_kernel(
-        &mut self,
-        spec: &KernelSpec,
-        handle: &Handle,
-        lay: &BufferLayout,
-        p: &mut SyParams,
-    ) -> Result<(Kernel, Vec<SideOp>)> {
-        let st = handle.state::<CudaHandleState>("cuda")?;
-        let fits = st.max_recv_any <= lay.max_recv / self.world;
-        if self.combine != Some(CombineChoice::Staged) || !fits || !self.kernels[spec].has_combine_bulk() {
-            return Ok((self.pull_kernel(spec)?, Vec::new()));
+    /// Which combine kernel runs, with its extra inputs set on `p`: see [`CombineChoice`];
+    /// push only when every (token, rank) slot fits the buffer.
+    fn combine_kernel(&mut self, spec: &KernelSpec, handle: &Handle, lay: &BufferLayout, p: &mut SyParams) -> Result<Kernel> {
+        let push = handle.num_tokens * self.world <= lay.max_recv && self.combine == Some(CombineChoice::Push);
+        if !push {
+            return self.pull_kernel(spec);
         }
-        let row_bytes = spec.hidden * 2;
-        let own = self.shared.peers.bases[self.rank];
-        let rows = rows_per_destination(self.world, &st.pos);
-        let blocks: Vec<PeerBlock> = (0..self.world)
-            .filter(|&h| h != self.rank)
-            .map(|h| PeerBlock {
-                peer: h,
-                src: self.shared.peers.bases[h] + (lay.y + st.send_base[h] as usize * row_bytes) as u64,
-                dst: own + (lay.comb + h * (lay.max_recv / self.world) * row_bytes) as u64,
-                rows: rows[h],
-            })
-            .collect();
-        let stage_rows = staged::stage_rows_from_env();
-        p.flags |= FLAG_STAGED;
-        p.stage_rows = stage_rows as u64;
-        self.ensure_side()?;
-        Ok((Kernel::CombineBulk, staged::side_ops(&blocks, row_bytes, stage_rows)))
+        let info: Vec<i32> =
+            handle.source_rank.iter().zip(&handle.source_token).flat_map(|(&r, &t)| [r as i32, t as i32]).collect();
+        p.src_info = self.ws.src.get(info.len() * 4)?;
+        htod(p.src_info, &info, &self.stream)?;
+        p.num_recv = handle.num_recv() as u64;
+        Ok(Kernel::CombinePush)
     }
 
     /// The pulling combine kernel for `spec`'s build: the bulk-copy one where it was built
@@ -978,7 +953,7 @@ impl CudaRank {
         grid: u32,
         block: u32,
         p: &SyParams,
-        side_ops: &[SideOp],
+        side_ops: &[CopyOp],
     ) -> Result<()> {
         if !side_ops.is_empty() {
             self.ensure_side()?;
@@ -997,7 +972,7 @@ impl CudaRank {
         grid: u32,
         block: u32,
         p: &SyParams,
-        side_ops: &[SideOp],
+        side_ops: &[CopyOp],
     ) -> Result<()> {
         let side = match side_ops.is_empty() {
             true => None,
@@ -1010,13 +985,8 @@ impl CudaRank {
         self.kernels[spec].launch(which, grid, block, p, stream)?;
         if let Some((side, fork, join)) = side {
             side.wait_event(fork)?;
-            let own = self.shared.peers.bases[self.rank];
             for op in side_ops {
-                match *op {
-                    SideOp::Copy(c) => dtod_async(c.dst, c.src, c.bytes, side)?,
-                    SideOp::WaitPeers => self.kernels[spec].launch(Kernel::StageWait, 1, 32, p, side)?,
-                    SideOp::Mark { peer, chunks } => self.kernels[spec].stage_mark(own, peer, chunks, side)?,
-                }
+                dtod_async(op.dst, op.src, op.bytes, side)?;
             }
             join.record(side)?;
             stream.wait_event(join)?;
@@ -1033,7 +1003,7 @@ impl CudaRank {
     }
 
     /// Launch, wait, and turn a device-side timeout into `Error::Timeout`.
-    fn run(&mut self, spec: &KernelSpec, which: Kernel, grid: u32, block: u32, p: &SyParams, side_ops: &[SideOp]) -> Result<()> {
+    fn run(&mut self, spec: &KernelSpec, which: Kernel, grid: u32, block: u32, p: &SyParams, side_ops: &[CopyOp]) -> Result<()> {
         self.meta.write(meta::DIAG, SyDiag::default());
         if self.events.is_none() {
             self.events = Some((Event::new()?, Event::new()?));
@@ -1126,7 +1096,7 @@ impl CudaRank {
         pos: &[i32],
         send_base: &[i32],
         p: &mut SyParams,
-    ) -> Vec<SideOp> {
+    ) -> Vec<CopyOp> {
         let runs = local_copy::own_runs(pos, self.world, self.rank, send_base[self.rank] as usize);
         // BF16 rows only: FP8 rows bring a scales copy per run, and measured slower that way
         // (HT-A, 12 SMs: 182 us with copy-engine copies, 118 us with the kernel; docs/perf-notes.md).
@@ -1141,7 +1111,7 @@ impl CudaRank {
         }
         p.flags |= FLAG_SKIP_LOCAL;
         tracing::debug!(runs = runs.len(), "own rows by copy engine");
-        local_copy::copy_ops(&runs, &arrays).into_iter().map(SideOp::Copy).collect()
+        local_copy::copy_ops(&runs, &arrays)
     }
 
     fn upload_plan(&mut self, pos: &[i32], send_base: &[i32], p: &mut SyParams) -> Result<()> {
@@ -1305,7 +1275,7 @@ impl Communicator for CudaRank {
         let l = self.prepare_combine(y, hidden, handle, topk_weights)?;
         self.start_together()?;
         self.advance(&l.spec, &l.p)?;
-        self.run(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &l.side_ops)?;
+        self.run(&l.spec, l.kernel, self.channels(), THREADS as u32, &l.p, &[])?;
         let mut x = vec![bf16::ZERO; t * hidden];
         dtoh(&mut x, l.p.out, &self.stream)?;
         let weights = match topk_weights {
@@ -1446,7 +1416,7 @@ mod tests {
         assert_eq!(CombineChoice::parse(None).unwrap(), None);
         assert_eq!(CombineChoice::parse(Some("bulk")).unwrap(), Some(CombineChoice::Bulk));
         assert_eq!(CombineChoice::parse(Some("pull")).unwrap(), Some(CombineChoice::Pull));
-        assert_eq!(CombineChoice::parse(Some("staged")).unwrap(), Some(CombineChoice::Staged));
+        assert_eq!(CombineChoice::parse(Some("push")).unwrap(), Some(CombineChoice::Push));
         let e = CombineChoice::parse(Some("tma")).unwrap_err().to_string();
         assert!(e.contains(COMBINE_ENV) && e.contains("\"tma\""), "{e}");
     }
