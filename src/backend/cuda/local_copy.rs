@@ -25,7 +25,8 @@ pub const MAX_RUNS: usize = 64;
 /// From this many channels on, `Auto` leaves the own rows to the kernel. 2x H200, HT-A BF16
 /// cached dispatch, same run (copy engine / kernel): 8 channels 199 / 301 us (the kernel is
 /// short of SMs), 12 channels 213 / 205, 16 channels 225 / 202 (beside the kernel's extra
-/// channels the copy engine only adds HBM/L2 traffic). 9-11 were not measured.
+/// channels the copy engine only adds HBM/L2 traffic). In between (session 9, another run):
+/// 10 channels 195-198 / 243 us, 11 channels 201 / 223; 9 with the copy engine 194.
 pub const KERNEL_FROM_CHANNELS: usize = 12;
 
 /// Environment variable forcing where own rows are copied: `kernel`, `copy-engine` or `auto` (default).
