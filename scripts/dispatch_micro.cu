@@ -15,6 +15,13 @@
 // MICRO_COMBINE=1: combine instead, of the rows one real dispatch delivered: sy_combine (pull)
 // against sy_combine_bulk (bulk-copy loads into shared-memory stages), whose output must match
 // sy_combine's bit for bit. -DSY_CB_STAGES=N and -DSY_THREADS=N vary the bulk kernel's shape.
+// MICRO_PROFILE=cached|cached-peers|cached-bulk|cached-peers-bulk|bulk: only that kernel (cached
+// dispatch, the same without my own rows as when a copy engine moves them, either through
+// sy_dispatch or sy_dispatch_bulk; or the bulk combine) at the SM counts of MICRO_SMS (default 12),
+// for Nsight Compute: GPU 0's kernel is launched before GPU 1's, so `ncu --devices 1
+// --replay-mode application` profiles GPU 1's while GPU 0's runs beside it, as in a real call.
+// MICRO_SMS=a,b,...: the SM counts to time (all modes). MICRO_TIMEOUT_S: the kernels' wait deadline
+// (default 10). -DSY_X_FP8=1 -DSY_WIRE_FP8=1: FP8 rows with their scales.
 #include "intranode.cu"
 
 #include <cuda_runtime.h>
@@ -116,7 +123,8 @@ __device__ __forceinline__ void bulk_wait_all() {
     asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 
-template <int NP, int S, int L>
+// PEERS: rows to the other ranks only (my own rows left to a copy engine, as SY_FLAG_SKIP_LOCAL).
+template <int NP, int S, int L, bool PEERS = false>
 __global__ void __launch_bounds__(32 * NP, 1) tma_copy(const SyParams p) {
     extern __shared__ __align__(128) u8 stage[];
     __shared__ __align__(8) u64 bars[NP * S];
@@ -141,7 +149,7 @@ __global__ void __launch_bounds__(32 * NP, 1) tma_copy(const SyParams p) {
 #pragma unroll
         for (int d = 0; d < SY_WORLD; ++d) {
             const i32 q = pos[(i64)t * SY_WORLD + d];
-            if (q < 0) continue;
+            if (q < 0 || (PEERS && d == me)) continue;
             bulk_store(region<u8>(p, d, p.off_recv_x) + ((i64)send_base[d] + q) * SY_WIRE_ROW_BYTES, st0 + s * SY_WIRE_ROW_BYTES,
                        SY_WIRE_ROW_BYTES);
         }
@@ -161,6 +169,7 @@ struct Gpu {
     cudaEvent_t a, b;
     u8* buf;
     u8* x;
+    float* x_scales;
     i32* pos;
     i32* send_base;
     i64* idx;
@@ -197,8 +206,8 @@ int main(int argc, char** argv) {
     const size_t row = SY_WIRE_ROW_BYTES;
     const i64 max_recv = 2LL * T;
     const size_t off_recv_x = 256 * (((size_t)SY_SIG_SLOTS * 8 + 255) / 256);
-    const size_t off_idx = off_recv_x + max_recv * row, off_w = off_idx + max_recv * SY_TOPK * 4,
-                 off_src = off_w + max_recv * SY_TOPK * 4, total = off_src + max_recv * 8;
+    const size_t off_scales = off_recv_x + max_recv * row, off_idx = off_scales + max_recv * (SY_HIDDEN / 128) * 4,
+                 off_w = off_idx + max_recv * SY_TOPK * 4, off_src = off_w + max_recv * SY_TOPK * 4, total = off_src + max_recv * 8;
     Gpu g[2];
     for (int d = 0; d < W; ++d) {
         CK(cudaSetDevice(d));
@@ -212,6 +221,10 @@ int main(int argc, char** argv) {
         std::vector<u8> hx((size_t)T * row);
         for (auto& b : hx) b = (u8)(rng() & 0x3f);
         CK(cudaMemcpy(g[d].x, hx.data(), hx.size(), cudaMemcpyHostToDevice));
+        std::vector<float> hs((size_t)T * (SY_HIDDEN / 128));
+        for (auto& v : hs) v = 1.0f + (float)(rng() % 1000) / 1000.f;
+        CK(cudaMalloc(&g[d].x_scales, hs.size() * 4));
+        CK(cudaMemcpy(g[d].x_scales, hs.data(), hs.size() * 4, cudaMemcpyHostToDevice));
         CK(cudaMalloc(&g[d].pos, pos[d].size() * 4));
         CK(cudaMemcpy(g[d].pos, pos[d].data(), pos[d].size() * 4, cudaMemcpyHostToDevice));
         std::vector<i32> sb(W);
@@ -235,16 +248,18 @@ int main(int argc, char** argv) {
         memset(&p, 0, sizeof p);
         for (int r = 0; r < W; ++r) p.peers[r] = (u64)g[r].buf;
         p.x = (u64)g[d].x;
+        p.x_scales = (u64)g[d].x_scales;
         p.topk_idx = (u64)g[d].idx;
         p.topk_weights = (u64)g[d].w;
         p.pos = (u64)g[d].pos;
         p.send_base = (u64)g[d].send_base;
         p.host_meta = (u64)g[d].meta_dev;
-        p.timeout_ns = 10000000000ULL;
+        p.timeout_ns = (u64)((getenv("MICRO_TIMEOUT_S") ? atof(getenv("MICRO_TIMEOUT_S")) : 10.0) * 1e9);
         p.num_tokens = T;
         p.rank = d;
         p.max_recv = max_recv;
         p.off_recv_x = off_recv_x;
+        p.off_recv_scales = off_scales;
         p.off_recv_idx = off_idx;
         p.off_recv_w = off_w;
         p.off_recv_src = off_src;
@@ -298,14 +313,29 @@ int main(int argc, char** argv) {
                name, sms, SY_THREADS, SY_DUNROLL, worst[0], med, remote_bytes / (med * 1e-6) / 1e9);
     };
 
-    auto checksum = [&](int d) {
-        std::vector<u64> h((size_t)(cnt[0][d] + cnt[1][d]) * row / 8);
+    // Weighted sum of `bytes` of device memory on GPU d: equal sums, equal contents (to a 64-bit hash).
+    auto device_sum = [&](int d, const void* ptr, size_t bytes) {
+        std::vector<u64> h(bytes / 8);
         CK(cudaSetDevice(d));
-        CK(cudaMemcpy(h.data(), g[d].buf + off_recv_x, h.size() * 8, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(h.data(), ptr, h.size() * 8, cudaMemcpyDeviceToHost));
         u64 c = 0;
         for (size_t i = 0; i < h.size(); ++i) c += h[i] * (i * 2 + 1);
         return c;
     };
+    auto checksum = [&](int d) { return device_sum(d, g[d].buf + off_recv_x, (size_t)(cnt[0][d] + cnt[1][d]) * row); };
+    // SM counts: MICRO_SMS=a,b,... or the mode's default list.
+    auto sm_list = [&](std::vector<int> fallback) {
+        const char* e = getenv("MICRO_SMS");
+        if (e == nullptr) return fallback;
+        std::vector<int> v;
+        for (const char* c = e; *c;) {
+            v.push_back(atoi(c));
+            while (*c && *c != ',') ++c;
+            if (*c == ',') ++c;
+        }
+        return v;
+    };
+    const char* profile = getenv("MICRO_PROFILE");
     auto clear = [&]() {
         for (int d = 0; d < W; ++d) {
             CK(cudaSetDevice(d));
@@ -320,7 +350,7 @@ int main(int argc, char** argv) {
             CK(cudaSetDevice(d));
             CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
         }
-        for (int sms : {4, 8, 12, 16, 24}) {
+        for (int sms : sm_list({4, 8, 12, 16, 24})) {
             clear();
             time_it(name, sms, [&](int d) { kern<<<sms, 32 * np, bytes, g[d].s>>>(g[d].p); });
             const bool ok = checksum(0) == ref[0] && checksum(1) == ref[1];
@@ -336,7 +366,52 @@ int main(int argc, char** argv) {
         ref[0] = checksum(0);
         ref[1] = checksum(1);
     }
-    if (getenv("MICRO_COMBINE") != nullptr) {
+    if (profile != nullptr && strncmp(profile, "cached", 6) == 0) {
+        // cached, cached-peers: sy_dispatch; cached-bulk, cached-peers-bulk: sy_dispatch_bulk, whose
+        // rows must match sy_dispatch's.
+        const bool peers = strncmp(profile, "cached-peers", 12) == 0;
+        const bool bulk = strstr(profile, "-bulk") != nullptr;
+        const u64 flags = peers ? SY_FLAG_SKIP_LOCAL : 0;
+        u32 db_smem = 0;  // as the runtime reads it: 0 where the kernel was not built
+        CK(cudaMemcpyFromSymbol(&db_smem, sy_dispatch_bulk_smem, sizeof db_smem));
+        if (bulk) {
+            if (db_smem == 0) {
+                fprintf(stderr, "sy_dispatch_bulk is not built for this shape\n");
+                return 1;
+            }
+            clear();
+            time_it("ref/stores", 16, [&](int d) {
+                g[d].p.flags = flags;
+                sy_dispatch<<<16, SY_THREADS, 0, g[d].s>>>(g[d].p);
+            });
+            ref[0] = checksum(0);
+            ref[1] = checksum(1);
+            for (int d = 0; d < W; ++d) {
+                CK(cudaSetDevice(d));
+                CK(cudaFuncSetAttribute(sy_dispatch_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)db_smem));
+            }
+        }
+        for (int sms : sm_list({12})) {
+            clear();
+            time_it(profile, sms, [&](int d) {
+                g[d].p.flags = flags;
+                if (bulk)
+                    sy_dispatch_bulk<<<sms, SY_THREADS, (int)db_smem, g[d].s>>>(g[d].p);
+                else
+                    sy_dispatch<<<sms, SY_THREADS, 0, g[d].s>>>(g[d].p);
+            });
+            if (bulk)
+                printf("%-14s sms=%3d rows %s\n", profile, sms,
+                       checksum(0) == ref[0] && checksum(1) == ref[1] ? "match sy_dispatch" : "DIFFER FROM sy_dispatch");
+        }
+        return 0;
+    }
+    const bool profile_bulk = profile != nullptr && strcmp(profile, "bulk") == 0;
+    if (profile != nullptr && !profile_bulk) {
+        fprintf(stderr, "MICRO_PROFILE: cached, cached-peers or bulk\n");
+        return 1;
+    }
+    if (getenv("MICRO_COMBINE") != nullptr || profile_bulk) {
         // Combine of the rows the dispatch above delivered (its receive region serves as y).
         std::vector<u16*> out(W);
         for (int d = 0; d < W; ++d) {
@@ -346,14 +421,7 @@ int main(int argc, char** argv) {
             g[d].p.out = (u64)out[d];
             g[d].p.flags = 0;
         }
-        auto out_sum = [&](int d) {
-            std::vector<u64> h((size_t)T * SY_HIDDEN * 2 / 8);
-            CK(cudaSetDevice(d));
-            CK(cudaMemcpy(h.data(), out[d], h.size() * 8, cudaMemcpyDeviceToHost));
-            u64 c = 0;
-            for (size_t i = 0; i < h.size(); ++i) c += h[i] * (i * 2 + 1);
-            return c;
-        };
+        auto out_sum = [&](int d) { return device_sum(d, out[d], (size_t)T * SY_HIDDEN * 2); };
         auto clear_out = [&]() {
             for (int d = 0; d < W; ++d) {
                 CK(cudaSetDevice(d));
@@ -362,19 +430,20 @@ int main(int argc, char** argv) {
             }
         };
         u64 want[2] = {0, 0};
-        for (int sms : {8, 12, 16, 24}) {
+        for (int sms : profile_bulk ? std::vector<int>{} : sm_list({8, 12, 16, 24})) {
             clear_out();
             time_it("combine/pull", sms, [&](int d) { sy_combine<<<sms, SY_THREADS, 0, g[d].s>>>(g[d].p); });
-            if (sms == 8) want[0] = out_sum(0), want[1] = out_sum(1);
+            if (want[0] == 0 && want[1] == 0) want[0] = out_sum(0), want[1] = out_sum(1);
         }
         auto variant = [&](const char* name, auto kern, int bytes) {
             for (int d = 0; d < W; ++d) {
                 CK(cudaSetDevice(d));
                 CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
             }
-            for (int sms : {8, 12, 16, 24}) {
+            for (int sms : sm_list(profile_bulk ? std::vector<int>{12} : std::vector<int>{8, 12, 16, 24})) {
                 clear_out();
                 time_it(name, sms, [&](int d) { kern<<<sms, SY_THREADS, bytes, g[d].s>>>(g[d].p); });
+                if (profile_bulk) continue;  // no pull reference was run
                 const bool ok = out_sum(0) == want[0] && out_sum(1) == want[1];
                 printf("%-14s sms=%3d output %s\n", name, sms, ok ? "matches sy_combine" : "DIFFERS FROM sy_combine");
             }
@@ -385,11 +454,11 @@ int main(int argc, char** argv) {
         // were folded into it; git history has them.
         char name[32];
         snprintf(name, sizeof name, "bulk/%dx%dx%d", SY_CB_STAGES, (int)SY_CB_PIECE, SY_WARPS);
-        variant(name, sy_combine_bulk, SY_CB_RING_BYTES + SY_WARPS * SY_CB_STAGES * 8);
+        variant(name, sy_combine_bulk, SY_CB_RING_BYTES + SY_CB_META_BYTES);
         return 0;
     }
     if (getenv("MICRO_TMA_ONLY") == nullptr) {
-    for (int sms : {4, 8, 12, 16, 24, 32}) {
+    for (int sms : sm_list({4, 8, 12, 16, 24, 32})) {
         time_it("probe", sms, [&](int d) {
             const long long n = (long long)(remote_bytes / 16);
             probe_copy<<<sms, SY_THREADS, 0, g[d].s>>>(reinterpret_cast<const v4u32*>(g[d].x),
@@ -408,6 +477,22 @@ int main(int argc, char** argv) {
             sy_dispatch<<<sms, SY_THREADS, 0, g[d].s>>>(g[d].p);
         });
     }
+    }
+    if (getenv("MICRO_TMA_PEERS") != nullptr) {
+        // Peer rows only: the reference is sy_dispatch with SY_FLAG_SKIP_LOCAL.
+        clear();
+        time_it("real/peers", 16, [&](int d) {
+            g[d].p.flags = SY_FLAG_SKIP_LOCAL;
+            sy_dispatch<<<16, SY_THREADS, 0, g[d].s>>>(g[d].p);
+        });
+        ref[0] = checksum(0);
+        ref[1] = checksum(1);
+        tma_variant("tmaP/2x6/3", tma_copy<2, 6, 3, true>, 2, 6);
+        tma_variant("tmaP/4x3/2", tma_copy<4, 3, 2, true>, 4, 3);
+        tma_variant("tmaP/8x1/1", tma_copy<8, 1, 1, true>, 8, 1);
+        tma_variant("tmaP/6x2/1", tma_copy<6, 2, 1, true>, 6, 2);
+        tma_variant("tmaP/3x5/3", tma_copy<3, 5, 3, true>, 3, 5);
+        return 0;
     }
     tma_variant("tma/1x8/4", tma_copy<1, 8, 4>, 1, 8);
     tma_variant("tma/1x12/6", tma_copy<1, 12, 6>, 1, 12);

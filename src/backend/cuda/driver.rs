@@ -436,6 +436,9 @@ pub struct Kernels {
     combine_bulk: sys::CUfunction,
     /// Dynamic shared memory of `sy_combine_bulk` (0: not built for this arch).
     combine_bulk_smem: u32,
+    dispatch_bulk: sys::CUfunction,
+    /// Dynamic shared memory of `sy_dispatch_bulk` (0: not built for this arch or spec).
+    dispatch_bulk_smem: u32,
     gather_rows: sys::CUfunction,
     gather_quantize: sys::CUfunction,
     sum_rows: sys::CUfunction,
@@ -455,6 +458,9 @@ pub enum Kernel {
     Notify,
     /// `sy_dispatch`.
     Dispatch,
+    /// `sy_dispatch_bulk` (cached dispatch through bulk copies; sm_90 and later, rows that
+    /// travel in their input type).
+    DispatchBulk,
     /// `sy_combine` (pull).
     Combine,
     /// `sy_combine_push`.
@@ -472,35 +478,13 @@ impl Kernels {
             // SAFETY: module loaded.
             unsafe { result::module::get_function(module, CString::new(n).unwrap()) }.map_err(err("cuModuleGetFunction"))
         };
-        // The kernel states the shared memory its stages take (0 where the arch lacks bulk
-        // copies); above 48 KB a kernel must be allowed it explicitly.
-        let combine_bulk = get("sy_combine_bulk")?;
-        let combine_bulk_smem = {
-            // SAFETY: module loaded; the symbol is a u32 the source defines.
-            let (ptr, bytes) = unsafe { result::module::get_global(module, CString::new("sy_combine_bulk_smem").unwrap()) }
-                .map_err(err("cuModuleGetGlobal(sy_combine_bulk_smem)"))?;
-            if bytes != 4 {
-                return Err(Error::Cuda(format!("sy_combine_bulk_smem is {bytes} bytes, not a u32")));
-            }
-            let mut v = [0u32];
-            // SAFETY: 4 bytes of device memory, context current.
-            unsafe { result::memcpy_dtoh_sync(&mut v, ptr) }.map_err(err("cuMemcpyDtoH(sy_combine_bulk_smem)"))?;
-            v[0]
-        };
-        if combine_bulk_smem > 0 {
-            // SAFETY: a function of this module.
-            unsafe {
-                result::function::set_function_attribute(
-                    combine_bulk,
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    combine_bulk_smem as i32,
-                )
-            }
-            .map_err(err("cuFuncSetAttribute(sy_combine_bulk)"))?;
-        }
+        let (combine_bulk, combine_bulk_smem) = bulk_kernel(module, "sy_combine_bulk")?;
+        let (dispatch_bulk, dispatch_bulk_smem) = bulk_kernel(module, "sy_dispatch_bulk")?;
         Ok(Self {
             combine_bulk,
             combine_bulk_smem,
+            dispatch_bulk,
+            dispatch_bulk_smem,
             advance: get("sy_advance")?,
             notify: get("sy_notify")?,
             dispatch: get("sy_dispatch")?,
@@ -519,12 +503,24 @@ impl Kernels {
         self.combine_bulk_smem > 0
     }
 
+    /// Whether `sy_dispatch_bulk` was built (bulk copies, rows that travel in their input
+    /// type, stages that fit shared memory).
+    pub fn has_dispatch_bulk(&self) -> bool {
+        self.dispatch_bulk_smem > 0
+    }
+
     /// Launch `which` with one parameter block on `stream`.
     pub fn launch(&self, which: Kernel, grid: u32, block: u32, params: &SyParams, stream: &Stream) -> Result<()> {
         let (f, smem) = match which {
             Kernel::Advance => (self.advance, 0),
             Kernel::Notify => (self.notify, 0),
             Kernel::Dispatch => (self.dispatch, 0),
+            Kernel::DispatchBulk => {
+                if !self.has_dispatch_bulk() {
+                    return Err(Error::Cuda("sy_dispatch_bulk was not built for this GPU and spec".into()));
+                }
+                (self.dispatch_bulk, self.dispatch_bulk_smem)
+            }
             Kernel::Combine => (self.combine, 0),
             Kernel::CombinePush => (self.combine_push, 0),
             Kernel::CombineBulk => {
@@ -540,6 +536,36 @@ impl Kernels {
         unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), smem, stream.raw, &mut args) }
             .map_err(err("cuLaunchKernel"))
     }
+}
+
+/// A bulk-copy kernel and the dynamic shared memory its stages take, which the source states in
+/// `<name>_smem` (0 where it was not built: no bulk copies on the arch, or a spec it does not
+/// serve). Above 48 KB a kernel must be allowed its shared memory explicitly.
+fn bulk_kernel(module: sys::CUmodule, name: &str) -> Result<(sys::CUfunction, u32)> {
+    // SAFETY: module loaded.
+    let f = unsafe { result::module::get_function(module, CString::new(name).unwrap()) }.map_err(err("cuModuleGetFunction"))?;
+    let var = format!("{name}_smem");
+    // SAFETY: module loaded; the symbol is a u32 the source defines.
+    let (ptr, bytes) =
+        unsafe { result::module::get_global(module, CString::new(var.as_str()).unwrap()) }.map_err(err("cuModuleGetGlobal"))?;
+    if bytes != 4 {
+        return Err(Error::Cuda(format!("{var} is {bytes} bytes, not a u32")));
+    }
+    let mut v = [0u32];
+    // SAFETY: 4 bytes of device memory, context current.
+    unsafe { result::memcpy_dtoh_sync(&mut v, ptr) }.map_err(err("cuMemcpyDtoH"))?;
+    if v[0] > 0 {
+        // SAFETY: a function of this module.
+        unsafe {
+            result::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                v[0] as i32,
+            )
+        }
+        .map_err(err("cuFuncSetAttribute"))?;
+    }
+    Ok((f, v[0]))
 }
 
 /// Blocks of the row-move kernels (`sy_gather_rows`, `sy_sum_rows`): a warp per row,
