@@ -67,7 +67,6 @@ static_assert(SY_THREADS % 32 == 0 && SY_THREADS <= 1024, "bad block size");
 #define SY_WAIT_COMBINE_DONE 5
 #define SY_WAIT_COMBINE_PUSHED 6
 #define SY_WAIT_COMBINE_BULK 7
-#define SY_WAIT_DISPATCH_BULK 8
 
 // One parameter block for every kernel, passed by value. Every field is 8 bytes
 // so the C and Rust layouts cannot disagree on padding.
@@ -380,8 +379,8 @@ __device__ __forceinline__ bool sy_wait(const u64* flag, u64 target, const SyWai
 
 // ---------------------------------------------------------------- bulk copies (sm_90)
 
-// Bulk copies (cp.async.bulk) and mbarrier transaction counts: sm_90 and later. Kernels built
-// without them state 0 bytes of shared memory, and the host falls back to their register twins.
+// Bulk copies (cp.async.bulk) and mbarrier transaction counts: sm_90 and later. A kernel built
+// without them states 0 bytes of shared memory, and the host falls back to its register twin.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define SY_HAS_BULK 1
 #else
@@ -415,27 +414,6 @@ __device__ __forceinline__ void sy_bulk_g2s(u32 dst, const void* src, u32 bytes,
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
-// Bulk copy from shared memory to global memory (a peer's included), in this thread's open bulk group.
-__device__ __forceinline__ void sy_bulk_s2g(void* dst, u32 src, u32 bytes) {
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-}
-
-// Close this thread's open bulk group.
-__device__ __forceinline__ void sy_bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-
-// Wait until at most N of this thread's bulk groups still read their shared-memory sources.
-template <int N>
-__device__ __forceinline__ void sy_bulk_wait_read() {
-    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
-}
-
-// Wait until every bulk group of this thread has written its destination, then make those writes
-// (async proxy) ordered before this thread's later generic-proxy operations (a release of a flag).
-__device__ __forceinline__ void sy_bulk_wait_writes() {
-    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-    asm volatile("fence.proxy.async.global;" ::: "memory");
-}
-
 // One poll of an mbarrier: whether its phase of `parity` has completed.
 __device__ __forceinline__ bool mbar_try(u32 bar, u32 parity) {
     u32 done;
@@ -450,9 +428,8 @@ __device__ __forceinline__ bool mbar_try(u32 bar, u32 parity) {
 // `parity`); every lane polls on its own (a vote per poll measured slower). Only the copy unit
 // completes the barrier (the rows were in place before the copies were issued), so the deadline
 // is a backstop: past it lane 0 writes a diagnostic (head, tail: the item and the warp's item
-// count; role and what as the caller says) and every lane returns false.
-__device__ __forceinline__ bool sy_bulk_wait(u32 bar, u32 parity, const SyParams& p, int ch, u64 head, u64 tail, u32 role,
-                                             u32 what) {
+// count) and every lane returns false.
+__device__ __forceinline__ bool sy_bulk_wait(u32 bar, u32 parity, const SyParams& p, int ch, u64 head, u64 tail) {
     bool late = false;
     if (!mbar_try(bar, parity)) {
         const u64 start = globaltimer_ns();
@@ -465,7 +442,7 @@ __device__ __forceinline__ bool sy_bulk_wait(u32 bar, u32 parity, const SyParams
     }
     if (!__any_sync(0xffffffffu, late)) return true;
     if (threadIdx.x % 32 == 0)
-        sy_record_timeout(sy_wait_ctx(p), (u32)ch, role, (u32)p.rank, what, head, tail);
+        sy_record_timeout(sy_wait_ctx(p), (u32)ch, SY_ROLE_RECEIVER, (u32)p.rank, SY_WAIT_COMBINE_BULK, head, tail);
     return false;
 }
 

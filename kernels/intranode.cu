@@ -326,15 +326,11 @@ __device__ __forceinline__ void load_item(const SyParams& p, int t, int b, int l
 }
 
 // With SY_FLAG_SKIP_LOCAL the host has a copy engine move my own rows (src/backend/cuda/local_copy.rs).
-// The block's tokens are dealt over WARPS warps (warp < WARPS); ONLY_ME: my own rows only (the
-// bulk dispatch's other warps, while its pipes move the peer rows).
-template <int WARPS = SY_WARPS, bool ONLY_ME = false>
 __device__ __forceinline__ void dispatch_copy(const SyParams& p, int t_begin, int t_end, int warp, int lane) {
     const int me = (int)p.rank;
     const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
     const bool skip_local = (p.flags & SY_FLAG_SKIP_LOCAL) != 0;
-    if (ONLY_ME && skip_local) return;
-    const int tokens = t_end - t_begin > warp ? (t_end - t_begin - warp + WARPS - 1) / WARPS : 0;
+    const int tokens = t_end - t_begin > warp ? (t_end - t_begin - warp + SY_WARPS - 1) / SY_WARPS : 0;
     const int items = tokens * SY_DBATCHES;
     CopyItem cur, next;
     i64 row[SY_WORLD];
@@ -344,7 +340,7 @@ __device__ __forceinline__ void dispatch_copy(const SyParams& p, int t_begin, in
     bool any = false;
     if (items > 0) load_item(p, t_begin + warp, 0, lane, cur);
     for (int i = 0; i < items; ++i) {
-        const int k = i / SY_DBATCHES, b = i % SY_DBATCHES, t = t_begin + warp + k * WARPS;
+        const int k = i / SY_DBATCHES, b = i % SY_DBATCHES, t = t_begin + warp + k * SY_WARPS;
         if (b == 0) {
             any = dest_rows(p, cur.q, send_base, row);
 #if SY_X_FP8
@@ -354,13 +350,13 @@ __device__ __forceinline__ void dispatch_copy(const SyParams& p, int t_begin, in
         }
         if (i + 1 < items) {
             const int k1 = (i + 1) / SY_DBATCHES;
-            load_item(p, t_begin + warp + k1 * WARPS, (i + 1) % SY_DBATCHES, lane, next);
+            load_item(p, t_begin + warp + k1 * SY_WARPS, (i + 1) % SY_DBATCHES, lane, next);
         }
         if (any) {
             const int i0 = b * SY_DBATCH_V4 + lane;
 #pragma unroll
             for (int d = 0; d < SY_WORLD; ++d) {
-                if (row[d] < 0 || (d == me && skip_local) || (ONLY_ME && d != me)) continue;
+                if (row[d] < 0 || (d == me && skip_local)) continue;
                 v4u32* dst = reinterpret_cast<v4u32*>(region<u8>(p, d, p.off_recv_x) + row[d] * SY_WIRE_ROW_BYTES);
 #pragma unroll
                 for (int u = 0; u < SY_DUNROLL; ++u)
@@ -374,7 +370,7 @@ __device__ __forceinline__ void dispatch_copy(const SyParams& p, int t_begin, in
                     if (g >= SY_GROUPS) continue;
 #pragma unroll
                     for (int d = 0; d < SY_WORLD; ++d)
-                        if (row[d] >= 0 && !(d == me && skip_local) && !(ONLY_ME && d != me))
+                        if (row[d] >= 0 && !(d == me && skip_local))
                             region<float>(p, d, p.off_recv_scales)[row[d] * SY_GROUPS + g] = scales[j];
                 }
 #endif
@@ -404,141 +400,6 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
 
     // Completion: this channel's rows are out; block 0 waits for every peer's channels.
     sy_channel_done(p, SY_SIG_DISPATCH_ARRIVE, ch, nch, false, SY_ROLE_RECEIVER, SY_WAIT_DISPATCH_ARRIVE);
-}
-
-// ------------------------------------------------------------ bulk-copy dispatch (sm_90)
-//
-// Cached dispatch of rows that travel as they come (BF16 -> BF16, FP8 -> FP8), the peer rows
-// through the copy unit: SY_DB_PIPES warps per block each keep a ring of stages in shared memory;
-// lane 0 bulk-copies a token's row (and FP8 scales) into a stage, then bulk-stores the stage into
-// the receive area of every peer the token goes to, while the other lanes fetch the positions of
-// the next 32 tokens. The block's other warps copy my own rows as sy_dispatch does (unless a copy
-// engine does): local stores drain fast, and a pipe's issue rate is what bounds it. The peer stores
-// leave the SM's load/store queue alone, which bounds sy_dispatch: ncu put half of its stall
-// cycles on that queue being full ("LG throttle"; HT-A, 2x H200). Micro-benchmark, peer rows only,
-// 8 / 12 SMs: BF16 188 / 186 us against 195 / 200 for sy_dispatch, FP8 99 / 102 against 115-120 /
-// 119-123 (3 pipes of 5 stages, 3 loads ahead; docs/perf-notes.md, session 10). Same bytes as
-// sy_dispatch. Built where bulk copies exist and the stages fit (sy_dispatch_bulk_smem > 0); the
-// host keeps sy_dispatch for the first dispatch (metadata), the quantizing one, and input that is
-// not 16-byte aligned.
-#ifndef SY_DB_PIPES
-#define SY_DB_PIPES 3
-#endif
-#ifndef SY_DB_STAGES
-#define SY_DB_STAGES 5
-#endif
-#ifndef SY_DB_AHEAD
-#define SY_DB_AHEAD 3
-#endif
-#define SY_DB_SCALE_BYTES (SY_X_FP8 ? SY_GROUPS * 4 : 0)
-#define SY_DB_STAGE_BYTES (SY_WIRE_ROW_BYTES + SY_DB_SCALE_BYTES)
-// Stages per pipe: SY_DB_STAGES, or fewer where rows are long; loads ahead at most that many.
-#define SY_DB_FIT ((SY_BULK_SMEM_LIMIT - SY_DB_PIPES * SY_DB_STAGES * 8) / (SY_DB_PIPES * SY_DB_STAGE_BYTES))
-#define SY_DB_S (SY_DB_FIT < SY_DB_STAGES ? SY_DB_FIT : SY_DB_STAGES)
-#define SY_DB_L (SY_DB_AHEAD < SY_DB_S ? SY_DB_AHEAD : SY_DB_S)
-#define SY_DB_BUILT \
-    (SY_HAS_BULK && SY_X_FP8 == SY_WIRE_FP8 && SY_DB_S >= 1 && SY_DB_PIPES < SY_WARPS && SY_DB_SCALE_BYTES % 16 == 0)
-
-// Dynamic shared memory of sy_dispatch_bulk in bytes (stages, then an mbarrier per stage); 0: not built.
-__device__ u32 sy_dispatch_bulk_smem = SY_DB_BUILT ? SY_DB_PIPES * SY_DB_S * (SY_DB_STAGE_BYTES + 8) : 0;
-
-#if SY_DB_BUILT
-// One pipe (a warp) of sy_dispatch_bulk: tokens t_begin + pipe + SY_DB_PIPES * j of the channel.
-__device__ __forceinline__ void dispatch_bulk_pipe(const SyParams& p, int ch, int pipe, int lane, u8* smem) {
-    const int T = (int)p.num_tokens, nch = gridDim.x, me = (int)p.rank;
-    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
-    const int n = t_end - t_begin > pipe ? (t_end - t_begin - pipe + SY_DB_PIPES - 1) / SY_DB_PIPES : 0;
-    u8* stages = smem + (size_t)pipe * SY_DB_S * SY_DB_STAGE_BYTES;
-    const u32 bar0 = smem_u32(reinterpret_cast<u64*>(smem + (size_t)SY_DB_PIPES * SY_DB_S * SY_DB_STAGE_BYTES) + pipe * SY_DB_S);
-    if (lane == 0) {
-        for (int s = 0; s < SY_DB_S; ++s) sy_mbar_init(bar0 + 8 * s, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    // The receive areas were acquired in the entry meeting (generic proxy); the stores go
-    // through the async proxy.
-    asm volatile("fence.proxy.async.global;" ::: "memory");
-    __syncwarp();
-
-    const i32* pos = reinterpret_cast<const i32*>(p.pos);
-    const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
-    auto token = [&](int j) { return t_begin + pipe + SY_DB_PIPES * j; };
-    auto load = [&](int j) {  // lane 0: token j's row (and scales) into stage j % S
-        const int t = token(j);
-        const u32 bar = bar0 + 8 * (j % SY_DB_S), dst = smem_u32(stages + (size_t)(j % SY_DB_S) * SY_DB_STAGE_BYTES);
-        sy_mbar_expect(bar, SY_DB_STAGE_BYTES);
-        sy_bulk_g2s(dst, reinterpret_cast<const u8*>(p.x) + (i64)t * SY_X_ROW_BYTES, SY_WIRE_ROW_BYTES, bar);
-#if SY_X_FP8
-        sy_bulk_g2s(dst + SY_WIRE_ROW_BYTES, reinterpret_cast<const float*>(p.x_scales) + (i64)t * SY_GROUPS, SY_DB_SCALE_BYTES, bar);
-#endif
-    };
-    // Positions 32 tokens at a time: lane l holds token j0 + l's in cur, token j0 + 32 + l's in nxt.
-    i32 cur[SY_WORLD], nxt[SY_WORLD];
-    auto fetch = [&](int j0, i32 (&q)[SY_WORLD]) {
-#pragma unroll
-        for (int d = 0; d < SY_WORLD; ++d) q[d] = j0 + lane < n ? pos[(i64)token(j0 + lane) * SY_WORLD + d] : -1;
-    };
-    fetch(0, cur);
-    fetch(32, nxt);
-    if (lane == 0)
-        for (int j = 0; j < SY_DB_L && j < n; ++j) load(j);
-    for (int j = 0; j < n; ++j) {
-        if (j % 32 == 0 && j > 0) {
-#pragma unroll
-            for (int d = 0; d < SY_WORLD; ++d) cur[d] = nxt[d];
-            fetch(j + 32, nxt);
-        }
-        i32 q[SY_WORLD];
-#pragma unroll
-        for (int d = 0; d < SY_WORLD; ++d) q[d] = __shfl_sync(0xffffffffu, cur[d], j % 32);
-        i64 row[SY_WORLD];
-        const bool any = dest_rows(p, q, send_base, row);
-        const int s = j % SY_DB_S;
-        // On a timeout the diagnostic is written; stop and still meet the block at the end.
-        if (!sy_bulk_wait(bar0 + 8 * s, (u32)((j / SY_DB_S) & 1), p, ch, (u64)j, (u64)n, SY_ROLE_SENDER, SY_WAIT_DISPATCH_BULK)) break;
-        if (lane == 0) {
-            const u32 src = smem_u32(stages + (size_t)s * SY_DB_STAGE_BYTES);
-#pragma unroll
-            for (int d = 0; d < SY_WORLD; ++d) {
-                if (!any || row[d] < 0 || d == me) continue;
-                sy_bulk_s2g(region<u8>(p, d, p.off_recv_x) + row[d] * SY_WIRE_ROW_BYTES, src, SY_WIRE_ROW_BYTES);
-#if SY_X_FP8
-                sy_bulk_s2g(region<float>(p, d, p.off_recv_scales) + row[d] * SY_GROUPS, src + SY_WIRE_ROW_BYTES, SY_DB_SCALE_BYTES);
-#endif
-            }
-            sy_bulk_commit();
-            // Stage (j + L) % S was last read by token j + L - S's stores: let them finish reading.
-            const int jn = j + SY_DB_L;
-            if (jn < n) {
-                if (jn >= SY_DB_S) sy_bulk_wait_read<SY_DB_S - SY_DB_L>();
-                load(jn);
-            }
-        }
-        __syncwarp();
-    }
-    // The rows must have landed before the completion flag (sy_channel_done) is raised.
-    if (lane == 0) sy_bulk_wait_writes();
-}
-#endif
-
-extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch_bulk(const SyParams p) {
-#if SY_DB_BUILT
-    extern __shared__ __align__(128) u8 db_smem[];
-    const int ch = blockIdx.x, nch = gridDim.x;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-
-    sy_stamp(p, 0);
-    if (!dispatch_entry(p, ch)) return;
-    sy_stamp(p, 1);
-    // The pipes move the rows to my peers; the other warps copy my own rows (unless a copy
-    // engine does) with 16-byte loads and stores, which stay in local memory and so drain fast.
-    const int T = (int)p.num_tokens;
-    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
-    if (warp < SY_DB_PIPES)
-        dispatch_bulk_pipe(p, ch, warp, lane, db_smem);
-    else
-        dispatch_copy<SY_WARPS - SY_DB_PIPES, true>(p, t_begin, t_end, warp - SY_DB_PIPES, lane);
-    sy_channel_done(p, SY_SIG_DISPATCH_ARRIVE, ch, nch, false, SY_ROLE_RECEIVER, SY_WAIT_DISPATCH_ARRIVE);
-#endif
 }
 
 // ----------------------------------------------------------------- combine
@@ -636,7 +497,10 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
 // Loads in flight hold no registers, so a warp keeps a whole piece of every row in flight where
 // the register pull keeps SY_CUNROLL vectors (2x H200, HT-A, 12 SMs: 211-212 us against 243-248
 // for the register pull, scripts/dispatch_micro.cu). Fewer, larger stages measured best: 2
-// stages of quarter rows on every warp. Same sums in the same order as sy_combine: same bits.
+// stages of quarter rows on every warp. A token's positions are read once, a token ahead, and its
+// rows handed to the summing lanes through shared memory (runtime bench, same device: 198 us at 12
+// SMs and 281 at 8, where re-reading them for every piece took 226 / 323 in the session 9 sweep).
+// Same sums in the same order as sy_combine: same bits.
 // Needs sm_90 (bulk copies, mbarrier transaction counts); the host reads sy_combine_bulk_smem,
 // 0 where the kernel was compiled without them, and falls back to sy_combine.
 #ifndef SY_CB_STAGES
@@ -747,9 +611,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(cons
         if (i + SY_CB_STAGES - 1 < items) issue(i + SY_CB_STAGES - 1);
         const int t = t_begin + warp + (i / SY_CB_PIECES) * SY_WARPS, j = i % SY_CB_PIECES, s = i % SY_CB_STAGES;
         // On a timeout the diagnostic is written; leave the loop and still meet the block below.
-        if (!sy_bulk_wait(smem_u32(bars + s), (u32)((i / SY_CB_STAGES) & 1), p, ch, (u64)i, (u64)items, SY_ROLE_RECEIVER,
-                          SY_WAIT_COMBINE_BULK))
-            break;
+        if (!sy_bulk_wait(smem_u32(bars + s), (u32)((i / SY_CB_STAGES) & 1), p, ch, (u64)i, (u64)items)) break;
         i64 row[SY_WORLD];
 #pragma unroll
         for (int d = 0; d < SY_WORLD; ++d) row[d] = stage_rows[s * SY_WORLD + d];

@@ -11,15 +11,19 @@
 // Build (on the GPU machine; -D values as the runtime passes them):
 //   nvcc -O3 -arch=sm_90a --expt-relaxed-constexpr -Ikernels -DSY_WORLD=2 -DSY_HIDDEN=7168 -DSY_TOPK=8 -DSY_NUM_EXPERTS=256 \
 //        -DSY_X_FP8=0 -DSY_WIRE_FP8=0 -DSY_THREADS=512 scripts/dispatch_micro.cu -o dispatch_micro
+// Without a GPU (to carry the binary to one): the same command with the nvcc of the pip wheels
+// nvidia-cuda-nvcc, nvidia-nvvm and nvidia-cuda-crt (13.0.x, unpacked into one tree) and
+// `-L<nvidia-cuda-runtime>/lib -cudart static`.
 // Run: ./dispatch_micro [tokens=4096] [iters=20]
 // MICRO_COMBINE=1: combine instead, of the rows one real dispatch delivered: sy_combine (pull)
 // against sy_combine_bulk (bulk-copy loads into shared-memory stages), whose output must match
 // sy_combine's bit for bit. -DSY_CB_STAGES=N and -DSY_THREADS=N vary the bulk kernel's shape.
-// MICRO_PROFILE=cached|cached-peers|cached-bulk|cached-peers-bulk|bulk: only that kernel (cached
-// dispatch, the same without my own rows as when a copy engine moves them, either through
-// sy_dispatch or sy_dispatch_bulk; or the bulk combine) at the SM counts of MICRO_SMS (default 12),
-// for Nsight Compute: GPU 0's kernel is launched before GPU 1's, so `ncu --devices 1
+// MICRO_PROFILE=cached|cached-peers|bulk: only that kernel (cached dispatch, the same without my own
+// rows as when a copy engine moves them, or the bulk combine) at the SM counts of MICRO_SMS (default
+// 12), for Nsight Compute: GPU 0's kernel is launched before GPU 1's, so `ncu --devices 1
 // --replay-mode application` profiles GPU 1's while GPU 0's runs beside it, as in a real call.
+// MICRO_TMA_ONLY=1: only the bulk-copy (TMA) dispatch variants (tma_copy), own rows included;
+// with MICRO_TMA_PEERS=1 peer rows only, against sy_dispatch with SY_FLAG_SKIP_LOCAL.
 // MICRO_SMS=a,b,...: the SM counts to time (all modes). MICRO_TIMEOUT_S: the kernels' wait deadline
 // (default 10). -DSY_X_FP8=1 -DSY_WIRE_FP8=1: FP8 rows with their scales.
 #include "intranode.cu"
@@ -367,42 +371,13 @@ int main(int argc, char** argv) {
         ref[1] = checksum(1);
     }
     if (profile != nullptr && strncmp(profile, "cached", 6) == 0) {
-        // cached, cached-peers: sy_dispatch; cached-bulk, cached-peers-bulk: sy_dispatch_bulk, whose
-        // rows must match sy_dispatch's.
-        const bool peers = strncmp(profile, "cached-peers", 12) == 0;
-        const bool bulk = strstr(profile, "-bulk") != nullptr;
-        const u64 flags = peers ? SY_FLAG_SKIP_LOCAL : 0;
-        u32 db_smem = 0;  // as the runtime reads it: 0 where the kernel was not built
-        CK(cudaMemcpyFromSymbol(&db_smem, sy_dispatch_bulk_smem, sizeof db_smem));
-        if (bulk) {
-            if (db_smem == 0) {
-                fprintf(stderr, "sy_dispatch_bulk is not built for this shape\n");
-                return 1;
-            }
-            clear();
-            time_it("ref/stores", 16, [&](int d) {
-                g[d].p.flags = flags;
-                sy_dispatch<<<16, SY_THREADS, 0, g[d].s>>>(g[d].p);
-            });
-            ref[0] = checksum(0);
-            ref[1] = checksum(1);
-            for (int d = 0; d < W; ++d) {
-                CK(cudaSetDevice(d));
-                CK(cudaFuncSetAttribute(sy_dispatch_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)db_smem));
-            }
-        }
+        const u64 flags = strcmp(profile, "cached-peers") == 0 ? SY_FLAG_SKIP_LOCAL : 0;
         for (int sms : sm_list({12})) {
             clear();
             time_it(profile, sms, [&](int d) {
                 g[d].p.flags = flags;
-                if (bulk)
-                    sy_dispatch_bulk<<<sms, SY_THREADS, (int)db_smem, g[d].s>>>(g[d].p);
-                else
-                    sy_dispatch<<<sms, SY_THREADS, 0, g[d].s>>>(g[d].p);
+                sy_dispatch<<<sms, SY_THREADS, 0, g[d].s>>>(g[d].p);
             });
-            if (bulk)
-                printf("%-14s sms=%3d rows %s\n", profile, sms,
-                       checksum(0) == ref[0] && checksum(1) == ref[1] ? "match sy_dispatch" : "DIFFER FROM sy_dispatch");
         }
         return 0;
     }

@@ -99,40 +99,6 @@ impl CombineChoice {
     }
 }
 
-/// Environment variable: the cached-dispatch kernel, `bulk` or `stores` (see [`DispatchChoice`]).
-/// Unset: `bulk` where it was built (sm_90 and later; rows that travel in their input type).
-pub const DISPATCH_ENV: &str = "SWITCHYARD_DISPATCH";
-
-/// Which kernel moves the rows of a cached dispatch. A first dispatch (it also writes the
-/// metadata) and one that quantizes BF16 to FP8 always run `sy_dispatch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DispatchChoice {
-    /// `sy_dispatch_bulk`: a few warps per block bulk-copy each row into shared memory and
-    /// bulk-store it to its destinations (sm_90+; input 16-byte aligned, else `sy_dispatch`).
-    Bulk,
-    /// `sy_dispatch`: every warp moves rows with 16-byte loads and stores through registers.
-    Stores,
-}
-
-impl DispatchChoice {
-    /// The choice in `SWITCHYARD_DISPATCH`; `None` when unset (the default for the GPU).
-    pub fn from_env() -> Result<Option<Self>> {
-        Self::parse(std::env::var(DISPATCH_ENV).ok().as_deref())
-    }
-
-    /// A value of `SWITCHYARD_DISPATCH` (`None`: unset).
-    pub fn parse(value: Option<&str>) -> Result<Option<Self>> {
-        match value {
-            None => Ok(None),
-            Some("bulk") => Ok(Some(Self::Bulk)),
-            Some("stores") => Ok(Some(Self::Stores)),
-            Some(other) => {
-                Err(Error::InvalidArgument { arg: DISPATCH_ENV.into(), reason: format!("{other:?}: expected bulk or stores") })
-            }
-        }
-    }
-}
-
 /// State shared by the ranks of a cluster: contexts and buffers live until the last rank drops.
 struct Shared {
     // Never read: kept alive here because every rank's kernels write into them.
@@ -379,7 +345,6 @@ impl CudaRank {
             side: None,
             local_copy: LocalCopy::from_env(),
             combine: CombineChoice::from_env()?,
-            dispatch: DispatchChoice::from_env()?,
             nccl: None,
             plans: on_stream::PlanCache::default(),
             device_us: 0.0,
@@ -602,8 +567,6 @@ pub struct CudaRank {
     local_copy: LocalCopy,
     /// The combine kernel asked for in `SWITCHYARD_COMBINE` (`None`: the GPU's default).
     combine: Option<CombineChoice>,
-    /// The cached-dispatch kernel asked for in `SWITCHYARD_DISPATCH` (`None`: the GPU's default).
-    dispatch: Option<DispatchChoice>,
     /// The same-run NCCL baseline's communicator, made on first use.
     nccl: Option<nccl::NcclExchange>,
     /// Plans of recent handles on the device, for the calls on the caller's stream (`on_stream`).
@@ -911,8 +874,7 @@ impl CudaRank {
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
         p.flags = 0;
         let side_ops = self.own_row_copies(&spec, &lay, &st.pos, &st.send_base, &mut p);
-        let kernel = self.cached_dispatch_kernel(&spec, &p)?;
-        Ok(PreparedLaunch { spec, p, lay, kernel, side_ops })
+        Ok(PreparedLaunch { spec, p, lay, kernel: Kernel::Dispatch, side_ops })
     }
 
     /// Everything a combine does before its launch: the checks and the agreement, `y` (and its
@@ -964,27 +926,6 @@ impl CudaRank {
         htod(p.src_info, &info, &self.stream)?;
         p.num_recv = handle.num_recv() as u64;
         Ok(Kernel::CombinePush)
-    }
-
-    /// The kernel of a cached dispatch with parameters `p`: the bulk-copy one where it was built
-    /// for `spec` and the input (`p.x`, and `p.x_scales` for FP8) is 16-byte aligned, as bulk
-    /// copies need, unless `SWITCHYARD_DISPATCH=stores`; `sy_dispatch` otherwise. Asking for
-    /// `bulk` where it was not built is an error; unaligned input falls back quietly.
-    fn cached_dispatch_kernel(&self, spec: &KernelSpec, p: &SyParams) -> Result<Kernel> {
-        let built = self.kernels[spec].has_dispatch_bulk();
-        let aligned = p.x % 16 == 0 && (!spec.x_fp8 || p.x_scales % 16 == 0);
-        match self.dispatch {
-            Some(DispatchChoice::Stores) => Ok(Kernel::Dispatch),
-            Some(DispatchChoice::Bulk) if !built => Err(Error::InvalidArgument {
-                arg: DISPATCH_ENV.into(),
-                reason: format!(
-                    "bulk needs bulk copies (sm_90 or later; this GPU is {}) and rows that travel in their input type",
-                    self.shared.arch
-                ),
-            }),
-            _ if built && aligned => Ok(Kernel::DispatchBulk),
-            _ => Ok(Kernel::Dispatch),
-        }
     }
 
     /// The pulling combine kernel for `spec`'s build: the bulk-copy one where it was built
@@ -1468,15 +1409,6 @@ mod tests {
         assert_eq!(RailChoice::parse(Some("host")).unwrap(), RailChoice::Host);
         let e = RailChoice::parse(Some("ib")).unwrap_err().to_string();
         assert!(e.contains(RAIL_ENV) && e.contains("`ib`"), "{e}");
-    }
-
-    #[test]
-    fn the_dispatch_choice_names_its_variable_when_it_is_wrong() {
-        assert_eq!(DispatchChoice::parse(None).unwrap(), None);
-        assert_eq!(DispatchChoice::parse(Some("bulk")).unwrap(), Some(DispatchChoice::Bulk));
-        assert_eq!(DispatchChoice::parse(Some("stores")).unwrap(), Some(DispatchChoice::Stores));
-        let e = DispatchChoice::parse(Some("tma")).unwrap_err().to_string();
-        assert!(e.contains(DISPATCH_ENV) && e.contains("\"tma\""), "{e}");
     }
 
     #[test]

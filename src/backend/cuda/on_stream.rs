@@ -10,7 +10,7 @@
 //! first call with a handle uploads its plan: make those calls before any capture.
 
 use super::compile::{KernelSpec, THREADS};
-use super::driver::{dtoh, htod, DeviceBuffer, Stream};
+use super::driver::{dtoh, htod, DeviceBuffer, Kernel, Stream};
 use super::layout::{meta, SyDiag};
 use super::{CudaHandleState, CudaRank};
 use crate::backend::DispatchOptions;
@@ -133,9 +133,8 @@ impl CudaRank {
         if !side_ops.is_empty() {
             self.ensure_side()?;
         }
-        let kernel = self.cached_dispatch_kernel(&spec, &p)?;
         self.advance_on(&stream, &spec, &p)?;
-        self.enqueue_on(&stream, &spec, kernel, self.channels(), THREADS as u32, &p, &side_ops)?;
+        self.enqueue_on(&stream, &spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p, &side_ops)?;
         let own = self.shared.peers.bases[self.rank];
         Ok(DeviceRows {
             data: own + lay.recv_x as u64,
