@@ -96,25 +96,11 @@ __global__ void probe_copy(const v4u32* src, v4u32* dst, long long n) {
 }
 
 // ---- bulk-copy (TMA) variant: one lane per pipe drives loads into shared stages and bulk stores out.
-__device__ __forceinline__ u32 smem_addr(const void* ptr) {
-    u32 r;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(ptr));
-    return r;
-}
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    u32 done;
-    do {
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
-}
+// Loads: common.cuh's smem_u32, sy_mbar_init, sy_mbar_expect, sy_bulk_g2s, mbar_try; the stores
+// below have no runtime twin.
 __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+    sy_mbar_expect(bar, bytes);
+    sy_bulk_g2s(dst, src, bytes, bar);
 }
 __device__ __forceinline__ void bulk_store(void* dst, u32 src, u32 bytes) {
     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
@@ -139,9 +125,9 @@ __global__ void __launch_bounds__(32 * NP, 1) tma_copy(const SyParams p) {
     const i32* pos = reinterpret_cast<const i32*>(p.pos);
     const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
     const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
-    const u32 bar0 = smem_addr(&bars[pipe * S]);
-    const u32 st0 = smem_addr(stage + (size_t)pipe * S * SY_WIRE_ROW_BYTES);
-    for (int s = 0; s < S; ++s) mbar_init(bar0 + 8 * s, 1);
+    const u32 bar0 = smem_u32(&bars[pipe * S]);
+    const u32 st0 = smem_u32(stage + (size_t)pipe * S * SY_WIRE_ROW_BYTES);
+    for (int s = 0; s < S; ++s) sy_mbar_init(bar0 + 8 * s, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     // Tokens of this pipe: t_begin + pipe + NP * j.
     const int n = t_end - t_begin > pipe ? (t_end - t_begin - pipe + NP - 1) / NP : 0;
@@ -149,7 +135,8 @@ __global__ void __launch_bounds__(32 * NP, 1) tma_copy(const SyParams p) {
     for (int j = 0; j < L && j < n; ++j) bulk_load(st0 + (j % S) * SY_WIRE_ROW_BYTES, src_of(j), SY_WIRE_ROW_BYTES, bar0 + 8 * (j % S));
     for (int j = 0; j < n; ++j) {
         const int t = t_begin + pipe + NP * j, s = j % S;
-        mbar_wait(bar0 + 8 * s, (j / S) & 1);
+        while (!mbar_try(bar0 + 8 * s, (j / S) & 1)) {
+        }
 #pragma unroll
         for (int d = 0; d < SY_WORLD; ++d) {
             const i32 q = pos[(i64)t * SY_WORLD + d];

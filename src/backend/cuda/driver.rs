@@ -468,10 +468,7 @@ impl Kernels {
     pub fn load(image: &[u8]) -> Result<Self> {
         // SAFETY: a valid ELF image from NVRTC (the driver validates it).
         let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(err("cuModuleLoadData"))?;
-        let get = |n: &str| {
-            // SAFETY: module loaded.
-            unsafe { result::module::get_function(module, CString::new(n).unwrap()) }.map_err(err("cuModuleGetFunction"))
-        };
+        let get = |n: &str| function(module, n);
         let (combine_bulk, combine_bulk_smem) = bulk_kernel(module, "sy_combine_bulk")?;
         Ok(Self {
             combine_bulk,
@@ -517,12 +514,17 @@ impl Kernels {
     }
 }
 
+/// The kernel `name` of a loaded module.
+fn function(module: sys::CUmodule, name: &str) -> Result<sys::CUfunction> {
+    // SAFETY: module loaded.
+    unsafe { result::module::get_function(module, CString::new(name).unwrap()) }.map_err(err("cuModuleGetFunction"))
+}
+
 /// A bulk-copy kernel and the dynamic shared memory its stages take, which the source states in
 /// `<name>_smem` (0 where it was not built: no bulk copies on the arch). Above 48 KB a kernel
 /// must be allowed its shared memory explicitly.
 fn bulk_kernel(module: sys::CUmodule, name: &str) -> Result<(sys::CUfunction, u32)> {
-    // SAFETY: module loaded.
-    let f = unsafe { result::module::get_function(module, CString::new(name).unwrap()) }.map_err(err("cuModuleGetFunction"))?;
+    let f = function(module, name)?;
     let var = format!("{name}_smem");
     // SAFETY: module loaded; the symbol is a u32 the source defines.
     let (ptr, bytes) =
