@@ -67,6 +67,7 @@ static_assert(SY_THREADS % 32 == 0 && SY_THREADS <= 1024, "bad block size");
 #define SY_WAIT_COMBINE_DONE 5
 #define SY_WAIT_COMBINE_PUSHED 6
 #define SY_WAIT_COMBINE_BULK 7
+#define SY_WAIT_DISPATCH_BULK 8
 
 // One parameter block for every kernel, passed by value. Every field is 8 bytes
 // so the C and Rust layouts cannot disagree on padding.
@@ -414,6 +415,27 @@ __device__ __forceinline__ void sy_bulk_g2s(u32 dst, const void* src, u32 bytes,
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
+// Bulk copy from shared memory to global memory (a peer's included), in this thread's open bulk group.
+__device__ __forceinline__ void sy_bulk_s2g(void* dst, u32 src, u32 bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+
+// Close this thread's open bulk group.
+__device__ __forceinline__ void sy_bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+
+// Wait until at most N of this thread's bulk groups still read their shared-memory sources.
+template <int N>
+__device__ __forceinline__ void sy_bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+
+// Wait until every bulk group of this thread has written its destination, then order those writes
+// (async proxy) before this thread's later generic-proxy operations (the release of a flag).
+__device__ __forceinline__ void sy_bulk_wait_writes() {
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+
 // One poll of an mbarrier: whether its phase of `parity` has completed.
 __device__ __forceinline__ bool mbar_try(u32 bar, u32 parity) {
     u32 done;
@@ -424,22 +446,23 @@ __device__ __forceinline__ bool mbar_try(u32 bar, u32 parity) {
     return done != 0;
 }
 
+// This thread polls an mbarrier until its phase of `parity` completes (true) or `timeout_ns`
+// pass (false). Only the copy unit completes the barriers waited on here (the data was in place
+// before the copies were issued), so the deadline is a backstop.
+__device__ __forceinline__ bool sy_mbar_wait(u32 bar, u32 parity, u64 timeout_ns) {
+    if (mbar_try(bar, parity)) return true;
+    const u64 start = globaltimer_ns();
+    while (!mbar_try(bar, parity))
+        if (globaltimer_ns() - start > timeout_ns) return false;
+    return true;
+}
+
 // The whole warp waits until the bulk copies of a stage have landed (mbarrier `bar`, phase
-// `parity`); every lane polls on its own (a vote per poll measured slower). Only the copy unit
-// completes the barrier (the rows were in place before the copies were issued), so the deadline
-// is a backstop: past it lane 0 writes a diagnostic (head, tail: the item and the warp's item
-// count) and every lane returns false.
+// `parity`); every lane polls on its own (a vote per poll measured slower). Past the deadline
+// lane 0 writes a diagnostic (head, tail: the item and the warp's item count) and every lane
+// returns false.
 __device__ __forceinline__ bool sy_bulk_wait(u32 bar, u32 parity, const SyParams& p, int ch, u64 head, u64 tail) {
-    bool late = false;
-    if (!mbar_try(bar, parity)) {
-        const u64 start = globaltimer_ns();
-        while (!mbar_try(bar, parity)) {
-            if (globaltimer_ns() - start > p.timeout_ns) {
-                late = true;
-                break;
-            }
-        }
-    }
+    const bool late = !sy_mbar_wait(bar, parity, p.timeout_ns);
     if (!__any_sync(0xffffffffu, late)) return true;
     if (threadIdx.x % 32 == 0)
         sy_record_timeout(sy_wait_ctx(p), (u32)ch, SY_ROLE_RECEIVER, (u32)p.rank, SY_WAIT_COMBINE_BULK, head, tail);
@@ -479,7 +502,7 @@ __device__ __forceinline__ bool sy_channel_done(const SyParams& p, int slot, int
     if (threadIdx.x < SY_WORLD && (int)threadIdx.x != me)
         st_release_sys(sig(p.peers[threadIdx.x]) + slot + me * SY_MAX_CHANNELS + ch, sy_call_seq(p));
     if (all_wait || ch == 0) {
-        for (int i = threadIdx.x; i < SY_WORLD * nch; i += SY_THREADS) {
+        for (int i = threadIdx.x; i < SY_WORLD * nch; i += blockDim.x) {
             const int s = i / nch, c = i % nch;
             if (s == me) continue;
             if (!sy_wait(sig(p.peers[me]) + slot + s * SY_MAX_CHANNELS + c, sy_call_seq(p), sy_wait_ctx(p), c, role, s, what)) {

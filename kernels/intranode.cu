@@ -180,14 +180,20 @@ __device__ __forceinline__ bool dispatch_entry(const SyParams& p, int ch) {
     return sy_meet_all(p, SY_SIG_RECV_READY, ch, SY_ROLE_SENDER, SY_WAIT_RECV_READY);
 }
 
+// Row of a token in rank d's receive area (dispatch) or y (combine), from its position q there and
+// where my rows start there (base); -1 where it was not sent. Never a row past the capacity (the
+// host refuses such calls; this is the backstop).
+__device__ __forceinline__ i64 holder_row(const SyParams& p, i32 q, i32 base) {
+    const i64 r = q >= 0 ? (i64)base + q : -1;
+    return r >= (i64)p.max_recv ? -1 : r;
+}
+
 // Destination rows of a token from its positions (-1: not sent there). False when it goes nowhere.
 __device__ __forceinline__ bool dest_rows(const SyParams& p, const i32 (&q)[SY_WORLD], const i32* send_base, i64 (&row)[SY_WORLD]) {
     bool any = false;
 #pragma unroll
     for (int d = 0; d < SY_WORLD; ++d) {
-        row[d] = q[d] >= 0 ? (i64)send_base[d] + q[d] : -1;
-        // Never write past a receiver's capacity (the host refuses such calls; this is the backstop).
-        if (row[d] >= (i64)p.max_recv) row[d] = -1;
+        row[d] = holder_row(p, q[d], send_base[d]);
         any |= row[d] >= 0;
     }
     return any;
@@ -289,13 +295,17 @@ __device__ __forceinline__ void dispatch_quantized(const SyParams& p, int t_begi
 }
 #else
 // Same type in and out. A warp's work is a stream of items, (token, batch of SY_DUNROLL 16-byte
-// vectors per lane); the loads of item i + 1 (with, at a token's first batch, its positions and
+// vectors per lane); the loads of item i + 1 (with, at a token's first item, its positions and
 // FP8 scales) go out before the stores of item i, so a warp always has loads in flight across its
 // stores and across tokens. Loads never depend on where the row goes, only the stores do.
 // One token at a time, with the positions, each batch and the scales loaded in turn, a warp
 // waited one load latency per step (4 per FP8 row, 5 per BF16 row). 2x H200, HT-A, same run:
 // cached FP8 dispatch at 12 SMs 120.7 -> 113.4 us, cached BF16 at 8 SMs 207.8 -> 198.2 us; a first
 // dispatch's FP8 rows with metadata, block 0's row work at 12 SMs ~200 -> ~103 us.
+// Every warp of the grid takes an equal contiguous range of the call's items (within one), where
+// whole tokens were dealt out before (4096 tokens over 12 x 16 warps left a third of the warps a
+// 22nd token). Same runs, before / after: BF16 at 8 SMs 197.9-198.3 / 196.5-196.6 us, FP8 at 12
+// SMs 113.3-113.4 / 112.9-113.4.
 #define SY_DBATCH_V4 (32 * SY_DUNROLL)
 #define SY_DBATCHES ((SY_WIRE_V4 + SY_DBATCH_V4 - 1) / SY_DBATCH_V4)
 #define SY_SCALE_SLOTS (SY_X_FP8 ? (SY_GROUPS + 31) / 32 : 1)
@@ -303,54 +313,58 @@ __device__ __forceinline__ void dispatch_quantized(const SyParams& p, int t_begi
 // What one item brings into registers.
 struct CopyItem {
     v4u32 v[SY_DUNROLL];
-    i32 q[SY_WORLD];           // positions: first batch of a token only
-    float s[SY_SCALE_SLOTS];   // FP8 scales (lane + 32 * i): first batch of a token only
+    i32 q[SY_WORLD];           // positions: a token's first item in this warp only
+    float s[SY_SCALE_SLOTS];   // FP8 scales (lane + 32 * i): the token's first batch only
 };
 
-__device__ __forceinline__ void load_item(const SyParams& p, int t, int b, int lane, CopyItem& it) {
+// Item (t, b); `head`: the token's first item in this warp (its positions are needed).
+__device__ __forceinline__ void load_item(const SyParams& p, int t, int b, bool head, int lane, CopyItem& it) {
     const v4u32* src = reinterpret_cast<const v4u32*>(reinterpret_cast<const u8*>(p.x) + (i64)t * SY_X_ROW_BYTES);
     const int i0 = b * SY_DBATCH_V4 + lane;
 #pragma unroll
     for (int u = 0; u < SY_DUNROLL; ++u)
         if (i0 + u * 32 < SY_WIRE_V4) it.v[u] = ld_nc_v4(src + i0 + u * 32);
-    if (b == 0) {
+    if (head) {
         const i32* pos = reinterpret_cast<const i32*>(p.pos);
 #pragma unroll
         for (int d = 0; d < SY_WORLD; ++d) it.q[d] = pos[(i64)t * SY_WORLD + d];
+    }
 #if SY_X_FP8
+    if (b == 0) {
         const float* xs = reinterpret_cast<const float*>(p.x_scales) + (i64)t * SY_GROUPS;
 #pragma unroll
         for (int i = 0; i < SY_SCALE_SLOTS; ++i) it.s[i] = lane + 32 * i < SY_GROUPS ? xs[lane + 32 * i] : 0.f;
-#endif
     }
+#endif
 }
 
 // With SY_FLAG_SKIP_LOCAL the host has a copy engine move my own rows (src/backend/cuda/local_copy.rs).
-__device__ __forceinline__ void dispatch_copy(const SyParams& p, int t_begin, int t_end, int warp, int lane) {
+__device__ __forceinline__ void dispatch_copy(const SyParams& p, int warp, int lane) {
     const int me = (int)p.rank;
     const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
     const bool skip_local = (p.flags & SY_FLAG_SKIP_LOCAL) != 0;
-    const int tokens = t_end - t_begin > warp ? (t_end - t_begin - warp + SY_WARPS - 1) / SY_WARPS : 0;
-    const int items = tokens * SY_DBATCHES;
+    const i64 total = (i64)p.num_tokens * SY_DBATCHES;
+    const i64 g = (i64)blockIdx.x * SY_WARPS + warp, G = (i64)gridDim.x * SY_WARPS;
+    const i64 i_begin = total * g / G, i_end = total * (g + 1) / G;
     CopyItem cur, next;
     i64 row[SY_WORLD];
 #if SY_X_FP8
     float scales[SY_SCALE_SLOTS];
 #endif
     bool any = false;
-    if (items > 0) load_item(p, t_begin + warp, 0, lane, cur);
-    for (int i = 0; i < items; ++i) {
-        const int k = i / SY_DBATCHES, b = i % SY_DBATCHES, t = t_begin + warp + k * SY_WARPS;
-        if (b == 0) {
-            any = dest_rows(p, cur.q, send_base, row);
+    if (i_begin < i_end) load_item(p, (int)(i_begin / SY_DBATCHES), (int)(i_begin % SY_DBATCHES), true, lane, cur);
+    for (i64 i = i_begin; i < i_end; ++i) {
+        const int t = (int)(i / SY_DBATCHES), b = (int)(i % SY_DBATCHES);
+        if (b == 0 || i == i_begin) any = dest_rows(p, cur.q, send_base, row);
 #if SY_X_FP8
+        if (b == 0) {
 #pragma unroll
             for (int j = 0; j < SY_SCALE_SLOTS; ++j) scales[j] = cur.s[j];
-#endif
         }
-        if (i + 1 < items) {
-            const int k1 = (i + 1) / SY_DBATCHES;
-            load_item(p, t_begin + warp + k1 * SY_WARPS, (i + 1) % SY_DBATCHES, lane, next);
+#endif
+        if (i + 1 < i_end) {
+            const int b1 = (int)((i + 1) % SY_DBATCHES);
+            load_item(p, (int)((i + 1) / SY_DBATCHES), b1, b1 == 0, lane, next);
         }
         if (any) {
             const int i0 = b * SY_DBATCH_V4 + lane;
@@ -385,21 +399,144 @@ __device__ __forceinline__ void dispatch_copy(const SyParams& p, int t_begin, in
 extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const SyParams p) {
     const int ch = blockIdx.x, nch = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int T = (int)p.num_tokens;
 
     sy_stamp(p, 0);
     if (!dispatch_entry(p, ch)) return;
     sy_stamp(p, 1);
 
-    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
 #if SY_WIRE_FP8 && !SY_X_FP8
+    const int T = (int)p.num_tokens;
+    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
     dispatch_quantized(p, t_begin, t_end, warp, lane);
 #else
-    dispatch_copy(p, t_begin, t_end, warp, lane);
+    dispatch_copy(p, warp, lane);
 #endif
 
     // Completion: this channel's rows are out; block 0 waits for every peer's channels.
     sy_channel_done(p, SY_SIG_DISPATCH_ARRIVE, ch, nch, false, SY_ROLE_RECEIVER, SY_WAIT_DISPATCH_ARRIVE);
+}
+
+// ------------------------------------------------------------ bulk-copy dispatch (sm_90)
+//
+// Cached BF16 dispatch of the rows for my peers through the copy unit (cp.async.bulk, the TMA
+// unit); a copy engine moves my own rows (SY_FLAG_SKIP_LOCAL, which the host always sets with this
+// kernel). Each block runs SY_DB_PIPES
+// pipes of one thread each (lane 0 of the block's first warps; every other thread only meets the
+// block at the start and the end). A pipe bulk-copies a token's row into one of
+// SY_DB_STAGES shared-memory stages, SY_DB_AHEAD tokens ahead, and bulk-stores each landed stage
+// into the receive area of every peer the token goes to. The stores bypass the SM's queue of global
+// stores, which bounds sy_dispatch (ncu, HT-A, 2x H200: "LG throttle" about half its stall cycles).
+// 2x H200, HT-A BF16, medians of same-day runs, this / sy_dispatch: 195.6-198.0 / 196.5-196.6 us
+// at 8 SMs (a copy engine moves the own rows in both), 194.0-196.3 / 205.5-205.7 at 12 (where
+// sy_dispatch copies the own rows itself: beside its extra warps a copy engine only adds HBM
+// traffic). Tried and slower: the own rows through the
+// pipes (FP8 182 / 162 us at 8 SMs, 126 / 113 at 12) or by the block's other warps with 16-byte
+// stores beside the pipes (FP8 199 / 162, 149 / 113; BF16 340 and 232): the local traffic then
+// slows the pipes' bulk stores; and session 10's pipes, whose whole warp waited on every stage.
+// Pipe shapes 2x6, 3x5, 4x3, 4x4 and 6x2 (stages) measured within noise.
+// The host keeps sy_dispatch for a first dispatch (metadata), FP8 (the own rows' scales make a copy
+// engine slow: a second copy per run), own rows in too many runs for a copy engine, and input that
+// is not 16-byte aligned; sy_dispatch_bulk_smem is 0 where this kernel was not built (not sm_90,
+// or FP8).
+#ifndef SY_DB_PIPES
+#define SY_DB_PIPES 3
+#endif
+#ifndef SY_DB_STAGES
+#define SY_DB_STAGES 5
+#endif
+#ifndef SY_DB_AHEAD
+#define SY_DB_AHEAD 3
+#endif
+#define SY_DB_STAGE_BYTES SY_WIRE_ROW_BYTES
+// Stages per pipe: SY_DB_STAGES, or as many as fit; loads ahead at most that many.
+#define SY_DB_FIT ((SY_BULK_SMEM_LIMIT - SY_DB_PIPES * SY_DB_STAGES * 8) / (SY_DB_PIPES * SY_DB_STAGE_BYTES))
+#define SY_DB_S (SY_DB_FIT < SY_DB_STAGES ? SY_DB_FIT : SY_DB_STAGES)
+#define SY_DB_L (SY_DB_AHEAD < SY_DB_S ? SY_DB_AHEAD : SY_DB_S)
+#define SY_DB_BUILT (SY_HAS_BULK && !SY_X_FP8 && !SY_WIRE_FP8 && SY_DB_S >= 1 && SY_DB_L >= 1 && SY_DB_PIPES * 32 <= SY_THREADS)
+
+// Dynamic shared memory of sy_dispatch_bulk in bytes (stages, then an mbarrier per stage); 0: not built.
+__device__ u32 sy_dispatch_bulk_smem = SY_DB_BUILT ? SY_DB_PIPES * SY_DB_S * (SY_DB_STAGE_BYTES + 8) : 0;
+
+#if SY_DB_BUILT
+// Pipe `pipe` of block `ch` (one thread): an equal contiguous range of the call's tokens (within
+// one) per pipe of the grid.
+__device__ __forceinline__ void dispatch_bulk_pipe(const SyParams& p, int ch, int pipe, u8* smem) {
+    const int me = (int)p.rank;
+    const i64 T = (i64)p.num_tokens, g = (i64)ch * SY_DB_PIPES + pipe, G = (i64)gridDim.x * SY_DB_PIPES;
+    const i64 t0 = T * g / G;
+    const int n = (int)(T * (g + 1) / G - t0);
+    u8* stages = smem + (size_t)pipe * SY_DB_S * SY_DB_STAGE_BYTES;
+    const u32 bar0 = smem_u32(reinterpret_cast<u64*>(smem + (size_t)SY_DB_PIPES * SY_DB_S * SY_DB_STAGE_BYTES) + pipe * SY_DB_S);
+    for (int s = 0; s < SY_DB_S; ++s) sy_mbar_init(bar0 + 8 * s, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    // The receive areas were acquired in the entry meeting (generic proxy); the stores go
+    // through the async proxy.
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+
+    const i32* pos = reinterpret_cast<const i32*>(p.pos);
+    const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
+    i32 base[SY_WORLD];
+#pragma unroll
+    for (int d = 0; d < SY_WORLD; ++d) base[d] = send_base[d];
+    auto load = [&](int j) {  // token t0 + j's row into stage j % S
+        const u32 bar = bar0 + 8 * (j % SY_DB_S), dst = smem_u32(stages + (size_t)(j % SY_DB_S) * SY_DB_STAGE_BYTES);
+        sy_mbar_expect(bar, SY_DB_STAGE_BYTES);
+        sy_bulk_g2s(dst, reinterpret_cast<const u8*>(p.x) + (t0 + j) * SY_X_ROW_BYTES, SY_WIRE_ROW_BYTES, bar);
+    };
+    for (int j = 0; j < SY_DB_L && j < n; ++j) load(j);
+    // Positions of the next token, loaded a token ahead: their L2 round trip hides behind the wait.
+    i32 q_next[SY_WORLD];
+#pragma unroll
+    for (int d = 0; d < SY_WORLD; ++d) q_next[d] = n > 0 ? pos[t0 * SY_WORLD + d] : -1;
+    for (int j = 0; j < n; ++j) {
+        i32 q[SY_WORLD];
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) {
+            q[d] = q_next[d];
+            if (j + 1 < n) q_next[d] = pos[(t0 + j + 1) * SY_WORLD + d];
+        }
+        const int s = j % SY_DB_S;
+        // Only the copy unit completes the barrier; the deadline is a backstop. On a timeout the
+        // diagnostic is written, and the pipe stops and still meets the block at the end.
+        if (!sy_mbar_wait(bar0 + 8 * s, (u32)((j / SY_DB_S) & 1), p.timeout_ns)) {
+            sy_record_timeout(sy_wait_ctx(p), (u32)ch, SY_ROLE_SENDER, (u32)me, SY_WAIT_DISPATCH_BULK, (u64)j, (u64)n);
+            break;
+        }
+        const u32 src = smem_u32(stages + (size_t)s * SY_DB_STAGE_BYTES);
+#pragma unroll
+        for (int d = 0; d < SY_WORLD; ++d) {
+            const i64 row = holder_row(p, q[d], base[d]);
+            if (row < 0 || d == me) continue;
+            sy_bulk_s2g(region<u8>(p, d, p.off_recv_x) + row * SY_WIRE_ROW_BYTES, src, SY_WIRE_ROW_BYTES);
+        }
+        sy_bulk_commit();
+        // Stage (j + L) % S was last read by the stores of token j + L - S: let them finish reading.
+        const int jn = j + SY_DB_L;
+        if (jn < n) {
+            if (jn >= SY_DB_S) sy_bulk_wait_read<SY_DB_S - SY_DB_L>();
+            load(jn);
+        }
+    }
+    // The rows must have landed before the completion flag (sy_channel_done) goes up.
+    sy_bulk_wait_writes();
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch_bulk(const SyParams p) {
+#if SY_DB_BUILT
+    extern __shared__ __align__(128) u8 db_smem[];
+    const int ch = blockIdx.x, nch = gridDim.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    sy_stamp(p, 0);
+    if (!dispatch_entry(p, ch)) return;
+    sy_stamp(p, 1);
+    if (warp < SY_DB_PIPES) {
+        if (lane == 0) dispatch_bulk_pipe(p, ch, warp, db_smem);
+        __syncwarp();  // the warp meets the block below as one
+    }
+    sy_channel_done(p, SY_SIG_DISPATCH_ARRIVE, ch, nch, false, SY_ROLE_RECEIVER, SY_WAIT_DISPATCH_ARRIVE);
+#endif
 }
 
 // ----------------------------------------------------------------- combine
@@ -461,11 +598,7 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
     for (int t = t_begin + warp; t < t_end; t += SY_WARPS) {
         i64 row[SY_WORLD];
 #pragma unroll
-        for (int d = 0; d < SY_WORLD; ++d) {
-            const i32 q = pos[(i64)t * SY_WORLD + d];
-            row[d] = q >= 0 ? (i64)send_base[d] + q : -1;
-            if (row[d] >= (i64)p.max_recv) row[d] = -1;
-        }
+        for (int d = 0; d < SY_WORLD; ++d) row[d] = holder_row(p, pos[(i64)t * SY_WORLD + d], send_base[d]);
         const v4u32* rows[SY_WORLD];
 #pragma unroll
         for (int d = 0; d < SY_WORLD; ++d)
@@ -498,8 +631,9 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine(const SyP
 // the register pull keeps SY_CUNROLL vectors (2x H200, HT-A, 12 SMs: 211-212 us against 243-248
 // for the register pull, scripts/dispatch_micro.cu). Fewer, larger stages measured best: 2
 // stages of quarter rows on every warp. A token's positions are read once, a token ahead, and its
-// rows handed to the summing lanes through shared memory (runtime bench, same device: 198 us at 12
-// SMs and 281 at 8, where re-reading them for every piece took 226 / 323 in the session 9 sweep).
+// rows handed to the summing lanes through shared memory (micro, same process: 8 SMs 303-309 ->
+// 264-268 us where every piece re-read them; no change at 12 SMs, where ncu's stall mix stayed
+// the same: there the warps wait for the copies themselves).
 // Same sums in the same order as sy_combine: same bits.
 // Needs sm_90 (bulk copies, mbarrier transaction counts); the host reads sy_combine_bulk_smem,
 // 0 where the kernel was compiled without them, and falls back to sy_combine.
@@ -544,7 +678,6 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(cons
     const i32* send_base = reinterpret_cast<const i32*>(p.send_base);
     u16* out = reinterpret_cast<u16*>(p.out);
     float* out_w = reinterpret_cast<float*>(p.out_weights);
-    const int t_begin = (int)((i64)T * ch / nch), t_end = (int)((i64)T * (ch + 1) / nch);
     u8* ring = cb_smem + (size_t)warp * SY_CB_STAGES * SY_WORLD * SY_CB_PIECE;
     u64* bars = reinterpret_cast<u64*>(cb_smem + SY_CB_RING_BYTES) + warp * SY_CB_STAGES;
     // Holders' rows of each stage's token, written by lane 0 as it fills the stage, read by the
@@ -560,28 +693,29 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(cons
 #pragma unroll
     for (int d = 0; d < SY_WORLD; ++d) base[d] = send_base[d];
     auto piece_bytes = [](int j) { return SY_Y_ROW_BYTES - j * SY_CB_PIECE < SY_CB_PIECE ? SY_Y_ROW_BYTES - j * SY_CB_PIECE : SY_CB_PIECE; };
-    // Items of this warp: (its k-th token, piece j), k-major; item i fills stage i % SY_CB_STAGES.
-    const int tokens = t_end - t_begin > warp ? (t_end - t_begin - warp + SY_WARPS - 1) / SY_WARPS : 0;
-    const int items = tokens * SY_CB_PIECES;
-    // Positions of the next token to fill, loaded one token ahead (an L2 round trip per token
-    // otherwise stalls the warp: ncu put ~60% of its stall cycles on such loads when every piece
-    // re-read them). Warp-uniform: every lane loads the same words.
+    // Items are (token, piece j), token-major; every warp of the grid takes an equal contiguous
+    // range of them (within one), item i of the range filling stage i % SY_CB_STAGES. With whole
+    // tokens dealt out, 4096 tokens over 12 x 16 warps left a third of the warps a 22nd token while
+    // the others idled: 12 SMs 196.5-197.2 -> 195.4-195.6 us (same runs, 2x H200, HT-A).
+    const i64 g = (i64)ch * SY_WARPS + warp, G = (i64)nch * SY_WARPS, all = (i64)T * SY_CB_PIECES;
+    const i64 i_begin = all * g / G;
+    const int items = (int)(all * (g + 1) / G - i_begin);
+    // Positions of the next token to fill, loaded a token ahead, so their L2 round trip hides
+    // behind the pieces in flight. Warp-uniform: every lane loads the same words.
     i32 next_q[SY_WORLD];
-    auto load_q = [&](int k) {
+    auto load_q = [&](i64 t) {
 #pragma unroll
-        for (int d = 0; d < SY_WORLD; ++d) next_q[d] = k < tokens ? pos[(i64)(t_begin + warp + k * SY_WARPS) * SY_WORLD + d] : -1;
+        for (int d = 0; d < SY_WORLD; ++d) next_q[d] = t < T ? pos[t * SY_WORLD + d] : -1;
     };
-    load_q(0);
+    load_q(i_begin / SY_CB_PIECES);
     i64 fill_row[SY_WORLD];  // holder d's row of the token being filled (-1: not sent to d)
     auto issue = [&](int i) {  // every lane (warp-uniform); lane 0 issues the copies
-        const int k = i / SY_CB_PIECES, j = i % SY_CB_PIECES, s = i % SY_CB_STAGES;
-        if (j == 0) {
+        const i64 t = (i_begin + i) / SY_CB_PIECES;
+        const int j = (int)((i_begin + i) % SY_CB_PIECES), s = i % SY_CB_STAGES;
+        if (j == 0 || i == 0) {
 #pragma unroll
-            for (int d = 0; d < SY_WORLD; ++d) {
-                const i64 r = next_q[d] >= 0 ? (i64)base[d] + next_q[d] : -1;
-                fill_row[d] = r >= (i64)p.max_recv ? -1 : r;
-            }
-            load_q(k + 1);
+            for (int d = 0; d < SY_WORLD; ++d) fill_row[d] = holder_row(p, next_q[d], base[d]);
+            load_q(t + 1);
         }
         if (lane != 0) return;
         const u32 bytes = (u32)piece_bytes(j);
@@ -609,14 +743,16 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_combine_bulk(cons
         // The stage item i + STAGES - 1 fills was summed by the whole warp in item i - 1.
         __syncwarp();
         if (i + SY_CB_STAGES - 1 < items) issue(i + SY_CB_STAGES - 1);
-        const int t = t_begin + warp + (i / SY_CB_PIECES) * SY_WARPS, j = i % SY_CB_PIECES, s = i % SY_CB_STAGES;
+        const i64 t = (i_begin + i) / SY_CB_PIECES;
+        const int j = (int)((i_begin + i) % SY_CB_PIECES), s = i % SY_CB_STAGES;
         // On a timeout the diagnostic is written; leave the loop and still meet the block below.
         if (!sy_bulk_wait(smem_u32(bars + s), (u32)((i / SY_CB_STAGES) & 1), p, ch, (u64)i, (u64)items)) break;
         i64 row[SY_WORLD];
 #pragma unroll
         for (int d = 0; d < SY_WORLD; ++d) row[d] = stage_rows[s * SY_WORLD + d];
-        if (j == 0 && (p.flags & SY_FLAG_WITH_WEIGHTS)) {
-            // Issued now, used after the last piece: the loads' latency hides behind the pieces.
+        if ((j == 0 || i == 0) && (p.flags & SY_FLAG_WITH_WEIGHTS)) {
+            // Issued at the token's first piece here, used after its last: the loads' latency
+            // hides behind the pieces. The warp with a token's last piece writes its weights.
 #pragma unroll
             for (int kw = 0; kw < KW; ++kw)
 #pragma unroll

@@ -95,22 +95,11 @@ __global__ void probe_copy(const v4u32* src, v4u32* dst, long long n) {
     for (; i < n; i += stride) dst[i] = src[i];
 }
 
-// ---- bulk-copy (TMA) variant: one lane per pipe drives loads into shared stages and bulk stores out.
-// Loads: common.cuh's smem_u32, sy_mbar_init, sy_mbar_expect, sy_bulk_g2s, mbar_try; the stores
-// below have no runtime twin.
+// ---- bulk-copy (TMA) variant: one lane per pipe drives loads into shared stages and bulk stores out
+// (common.cuh's bulk-copy helpers; the runtime's version of it is sy_dispatch_bulk).
 __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
     sy_mbar_expect(bar, bytes);
     sy_bulk_g2s(dst, src, bytes, bar);
-}
-__device__ __forceinline__ void bulk_store(void* dst, u32 src, u32 bytes) {
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void bulk_wait_all() {
-    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-    asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 
 // PEERS: rows to the other ranks only (my own rows left to a copy engine, as SY_FLAG_SKIP_LOCAL).
@@ -141,17 +130,17 @@ __global__ void __launch_bounds__(32 * NP, 1) tma_copy(const SyParams p) {
         for (int d = 0; d < SY_WORLD; ++d) {
             const i32 q = pos[(i64)t * SY_WORLD + d];
             if (q < 0 || (PEERS && d == me)) continue;
-            bulk_store(region<u8>(p, d, p.off_recv_x) + ((i64)send_base[d] + q) * SY_WIRE_ROW_BYTES, st0 + s * SY_WIRE_ROW_BYTES,
+            sy_bulk_s2g(region<u8>(p, d, p.off_recv_x) + ((i64)send_base[d] + q) * SY_WIRE_ROW_BYTES, st0 + s * SY_WIRE_ROW_BYTES,
                        SY_WIRE_ROW_BYTES);
         }
-        bulk_commit();
+        sy_bulk_commit();
         const int jn = j + L;
         if (jn < n) {
-            if (jn >= S) bulk_wait_read<S - L>();
+            if (jn >= S) sy_bulk_wait_read<S - L>();
             bulk_load(st0 + (jn % S) * SY_WIRE_ROW_BYTES, src_of(jn), SY_WIRE_ROW_BYTES, bar0 + 8 * (jn % S));
         }
     }
-    bulk_wait_all();
+    sy_bulk_wait_writes();
 }
 
 

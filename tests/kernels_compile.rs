@@ -44,6 +44,7 @@ fn every_variant_compiles_for_sm_90a() {
         for k in [
             "sy_notify",
             "sy_dispatch",
+            "sy_dispatch_bulk",
             "sy_combine",
             "sy_combine_push",
             "sy_combine_bulk",

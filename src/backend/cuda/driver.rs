@@ -436,6 +436,9 @@ pub struct Kernels {
     combine_bulk: sys::CUfunction,
     /// Dynamic shared memory of `sy_combine_bulk` (0: not built for this arch).
     combine_bulk_smem: u32,
+    dispatch_bulk: sys::CUfunction,
+    /// Dynamic shared memory of `sy_dispatch_bulk` (0: not built for this arch or spec).
+    dispatch_bulk_smem: u32,
     gather_rows: sys::CUfunction,
     gather_quantize: sys::CUfunction,
     sum_rows: sys::CUfunction,
@@ -455,6 +458,9 @@ pub enum Kernel {
     Notify,
     /// `sy_dispatch`.
     Dispatch,
+    /// `sy_dispatch_bulk` (cached dispatch through bulk copies; sm_90 and later, rows that
+    /// travel in their input type).
+    DispatchBulk,
     /// `sy_combine` (pull).
     Combine,
     /// `sy_combine_push`.
@@ -470,9 +476,12 @@ impl Kernels {
         let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(err("cuModuleLoadData"))?;
         let get = |n: &str| function(module, n);
         let (combine_bulk, combine_bulk_smem) = bulk_kernel(module, "sy_combine_bulk")?;
+        let (dispatch_bulk, dispatch_bulk_smem) = bulk_kernel(module, "sy_dispatch_bulk")?;
         Ok(Self {
             combine_bulk,
             combine_bulk_smem,
+            dispatch_bulk,
+            dispatch_bulk_smem,
             advance: get("sy_advance")?,
             notify: get("sy_notify")?,
             dispatch: get("sy_dispatch")?,
@@ -491,12 +500,24 @@ impl Kernels {
         self.combine_bulk_smem > 0
     }
 
+    /// Whether `sy_dispatch_bulk` was built (bulk copies, rows that travel in their input type,
+    /// stages that fit shared memory).
+    pub fn has_dispatch_bulk(&self) -> bool {
+        self.dispatch_bulk_smem > 0
+    }
+
     /// Launch `which` with one parameter block on `stream`.
     pub fn launch(&self, which: Kernel, grid: u32, block: u32, params: &SyParams, stream: &Stream) -> Result<()> {
         let (f, smem) = match which {
             Kernel::Advance => (self.advance, 0),
             Kernel::Notify => (self.notify, 0),
             Kernel::Dispatch => (self.dispatch, 0),
+            Kernel::DispatchBulk => {
+                if !self.has_dispatch_bulk() {
+                    return Err(Error::Cuda("sy_dispatch_bulk was not built for this GPU and spec".into()));
+                }
+                (self.dispatch_bulk, self.dispatch_bulk_smem)
+            }
             Kernel::Combine => (self.combine, 0),
             Kernel::CombinePush => (self.combine_push, 0),
             Kernel::CombineBulk => {
@@ -521,7 +542,7 @@ fn function(module: sys::CUmodule, name: &str) -> Result<sys::CUfunction> {
 }
 
 /// A bulk-copy kernel and the dynamic shared memory its stages take, which the source states in
-/// `<name>_smem` (0 where it was not built: no bulk copies on the arch). Above 48 KB a kernel
+/// `<name>_smem` (0 where it was not built: no bulk copies on the arch, or a spec it does not serve). Above 48 KB a kernel
 /// must be allowed its shared memory explicitly.
 fn bulk_kernel(module: sys::CUmodule, name: &str) -> Result<(sys::CUfunction, u32)> {
     let f = function(module, name)?;

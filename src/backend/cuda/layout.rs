@@ -47,6 +47,7 @@ pub fn wait_name(what: u32) -> &'static str {
         5 => "combine exit: peer channel done reading my y",
         6 => "push combine: peer channel's rows arrived",
         7 => "bulk combine: bulk copies of y rows into shared memory",
+        8 => "bulk dispatch: bulk copy of an input row into shared memory",
         _ => "unknown wait",
     }
 }

@@ -29,6 +29,14 @@ pub const MAX_RUNS: usize = 64;
 /// 10 channels 195-198 / 243 us, 11 channels 201 / 223; 9 with the copy engine 194.
 pub const KERNEL_FROM_CHANNELS: usize = 12;
 
+/// From this many tokens on, `Auto` lets a copy engine move the own rows beside the bulk-copy
+/// dispatch kernel at any channel count. 2x H200, BF16, 12 channels, same day: HT-A (4096
+/// tokens) 192.5-196 us with the bulk kernel and the copy engine against 205.5 with `sy_dispatch`
+/// copying the own rows; LL-B (128 tokens) 24.0 against 20.2, where the copy engine's fork and
+/// join (~4 us) outweigh the rows. Between the two shapes nothing was measured: the gain scaled
+/// with the tokens (~13 us per 4096) meets the ~4 us near 1300 tokens, so 2048 keeps a margin.
+pub const BULK_FROM_TOKENS: usize = 2048;
+
 /// Environment variable forcing where own rows are copied: `kernel`, `copy-engine` or `auto` (default).
 pub const LOCAL_COPY_ENV: &str = "SWITCHYARD_LOCAL_COPY";
 
@@ -70,6 +78,18 @@ impl LocalCopy {
                 Self::CopyEngine => true,
                 Self::Auto => runs.len() <= MAX_RUNS && channels < KERNEL_FROM_CHANNELS,
             }
+    }
+
+    /// Whether a copy engine moves the own rows so that the bulk-copy dispatch kernel (which
+    /// moves only the peers' rows) can run, in a dispatch of `tokens` tokens on `channels`
+    /// channels: `Auto` where the copy engine pays anyway (fewer than [`KERNEL_FROM_CHANNELS`]
+    /// channels) or the call is large enough ([`BULK_FROM_TOKENS`]). The caller checks the runs.
+    pub fn allows_bulk_dispatch(self, channels: usize, tokens: usize) -> bool {
+        match self {
+            Self::Kernel => false,
+            Self::CopyEngine => true,
+            Self::Auto => channels < KERNEL_FROM_CHANNELS || tokens >= BULK_FROM_TOKENS,
+        }
     }
 }
 
@@ -175,5 +195,15 @@ mod tests {
         assert!(LocalCopy::CopyEngine.use_copy_engine(&many, true, 8));
         assert!(LocalCopy::CopyEngine.use_copy_engine(&one, true, 32));
         assert!(!LocalCopy::CopyEngine.use_copy_engine(&[], true, 8));
+    }
+
+    #[test]
+    fn bulk_dispatch_policy() {
+        assert!(LocalCopy::Auto.allows_bulk_dispatch(8, 128), "few channels: the copy engine pays anyway");
+        assert!(!LocalCopy::Auto.allows_bulk_dispatch(KERNEL_FROM_CHANNELS, 128), "small call: the fork costs more");
+        assert!(LocalCopy::Auto.allows_bulk_dispatch(KERNEL_FROM_CHANNELS, BULK_FROM_TOKENS));
+        assert!(!LocalCopy::Auto.allows_bulk_dispatch(KERNEL_FROM_CHANNELS, BULK_FROM_TOKENS - 1));
+        assert!(!LocalCopy::Kernel.allows_bulk_dispatch(8, 4096));
+        assert!(LocalCopy::CopyEngine.allows_bulk_dispatch(32, 1));
     }
 }

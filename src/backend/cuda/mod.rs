@@ -99,6 +99,42 @@ impl CombineChoice {
     }
 }
 
+/// Environment variable: the cached-dispatch kernel, `bulk` or `stores` (see [`DispatchChoice`]).
+/// Unset: `bulk` where it applies (sm_90 and later, BF16 rows, own rows in few enough runs for a
+/// copy engine; `CudaRank::cached_dispatch_plan`).
+pub const DISPATCH_ENV: &str = "SWITCHYARD_DISPATCH";
+
+/// Which kernel moves the rows of a cached dispatch. A first dispatch (it also writes the
+/// metadata) and FP8 rows (quantized inside or not) always run `sy_dispatch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatchChoice {
+    /// `sy_dispatch_bulk`: a few threads per block bulk-copy each row into shared memory and
+    /// bulk-store it to the peers it goes to, while a copy engine moves the own rows (sm_90+,
+    /// BF16; input 16-byte aligned, else `sy_dispatch`).
+    Bulk,
+    /// `sy_dispatch`: every warp moves rows with 16-byte loads and stores through registers.
+    Stores,
+}
+
+impl DispatchChoice {
+    /// The choice in `SWITCHYARD_DISPATCH`; `None` when unset (the default for the GPU).
+    pub fn from_env() -> Result<Option<Self>> {
+        Self::parse(std::env::var(DISPATCH_ENV).ok().as_deref())
+    }
+
+    /// A value of `SWITCHYARD_DISPATCH` (`None`: unset).
+    pub fn parse(value: Option<&str>) -> Result<Option<Self>> {
+        match value {
+            None => Ok(None),
+            Some("bulk") => Ok(Some(Self::Bulk)),
+            Some("stores") => Ok(Some(Self::Stores)),
+            Some(other) => {
+                Err(Error::InvalidArgument { arg: DISPATCH_ENV.into(), reason: format!("{other:?}: expected bulk or stores") })
+            }
+        }
+    }
+}
+
 /// State shared by the ranks of a cluster: contexts and buffers live until the last rank drops.
 struct Shared {
     // Never read: kept alive here because every rank's kernels write into them.
@@ -345,6 +381,7 @@ impl CudaRank {
             side: None,
             local_copy: LocalCopy::from_env(),
             combine: CombineChoice::from_env()?,
+            dispatch: DispatchChoice::from_env()?,
             nccl: None,
             plans: on_stream::PlanCache::default(),
             device_us: 0.0,
@@ -567,6 +604,8 @@ pub struct CudaRank {
     local_copy: LocalCopy,
     /// The combine kernel asked for in `SWITCHYARD_COMBINE` (`None`: the GPU's default).
     combine: Option<CombineChoice>,
+    /// The cached-dispatch kernel asked for in `SWITCHYARD_DISPATCH` (`None`: the GPU's default).
+    dispatch: Option<DispatchChoice>,
     /// The same-run NCCL baseline's communicator, made on first use.
     nccl: Option<nccl::NcclExchange>,
     /// Plans of recent handles on the device, for the calls on the caller's stream (`on_stream`).
@@ -873,8 +912,8 @@ impl CudaRank {
         self.upload_x(&x, &mut p)?;
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
         p.flags = 0;
-        let side_ops = self.own_row_copies(&spec, &lay, &st.pos, &st.send_base, &mut p);
-        Ok(PreparedLaunch { spec, p, lay, kernel: Kernel::Dispatch, side_ops })
+        let (kernel, side_ops) = self.cached_dispatch_plan(&spec, &lay, &st.pos, &st.send_base, &mut p)?;
+        Ok(PreparedLaunch { spec, p, lay, kernel, side_ops })
     }
 
     /// Everything a combine does before its launch: the checks and the agreement, `y` (and its
@@ -926,6 +965,44 @@ impl CudaRank {
         htod(p.src_info, &info, &self.stream)?;
         p.num_recv = handle.num_recv() as u64;
         Ok(Kernel::CombinePush)
+    }
+
+    /// The kernel and own-row copies of a cached dispatch with parameters `p` (`p.x` set):
+    /// `sy_dispatch_bulk` with a copy engine moving the own rows where that kernel was built
+    /// (sm_90 and later, BF16 rows), the input is 16-byte aligned (as bulk copies need), the own
+    /// rows form at most [`local_copy::MAX_RUNS`] runs and the copy engine pays here
+    /// ([`LocalCopy::allows_bulk_dispatch`]; `SWITCHYARD_DISPATCH=bulk` skips that test,
+    /// `SWITCHYARD_DISPATCH=stores` or `SWITCHYARD_LOCAL_COPY=kernel` rule the kernel out);
+    /// `sy_dispatch` with [`CudaRank::own_row_copies`] otherwise.
+    /// Asking for `bulk` where it was not built is an error; the other cases fall back quietly.
+    fn cached_dispatch_plan(
+        &self,
+        spec: &KernelSpec,
+        lay: &BufferLayout,
+        pos: &[i32],
+        send_base: &[i32],
+        p: &mut SyParams,
+    ) -> Result<(Kernel, Vec<CopyOp>)> {
+        let built = self.kernels[spec].has_dispatch_bulk();
+        if self.dispatch == Some(DispatchChoice::Bulk) && !built {
+            return Err(Error::InvalidArgument {
+                arg: DISPATCH_ENV.into(),
+                reason: format!("bulk needs bulk copies (sm_90 or later; this GPU is {}) and BF16 rows", self.shared.arch),
+            });
+        }
+        let runs = local_copy::own_runs(pos, self.world, self.rank, send_base[self.rank] as usize);
+        let bulk = built
+            && p.x % 16 == 0
+            && runs.len() <= local_copy::MAX_RUNS
+            && match self.dispatch {
+                Some(DispatchChoice::Stores) => false,
+                Some(DispatchChoice::Bulk) => self.local_copy != LocalCopy::Kernel,
+                None => self.local_copy.allows_bulk_dispatch(self.channels() as usize, p.num_tokens as usize),
+            };
+        if bulk {
+            return Ok((Kernel::DispatchBulk, self.own_row_copy_ops(spec, lay, &runs, p)));
+        }
+        Ok((Kernel::Dispatch, self.own_row_copies(spec, lay, pos, send_base, p)))
     }
 
     /// The pulling combine kernel for `spec`'s build: the bulk-copy one where it was built
@@ -1087,8 +1164,8 @@ impl CudaRank {
         Ok(())
     }
 
-    /// Copy-engine copies of this rank's own rows (and scales), if the policy picks them;
-    /// sets `FLAG_SKIP_LOCAL` on `p` so the kernel leaves those rows alone. `p.x` must be set.
+    /// Copy-engine copies of this rank's own rows (and scales), if the [`LocalCopy`] policy picks
+    /// them for `sy_dispatch` ([`CudaRank::own_row_copy_ops`]). `p.x` must be set.
     fn own_row_copies(
         &self,
         spec: &KernelSpec,
@@ -1103,6 +1180,12 @@ impl CudaRank {
         if !self.local_copy.use_copy_engine(&runs, !spec.x_fp8 && !spec.wire_fp8, self.channels() as usize) {
             return Vec::new();
         }
+        self.own_row_copy_ops(spec, lay, &runs, p)
+    }
+
+    /// The copies that move the own rows (and scales) of `runs`; sets `FLAG_SKIP_LOCAL` on `p` so
+    /// the kernel leaves those rows alone. `p.x` must be set.
+    fn own_row_copy_ops(&self, spec: &KernelSpec, lay: &BufferLayout, runs: &[local_copy::Run], p: &mut SyParams) -> Vec<CopyOp> {
         let own = self.shared.peers.bases[self.rank];
         let wire_row = if spec.wire_fp8 { spec.hidden } else { spec.hidden * 2 };
         let mut arrays = vec![RowArrays { src: p.x, dst: own + lay.recv_x as u64, bytes: wire_row }];
@@ -1111,7 +1194,7 @@ impl CudaRank {
         }
         p.flags |= FLAG_SKIP_LOCAL;
         tracing::debug!(runs = runs.len(), "own rows by copy engine");
-        local_copy::copy_ops(&runs, &arrays)
+        local_copy::copy_ops(runs, &arrays)
     }
 
     fn upload_plan(&mut self, pos: &[i32], send_base: &[i32], p: &mut SyParams) -> Result<()> {
@@ -1409,6 +1492,15 @@ mod tests {
         assert_eq!(RailChoice::parse(Some("host")).unwrap(), RailChoice::Host);
         let e = RailChoice::parse(Some("ib")).unwrap_err().to_string();
         assert!(e.contains(RAIL_ENV) && e.contains("`ib`"), "{e}");
+    }
+
+    #[test]
+    fn the_dispatch_choice_names_its_variable_when_it_is_wrong() {
+        assert_eq!(DispatchChoice::parse(None).unwrap(), None);
+        assert_eq!(DispatchChoice::parse(Some("bulk")).unwrap(), Some(DispatchChoice::Bulk));
+        assert_eq!(DispatchChoice::parse(Some("stores")).unwrap(), Some(DispatchChoice::Stores));
+        let e = DispatchChoice::parse(Some("tma")).unwrap_err().to_string();
+        assert!(e.contains(DISPATCH_ENV) && e.contains("\"tma\""), "{e}");
     }
 
     #[test]

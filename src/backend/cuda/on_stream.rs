@@ -10,7 +10,7 @@
 //! first call with a handle uploads its plan: make those calls before any capture.
 
 use super::compile::{KernelSpec, THREADS};
-use super::driver::{dtoh, htod, DeviceBuffer, Kernel, Stream};
+use super::driver::{dtoh, htod, DeviceBuffer, Stream};
 use super::layout::{meta, SyDiag};
 use super::{CudaHandleState, CudaRank};
 use crate::backend::DispatchOptions;
@@ -129,12 +129,12 @@ impl CudaRank {
         let (pos, send_base) = self.plans.get(st, &stream)?;
         let (mut p, lay) = self.base_params(&spec, handle.num_tokens);
         (p.x, p.x_scales, p.pos, p.send_base) = (x.data, x.scales, pos, send_base);
-        let side_ops = self.own_row_copies(&spec, &lay, &st.pos, &st.send_base, &mut p);
+        let (kernel, side_ops) = self.cached_dispatch_plan(&spec, &lay, &st.pos, &st.send_base, &mut p)?;
         if !side_ops.is_empty() {
             self.ensure_side()?;
         }
         self.advance_on(&stream, &spec, &p)?;
-        self.enqueue_on(&stream, &spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p, &side_ops)?;
+        self.enqueue_on(&stream, &spec, kernel, self.channels(), THREADS as u32, &p, &side_ops)?;
         let own = self.shared.peers.bases[self.rank];
         Ok(DeviceRows {
             data: own + lay.recv_x as u64,
