@@ -80,6 +80,8 @@ pub enum CombineChoice {
 }
 
 impl CombineChoice {
+    const NAMES: [(&'static str, Self); 3] = [("bulk", Self::Bulk), ("pull", Self::Pull), ("push", Self::Push)];
+
     /// The choice in `SWITCHYARD_COMBINE`; `None` when unset (the default for the GPU).
     pub fn from_env() -> Result<Option<Self>> {
         Self::parse(std::env::var(COMBINE_ENV).ok().as_deref())
@@ -87,14 +89,19 @@ impl CombineChoice {
 
     /// A value of `SWITCHYARD_COMBINE` (`None`: unset).
     pub fn parse(value: Option<&str>) -> Result<Option<Self>> {
-        match value {
-            None => Ok(None),
-            Some("bulk") => Ok(Some(Self::Bulk)),
-            Some("pull") => Ok(Some(Self::Pull)),
-            Some("push") => Ok(Some(Self::Push)),
-            Some(other) => {
-                Err(Error::InvalidArgument { arg: COMBINE_ENV.into(), reason: format!("{other:?}: expected bulk, pull or push") })
-            }
+        parse_choice(COMBINE_ENV, value, &Self::NAMES)
+    }
+}
+
+/// `value` of the environment variable `var` (`None`: unset) as one of `choices` (name, choice);
+/// an error that names the variable and the accepted names otherwise.
+fn parse_choice<T: Copy>(var: &str, value: Option<&str>, choices: &[(&str, T)]) -> Result<Option<T>> {
+    let Some(v) = value else { return Ok(None) };
+    match choices.iter().find(|(name, _)| *name == v) {
+        Some(&(_, choice)) => Ok(Some(choice)),
+        None => {
+            let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+            Err(Error::InvalidArgument { arg: var.into(), reason: format!("{v:?}: expected one of {}", names.join(", ")) })
         }
     }
 }
@@ -117,6 +124,8 @@ pub enum DispatchChoice {
 }
 
 impl DispatchChoice {
+    const NAMES: [(&'static str, Self); 2] = [("bulk", Self::Bulk), ("stores", Self::Stores)];
+
     /// The choice in `SWITCHYARD_DISPATCH`; `None` when unset (the default for the GPU).
     pub fn from_env() -> Result<Option<Self>> {
         Self::parse(std::env::var(DISPATCH_ENV).ok().as_deref())
@@ -124,14 +133,7 @@ impl DispatchChoice {
 
     /// A value of `SWITCHYARD_DISPATCH` (`None`: unset).
     pub fn parse(value: Option<&str>) -> Result<Option<Self>> {
-        match value {
-            None => Ok(None),
-            Some("bulk") => Ok(Some(Self::Bulk)),
-            Some("stores") => Ok(Some(Self::Stores)),
-            Some(other) => {
-                Err(Error::InvalidArgument { arg: DISPATCH_ENV.into(), reason: format!("{other:?}: expected bulk or stores") })
-            }
-        }
+        parse_choice(DISPATCH_ENV, value, &Self::NAMES)
     }
 }
 
@@ -990,7 +992,7 @@ impl CudaRank {
                 reason: format!("bulk needs bulk copies (sm_90 or later; this GPU is {}) and BF16 rows", self.shared.arch),
             });
         }
-        let runs = local_copy::own_runs(pos, self.world, self.rank, send_base[self.rank] as usize);
+        let runs = self.own_runs(pos, send_base);
         let bulk = built
             && p.x % 16 == 0
             && runs.len() <= local_copy::MAX_RUNS
@@ -1002,7 +1004,7 @@ impl CudaRank {
         if bulk {
             return Ok((Kernel::DispatchBulk, self.own_row_copy_ops(spec, lay, &runs, p)));
         }
-        Ok((Kernel::Dispatch, self.own_row_copies(spec, lay, pos, send_base, p)))
+        Ok((Kernel::Dispatch, self.own_row_copies(spec, lay, &runs, p)))
     }
 
     /// The pulling combine kernel for `spec`'s build: the bulk-copy one where it was built
@@ -1164,23 +1166,20 @@ impl CudaRank {
         Ok(())
     }
 
+    /// The runs of tokens this rank sends to itself ([`local_copy::own_runs`]).
+    fn own_runs(&self, pos: &[i32], send_base: &[i32]) -> Vec<local_copy::Run> {
+        local_copy::own_runs(pos, self.world, self.rank, send_base[self.rank] as usize)
+    }
+
     /// Copy-engine copies of this rank's own rows (and scales), if the [`LocalCopy`] policy picks
     /// them for `sy_dispatch` ([`CudaRank::own_row_copy_ops`]). `p.x` must be set.
-    fn own_row_copies(
-        &self,
-        spec: &KernelSpec,
-        lay: &BufferLayout,
-        pos: &[i32],
-        send_base: &[i32],
-        p: &mut SyParams,
-    ) -> Vec<CopyOp> {
-        let runs = local_copy::own_runs(pos, self.world, self.rank, send_base[self.rank] as usize);
+    fn own_row_copies(&self, spec: &KernelSpec, lay: &BufferLayout, runs: &[local_copy::Run], p: &mut SyParams) -> Vec<CopyOp> {
         // BF16 rows only: FP8 rows bring a scales copy per run, and measured slower that way
         // (HT-A, 12 SMs: 182 us with copy-engine copies, 118 us with the kernel; docs/perf-notes.md).
-        if !self.local_copy.use_copy_engine(&runs, !spec.x_fp8 && !spec.wire_fp8, self.channels() as usize) {
+        if !self.local_copy.use_copy_engine(runs, !spec.x_fp8 && !spec.wire_fp8, self.channels() as usize) {
             return Vec::new();
         }
-        self.own_row_copy_ops(spec, lay, &runs, p)
+        self.own_row_copy_ops(spec, lay, runs, p)
     }
 
     /// The copies that move the own rows (and scales) of `runs`; sets `FLAG_SKIP_LOCAL` on `p` so
@@ -1299,7 +1298,7 @@ impl Communicator for CudaRank {
         }
 
         p.flags = FLAG_WRITE_META;
-        let side_ops = self.own_row_copies(&spec, &lay, &pos, &send_base, &mut p);
+        let side_ops = self.own_row_copies(&spec, &lay, &self.own_runs(&pos, &send_base), &mut p);
         self.start_together()?;
         self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p, &side_ops)?;
 
