@@ -3,10 +3,12 @@
 //!
 //! Each call: host agreement (bad input on one rank fails all), then on the rank's
 //! stream `sy_notify` (counts, positions, receive prefix) and `sy_dispatch` (rows
-//! written straight into their final place in every destination), or the combine
-//! (each source pulls its tokens' rows and sums them in destination order: `sy_combine_bulk`
-//! through bulk copies into shared memory on sm_90, `sy_combine` elsewhere; [`CombineChoice`]). Kernels come from NVRTC with the shape
-//! baked in ([`compile`]). This host-slice API copies inputs in and outputs out; it
+//! written straight into their final place in every destination; a cached BF16 dispatch
+//! runs `sy_dispatch_bulk`, peer rows by bulk copies beside a copy engine's own rows, where
+//! it applies: [`DispatchChoice`]), or the combine (each source pulls its tokens' rows and
+//! sums them in destination order: `sy_combine_bulk` through bulk copies into shared memory
+//! on sm_90, `sy_combine` elsewhere; [`CombineChoice`]). Kernels come from NVRTC with the
+//! shape baked in ([`compile`]). This host-slice API copies inputs in and outputs out; it
 //! exists for the conformance suite and the bench.
 
 pub mod compile;
