@@ -3,7 +3,7 @@
 //! [`Config`] is what one call runs with. Where its values come from is
 //! [`resolve`]'s job: an explicit value, a config file (`--config` or
 //! `SWITCHYARD_CONFIG`), the tuned file `switchyard tune` wrote to the cache
-//! directory, or an analytic default; [`file`] holds the TOML schema.
+//! directory, or an analytic default; [`mod@file`] holds the TOML schema.
 
 pub mod file;
 pub mod resolve;

@@ -1,6 +1,6 @@
 //! A cuBLAS BF16 GEMM on a stream of its own: the expert computation that
 //! dispatch and combine run beside in a MoE layer, for the interference bench
-//! ([`super::CudaRank::measure_interference`]).
+//! ([`crate::backend::Communicator::measure_interference`]).
 
 use cudarc::cublas::{result, sys};
 

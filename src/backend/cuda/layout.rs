@@ -22,11 +22,11 @@ pub mod meta {
     pub const NUM_RECV: usize = 64;
     /// i32: most rows any rank receives.
     pub const MAX_RECV_ANY: usize = 68;
-    /// i32[8]: start of each source's rows in my receive area.
+    /// `i32[8]`: start of each source's rows in my receive area.
     pub const RECV_BASE: usize = 72;
-    /// i32[8]: start of my rows in each destination's receive area.
+    /// `i32[8]`: start of my rows in each destination's receive area.
     pub const SEND_BASE: usize = 104;
-    /// u64[3]: global-timer stamps (ns) of block 0 of the last dispatch/combine: entry, every
+    /// `u64[3]`: global-timer stamps (ns) of block 0 of the last dispatch/combine: entry, every
     /// peer ready, own rows done (the kernel's end is the event time).
     pub const STAMPS: usize = 136;
     /// i32[experts per rank]: received (token, slot) pairs per local expert.

@@ -288,7 +288,7 @@ pub fn host_slot(hosts: &[String], rank: usize) -> (usize, usize) {
 
 /// The CUDA communicator of this process over `group` in nodes of `ranks_per_node`:
 /// one node is a [`CudaRank`] over the whole group; several are a
-/// [`HierRank`](crate::backend::hier::HierRank) with a `CudaRank` per node (NVLink
+/// [`HierRank`] with a `CudaRank` per node (NVLink
 /// inside, the rail hop through the group). Collective.
 pub fn communicator_over(group: &SharedGroup, ranks_per_node: usize, config: Config) -> Result<Box<dyn Communicator>> {
     let slot = host_slot(group.hostnames(), group.rank());
