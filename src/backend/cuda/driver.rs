@@ -458,8 +458,8 @@ pub enum Kernel {
     Notify,
     /// `sy_dispatch`.
     Dispatch,
-    /// `sy_dispatch_bulk` (cached dispatch through bulk copies; sm_90 and later, rows that
-    /// travel in their input type).
+    /// `sy_dispatch_bulk` (cached BF16 dispatch of the peers' rows through bulk copies; sm_90
+    /// and later).
     DispatchBulk,
     /// `sy_combine` (pull).
     Combine,
@@ -500,8 +500,7 @@ impl Kernels {
         self.combine_bulk_smem > 0
     }
 
-    /// Whether `sy_dispatch_bulk` was built (bulk copies, rows that travel in their input type,
-    /// stages that fit shared memory).
+    /// Whether `sy_dispatch_bulk` was built (bulk copies, BF16 rows, stages that fit shared memory).
     pub fn has_dispatch_bulk(&self) -> bool {
         self.dispatch_bulk_smem > 0
     }
@@ -513,25 +512,26 @@ impl Kernels {
             Kernel::Notify => (self.notify, 0),
             Kernel::Dispatch => (self.dispatch, 0),
             Kernel::DispatchBulk => {
-                if !self.has_dispatch_bulk() {
-                    return Err(Error::Cuda("sy_dispatch_bulk was not built for this GPU and spec".into()));
-                }
-                (self.dispatch_bulk, self.dispatch_bulk_smem)
+                built(self.dispatch_bulk, self.dispatch_bulk_smem, "sy_dispatch_bulk", "sm_90 and BF16 rows")?
             }
             Kernel::Combine => (self.combine, 0),
             Kernel::CombinePush => (self.combine_push, 0),
-            Kernel::CombineBulk => {
-                if !self.has_combine_bulk() {
-                    return Err(Error::Cuda("sy_combine_bulk was not built for this GPU (needs sm_90)".into()));
-                }
-                (self.combine_bulk, self.combine_bulk_smem)
-            }
+            Kernel::CombineBulk => built(self.combine_bulk, self.combine_bulk_smem, "sy_combine_bulk", "sm_90")?,
         };
         let mut p = *params;
         let mut args = [&mut p as *mut SyParams as *mut c_void];
         // SAFETY: the kernel takes exactly one `SyParams` by value; the driver copies it before returning.
         unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), smem, stream.raw, &mut args) }
             .map_err(err("cuLaunchKernel"))
+    }
+}
+
+/// A bulk-copy kernel with its shared memory, or the error of launching one that was not built
+/// (0 bytes stated; it needs `needs`).
+fn built(f: sys::CUfunction, smem: u32, name: &str, needs: &str) -> Result<(sys::CUfunction, u32)> {
+    match smem {
+        0 => Err(Error::Cuda(format!("{name} was not built for this GPU and shape (needs {needs})"))),
+        _ => Ok((f, smem)),
     }
 }
 
@@ -542,8 +542,8 @@ fn function(module: sys::CUmodule, name: &str) -> Result<sys::CUfunction> {
 }
 
 /// A bulk-copy kernel and the dynamic shared memory its stages take, which the source states in
-/// `<name>_smem` (0 where it was not built: no bulk copies on the arch, or a spec it does not serve). Above 48 KB a kernel
-/// must be allowed its shared memory explicitly.
+/// `<name>_smem` (0 where it was not built: no bulk copies on the arch, or a spec it does not
+/// serve). Above 48 KB a kernel must be allowed its shared memory explicitly.
 fn bulk_kernel(module: sys::CUmodule, name: &str) -> Result<(sys::CUfunction, u32)> {
     let f = function(module, name)?;
     let var = format!("{name}_smem");
