@@ -548,6 +548,9 @@ struct CudaHandleState {
     send_base: Vec<i32>,
     /// Most rows any rank received (capacity check for reuse).
     max_recv_any: usize,
+    /// The runs of tokens this rank sends to itself, for the own-row copies of every cached
+    /// dispatch (worked out once here, not per call).
+    own_runs: Vec<local_copy::Run>,
 }
 
 /// A fresh id for a handle's plan (see `CudaHandleState::id`).
@@ -916,7 +919,7 @@ impl CudaRank {
         self.upload_x(&x, &mut p)?;
         self.upload_plan(&st.pos, &st.send_base, &mut p)?;
         p.flags = 0;
-        let (kernel, side_ops) = self.cached_dispatch_plan(&spec, &lay, &st.pos, &st.send_base, &mut p)?;
+        let (kernel, side_ops) = self.cached_dispatch_plan(&spec, &lay, &st.own_runs, &mut p)?;
         Ok(PreparedLaunch { spec, p, lay, kernel, side_ops })
     }
 
@@ -983,8 +986,7 @@ impl CudaRank {
         &self,
         spec: &KernelSpec,
         lay: &BufferLayout,
-        pos: &[i32],
-        send_base: &[i32],
+        runs: &[local_copy::Run],
         p: &mut SyParams,
     ) -> Result<(Kernel, Vec<CopyOp>)> {
         let built = self.kernels[spec].has_dispatch_bulk();
@@ -994,7 +996,6 @@ impl CudaRank {
                 reason: format!("bulk needs bulk copies (sm_90 or later; this GPU is {}) and BF16 rows", self.shared.arch),
             });
         }
-        let runs = self.own_runs(pos, send_base);
         let bulk = built
             && p.x % 16 == 0
             && runs.len() <= local_copy::MAX_RUNS
@@ -1004,9 +1005,9 @@ impl CudaRank {
                 None => self.local_copy.allows_bulk_dispatch(self.channels() as usize, p.num_tokens as usize),
             };
         if bulk {
-            return Ok((Kernel::DispatchBulk, self.own_row_copy_ops(spec, lay, &runs, p)));
+            return Ok((Kernel::DispatchBulk, self.own_row_copy_ops(spec, lay, runs, p)));
         }
-        Ok((Kernel::Dispatch, self.own_row_copies(spec, lay, &runs, p)))
+        Ok((Kernel::Dispatch, self.own_row_copies(spec, lay, runs, p)))
     }
 
     /// The pulling combine kernel for `spec`'s build: the bulk-copy one where it was built
@@ -1300,7 +1301,8 @@ impl Communicator for CudaRank {
         }
 
         p.flags = FLAG_WRITE_META;
-        let side_ops = self.own_row_copies(&spec, &lay, &self.own_runs(&pos, &send_base), &mut p);
+        let own_runs = self.own_runs(&pos, &send_base);
+        let side_ops = self.own_row_copies(&spec, &lay, &own_runs, &mut p);
         self.start_together()?;
         self.run(&spec, Kernel::Dispatch, self.channels(), THREADS as u32, &p, &side_ops)?;
 
@@ -1333,7 +1335,7 @@ impl Communicator for CudaRank {
             num_experts: e,
             source_rank: out.source_rank.clone(),
             source_token: out.source_token.clone(),
-            backend_state: Arc::new(CudaHandleState { id: next_handle_id(), pos, send_base, max_recv_any }),
+            backend_state: Arc::new(CudaHandleState { id: next_handle_id(), pos, send_base, max_recv_any, own_runs }),
         };
         Ok((out, handle))
     }

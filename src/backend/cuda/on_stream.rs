@@ -129,7 +129,7 @@ impl CudaRank {
         let (pos, send_base) = self.plans.get(st, &stream)?;
         let (mut p, lay) = self.base_params(&spec, handle.num_tokens);
         (p.x, p.x_scales, p.pos, p.send_base) = (x.data, x.scales, pos, send_base);
-        let (kernel, side_ops) = self.cached_dispatch_plan(&spec, &lay, &st.pos, &st.send_base, &mut p)?;
+        let (kernel, side_ops) = self.cached_dispatch_plan(&spec, &lay, &st.own_runs, &mut p)?;
         if !side_ops.is_empty() {
             self.ensure_side()?;
         }
