@@ -420,24 +420,22 @@ extern "C" __global__ void __launch_bounds__(SY_THREADS, 1) sy_dispatch(const Sy
 //
 // Cached BF16 dispatch of the rows for my peers through the copy unit (cp.async.bulk, the TMA
 // unit); a copy engine moves my own rows (SY_FLAG_SKIP_LOCAL, which the host always sets with this
-// kernel). Each block runs SY_DB_PIPES
-// pipes of one thread each (lane 0 of the block's first warps; every other thread only meets the
-// block at the start and the end). A pipe bulk-copies a token's row into one of
-// SY_DB_STAGES shared-memory stages, SY_DB_AHEAD tokens ahead, and bulk-stores each landed stage
-// into the receive area of every peer the token goes to. The stores bypass the SM's queue of global
-// stores, which bounds sy_dispatch (ncu, HT-A, 2x H200: "LG throttle" about half its stall cycles).
-// 2x H200, HT-A BF16, medians of same-day runs, this / sy_dispatch: 195.6-198.0 / 196.5-196.6 us
-// at 8 SMs (a copy engine moves the own rows in both), 194.0-196.3 / 205.5-205.7 at 12 (where
-// sy_dispatch copies the own rows itself: beside its extra warps a copy engine only adds HBM
-// traffic). Tried and slower: the own rows through the
-// pipes (FP8 182 / 162 us at 8 SMs, 126 / 113 at 12) or by the block's other warps with 16-byte
-// stores beside the pipes (FP8 199 / 162, 149 / 113; BF16 340 and 232): the local traffic then
-// slows the pipes' bulk stores; and session 10's pipes, whose whole warp waited on every stage.
-// Pipe shapes 2x6, 3x5, 4x3, 4x4 and 6x2 (stages) measured within noise.
-// The host keeps sy_dispatch for a first dispatch (metadata), FP8 (the own rows' scales make a copy
-// engine slow: a second copy per run), own rows in too many runs for a copy engine, and input that
-// is not 16-byte aligned; sy_dispatch_bulk_smem is 0 where this kernel was not built (not sm_90,
-// or FP8).
+// kernel). Each block runs SY_DB_PIPES pipes of one thread each (lane 0 of the block's first
+// warps; every other thread only meets the block at the start and the end). A pipe bulk-copies a
+// token's row into one of SY_DB_STAGES shared-memory stages, SY_DB_AHEAD tokens ahead, and
+// bulk-stores each landed stage into the receive area of every peer the token goes to. The stores
+// bypass the SM's queue of global stores, which bounds sy_dispatch (ncu, HT-A, 2x H200: "LG
+// throttle" about half its stall cycles). 2x H200, HT-A BF16, medians of same-day runs, this /
+// sy_dispatch: 195.6-198.0 / 196.5-196.6 us at 8 SMs (a copy engine moves the own rows in both),
+// 194.0-196.3 / 205.5-205.7 at 12 (where sy_dispatch copies the own rows itself: beside its extra
+// warps a copy engine only adds HBM traffic). Tried and slower: the own rows through the pipes
+// (FP8 182 / 162 us at 8 SMs, 126 / 113 at 12) or by the block's other warps with 16-byte stores
+// beside the pipes (FP8 199 / 162, 149 / 113; BF16 340 and 232): the local traffic then slows the
+// pipes' bulk stores; and session 10's pipes, whose whole warp waited on every stage. Pipe shapes
+// 2x6, 3x5, 4x3, 4x4 and 6x2 (stages) measured within noise. The host keeps sy_dispatch for a
+// first dispatch (metadata), FP8 (the own rows' scales make a copy engine slow: a second copy per
+// run), own rows in too many runs for a copy engine, and input that is not 16-byte aligned;
+// sy_dispatch_bulk_smem is 0 where this kernel was not built (not sm_90, or FP8).
 #ifndef SY_DB_PIPES
 #define SY_DB_PIPES 3
 #endif

@@ -275,10 +275,53 @@ pub fn cache_key(sources: &[&str], options: &[String], arch: &str, nvrtc: (i32, 
     format!("{:016x}{:016x}", a.0, b.0)
 }
 
-/// Hash of the kernel sources this build carries (no options, arch or NVRTC version):
-/// a tuned config records it, so timings taken with other kernels are recognised as stale.
+/// Hash of the code of the kernel sources this build carries (no options, arch or NVRTC
+/// version): a tuned config records it, so timings taken with other kernels are recognised as
+/// stale. Comments and the spacing within lines do not count ([`code_of`]): editing them
+/// changes no timing, so it need not send anyone back to the GPU machine to re-tune.
 pub fn kernel_source_hash() -> String {
-    cache_key(&[COMMON_CUH, INTRANODE_CU], &[], "", (0, 0))[..16].to_string()
+    let code = [code_of(COMMON_CUH), code_of(INTRANODE_CU)];
+    cache_key(&[&code[0], &code[1]], &[], "", (0, 0))[..16].to_string()
+}
+
+/// `src` (C / CUDA) without its comments, each line trimmed with runs of spaces and tabs
+/// inside it made one space, and with no blank lines. String and character literals are kept
+/// as they are (inline PTX lives in them). Line breaks between code stay, as the preprocessor
+/// sees them.
+fn code_of(src: &str) -> String {
+    let mut text = String::with_capacity(src.len());
+    let mut chars = src.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '/' if chars.peek() == Some(&'/') => while chars.next_if(|&n| n != '\n').is_some() {},
+            '/' if chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut last = ' ';
+                // A block comment counts as a space, as in C; its line breaks go with it.
+                for n in chars.by_ref() {
+                    if last == '*' && n == '/' {
+                        break;
+                    }
+                    last = n;
+                }
+                text.push(' ');
+            }
+            '"' | '\'' => {
+                text.push(c);
+                while let Some(n) = chars.next() {
+                    text.push(n);
+                    if n == '\\' {
+                        text.extend(chars.next());
+                    } else if n == c || n == '\n' {
+                        break;
+                    }
+                }
+            }
+            _ => text.push(c),
+        }
+    }
+    let lines = text.lines().map(|l| l.split([' ', '\t']).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" "));
+    lines.filter(|l| !l.is_empty()).collect::<Vec<_>>().join("\n")
 }
 
 struct Fnv(u64);
@@ -459,6 +502,29 @@ mod tests {
             "--prec-div=true",
         ] {
             assert!(o.iter().any(|x| x == want), "missing {want} in {o:?}");
+        }
+    }
+
+    #[test]
+    fn the_kernel_hash_ignores_comments_and_spacing_but_not_code() {
+        let src = "#define A 1 // one\n/* a\n   block */ int  f() {\n\n  return \"//x\"[0] + '/';\n}\n";
+        let same = "#define A 1\n int f() { // reflowed\n\treturn \"//x\"[0]  + '/';\n}";
+        assert_eq!(code_of(src), "#define A 1\nint f() {\nreturn \"//x\"[0] + '/';\n}");
+        assert_eq!(code_of(src), code_of(same));
+        for changed in [
+            "#define A 2\nint f() {\nreturn \"//x\"[0] + '/';\n}",
+            "#define A 1\nint f() {\nreturn \"// x\"[0] + '/';\n}",
+            "#define A\n1\nint f() {\nreturn \"//x\"[0] + '/';\n}",
+            "#define A 1\nint f() {\nreturn \"\\\"//x\"[0] + '/';\n}",
+        ] {
+            assert_ne!(code_of(src), code_of(changed), "{changed}");
+        }
+        // An escaped quote does not end the literal, so what follows it stays code.
+        assert_eq!(code_of("s = \"a\\\" // b\"; // c"), "s = \"a\\\" // b\";");
+        // The shipped sources keep their inline PTX strings whole.
+        assert!(code_of(COMMON_CUH).contains(r#"asm volatile("fence.acq_rel.sys;" : : : "memory");"#));
+        for code in [code_of(COMMON_CUH), code_of(INTRANODE_CU)] {
+            assert!(code.lines().all(|l| !l.contains("//") && !l.contains("/*")), "a comment survived");
         }
     }
 
