@@ -88,6 +88,10 @@ fn info_runs_without_cuda_and_reports_the_libraries() {
     }
     let mpi = if cfg!(feature = "mpi") { "mpi: built in" } else { "mpi: not built in" };
     assert!(s.contains(mpi), "info lacks {mpi:?}:\n{s}");
+    // The hash a tuned entry's `kernels` key must carry, as the committed configs do.
+    let tuned = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/h200x2-tuned.toml")).unwrap();
+    let hash = tuned.lines().find_map(|l| l.strip_prefix("kernels = \"")).map(|h| h.trim_end_matches('"')).unwrap();
+    assert!(s.contains(&format!("kernels: {hash} ")), "info lacks the kernels hash {hash}:\n{s}");
 }
 
 #[test]

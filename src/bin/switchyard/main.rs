@@ -742,6 +742,8 @@ fn cmd_info() -> Result<ExitCode, Error> {
     let p = probe::probe();
     println!("switchyard {}", env!("CARGO_PKG_VERSION"));
     println!("commit: {}", bench::source_commit().unwrap_or_else(|| "unknown".into()));
+    // What a tuned entry's `kernels` key must say to be used with this build.
+    println!("kernels: {} (hash of the CUDA kernels' code)", switchyard::backend::cuda::compile::kernel_source_hash());
     println!("backends:");
     println!("  cpu   usable (reference backend: threads as ranks, emulated nodes; or launched processes)");
     let mpi = if cfg!(feature = "mpi") {
