@@ -285,9 +285,9 @@ pub fn kernel_source_hash() -> String {
 }
 
 /// `src` (C / CUDA) without its comments, each line trimmed with runs of spaces and tabs
-/// inside it made one space, and with no blank lines. String and character literals are kept
-/// as they are (inline PTX lives in them). Line breaks between code stay, as the preprocessor
-/// sees them.
+/// inside it made one space, and with no blank lines. A `//` or `/*` inside a string or
+/// character literal (inline PTX lives in them) is not a comment; the literals' spaces shrink
+/// like the rest. Line breaks between code stay, as the preprocessor sees them.
 fn code_of(src: &str) -> String {
     let mut text = String::with_capacity(src.len());
     let mut chars = src.chars().peekable();
